@@ -1,0 +1,579 @@
+//! Single-producer single-consumer rings: index arithmetic, validation of the peer's index,
+//! event suppression (the wait/wake handshake), and byte-stream and message framing.
+//!
+//! Indices are free-running `u64` byte counters; a byte at index `i` lives at
+//! `data + (i mod capacity)`. The producer owns `tail`, the consumer owns `head`; each keeps
+//! its own copy of the index it writes and validates every value of the other's before use.
+//!
+//! ## Wait/wake handshake
+//! A side that finds nothing to do announces sleep by making its sleep sequence odd, issues
+//! a full fence, and re-checks; only if there is still nothing to do does it sleep on its
+//! kernel object. The other side publishes its index, issues a full fence, and reads the
+//! sleep sequence; it signals only for an odd value it has not signalled before. The two
+//! fences order "announce; re-check" against "publish; check", so at least one side sees the
+//! other's store: either the sleeper sees the new index and does not sleep, or the publisher
+//! sees the announcement and signals (`tests/loom.rs` model-checks this).
+
+use crate::layout::{off, RingGeometry, MESSAGE_HEADER};
+use crate::shm::{OutOfBounds, ShmRegion};
+use std::sync::atomic::{fence, Ordering};
+
+/// Why a ring operation failed.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// The peer wrote a value no correct peer writes; the channel cannot continue.
+    #[error("peer corrupted the ring: {what} (value {value}, allowed {lo}..={hi})")]
+    Corrupt { what: &'static str, value: u64, lo: u64, hi: u64 },
+    /// A message larger than the channel's maximum.
+    #[error("message of {len} bytes exceeds the channel's maximum of {max}")]
+    MessageTooLarge { len: usize, max: u32 },
+    /// The receive buffer is smaller than the next message (which stays queued).
+    #[error("next message is {len} bytes, larger than the {buf}-byte buffer")]
+    BufferTooSmall { len: usize, buf: usize },
+    /// An access outside the region (cannot happen with validated geometry).
+    #[error(transparent)]
+    OutOfBounds(#[from] OutOfBounds),
+}
+
+/// Access to one ring's control block. Implemented over shared memory by [`ShmCtrl`] and over
+/// loom atomics by the model test, so the protocol code below is the code that is checked.
+///
+/// Index stores are `Release` and loads `Acquire` (data written before a publish is visible
+/// after the index is read); [`Ctrl::fence`] is a sequentially consistent fence.
+#[allow(missing_docs)]
+pub trait Ctrl {
+    fn load_tail(&self) -> Result<u64, OutOfBounds>;
+    fn store_tail(&self, v: u64) -> Result<(), OutOfBounds>;
+    fn load_head(&self) -> Result<u64, OutOfBounds>;
+    fn store_head(&self, v: u64) -> Result<(), OutOfBounds>;
+    fn load_producer_sleep(&self) -> Result<u32, OutOfBounds>;
+    fn store_producer_sleep(&self, v: u32) -> Result<(), OutOfBounds>;
+    fn load_consumer_sleep(&self) -> Result<u32, OutOfBounds>;
+    fn store_consumer_sleep(&self, v: u32) -> Result<(), OutOfBounds>;
+    fn load_producer_closed(&self) -> Result<u32, OutOfBounds>;
+    fn store_producer_closed(&self, v: u32) -> Result<(), OutOfBounds>;
+    fn load_consumer_closed(&self) -> Result<u32, OutOfBounds>;
+    fn store_consumer_closed(&self, v: u32) -> Result<(), OutOfBounds>;
+    fn fence(&self);
+}
+
+/// [`Ctrl`] over a control block in shared memory.
+#[derive(Debug, Clone, Copy)]
+pub struct ShmCtrl<'a> {
+    shm: &'a ShmRegion,
+    base: usize,
+}
+
+impl<'a> ShmCtrl<'a> {
+    /// The control block at `base` of `shm`.
+    pub fn new(shm: &'a ShmRegion, base: usize) -> Self {
+        Self { shm, base }
+    }
+}
+
+impl Ctrl for ShmCtrl<'_> {
+    #[inline]
+    fn load_tail(&self) -> Result<u64, OutOfBounds> {
+        // SYNC: pairs with the Release store in `store_tail` on the producer side.
+        self.shm.load_u64(self.base + off::TAIL, Ordering::Acquire)
+    }
+    #[inline]
+    fn store_tail(&self, v: u64) -> Result<(), OutOfBounds> {
+        self.shm.store_u64(self.base + off::TAIL, v, Ordering::Release)
+    }
+    #[inline]
+    fn load_head(&self) -> Result<u64, OutOfBounds> {
+        // SYNC: pairs with the Release store in `store_head` on the consumer side: the consumer
+        // has finished copying bytes out before we overwrite them.
+        self.shm.load_u64(self.base + off::HEAD, Ordering::Acquire)
+    }
+    #[inline]
+    fn store_head(&self, v: u64) -> Result<(), OutOfBounds> {
+        self.shm.store_u64(self.base + off::HEAD, v, Ordering::Release)
+    }
+    #[inline]
+    fn load_producer_sleep(&self) -> Result<u32, OutOfBounds> {
+        self.shm.load_u32(self.base + off::PRODUCER_SLEEP, Ordering::Relaxed)
+    }
+    #[inline]
+    fn store_producer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
+        self.shm.store_u32(self.base + off::PRODUCER_SLEEP, v, Ordering::Relaxed)
+    }
+    #[inline]
+    fn load_consumer_sleep(&self) -> Result<u32, OutOfBounds> {
+        self.shm.load_u32(self.base + off::CONSUMER_SLEEP, Ordering::Relaxed)
+    }
+    #[inline]
+    fn store_consumer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
+        self.shm.store_u32(self.base + off::CONSUMER_SLEEP, v, Ordering::Relaxed)
+    }
+    #[inline]
+    fn load_producer_closed(&self) -> Result<u32, OutOfBounds> {
+        self.shm.load_u32(self.base + off::PRODUCER_CLOSED, Ordering::Acquire)
+    }
+    #[inline]
+    fn store_producer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
+        self.shm.store_u32(self.base + off::PRODUCER_CLOSED, v, Ordering::Release)
+    }
+    #[inline]
+    fn load_consumer_closed(&self) -> Result<u32, OutOfBounds> {
+        self.shm.load_u32(self.base + off::CONSUMER_CLOSED, Ordering::Acquire)
+    }
+    #[inline]
+    fn store_consumer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
+        self.shm.store_u32(self.base + off::CONSUMER_CLOSED, v, Ordering::Release)
+    }
+    #[inline]
+    fn fence(&self) {
+        // SYNC: the Dekker fence of the wait/wake handshake (module docs).
+        fence(Ordering::SeqCst);
+    }
+}
+
+/// Signals a sleeper at most once per announced sleep.
+#[derive(Debug, Clone, Copy, Default)]
+struct Suppressor {
+    last_signalled: u32,
+}
+
+impl Suppressor {
+    /// Whether the peer's sleep sequence `seq` asks for a signal we have not sent yet. A
+    /// hostile peer can only make us signal more (its own cost) or not at all (its own hang).
+    fn should_signal(&mut self, seq: u32) -> bool {
+        if seq & 1 == 1 && seq != self.last_signalled {
+            self.last_signalled = seq;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The producer's private view of one ring.
+#[derive(Debug, Clone)]
+pub struct ProducerState {
+    tail: u64,
+    head_cache: u64,
+    cap: u64,
+    sleep_seq: u32,
+    sup: Suppressor,
+}
+
+impl ProducerState {
+    /// A producer of an empty ring of `cap` bytes whose indices start at `start`.
+    pub fn new(cap: u64, start: u64) -> Self {
+        Self { tail: start, head_cache: start, cap, sleep_seq: 0, sup: Suppressor::default() }
+    }
+
+    /// The producer's index.
+    pub fn tail(&self) -> u64 {
+        self.tail
+    }
+
+    /// Bytes written and not yet consumed, as last seen.
+    pub fn unconsumed(&self) -> u64 {
+        self.tail.wrapping_sub(self.head_cache)
+    }
+
+    /// Free space; re-reads the consumer's index only if the cached one shows less than `want`.
+    pub fn free<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<u64, RingError> {
+        let free = self.cap - self.unconsumed();
+        if free >= want {
+            return Ok(free);
+        }
+        self.refresh_head(c)?;
+        Ok(self.cap - self.unconsumed())
+    }
+
+    /// Re-reads and validates the consumer's index.
+    pub fn refresh_head<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
+        let h = c.load_head()?;
+        // The consumer's index may only move forward, and never past our own: anything else
+        // would make us overwrite unread bytes or count free space that does not exist.
+        let moved = h.wrapping_sub(self.head_cache);
+        let limit = self.tail.wrapping_sub(self.head_cache);
+        if moved > limit {
+            return Err(RingError::Corrupt {
+                what: "consumer index outside [previous head, tail]",
+                value: h,
+                lo: self.head_cache,
+                hi: self.tail,
+            });
+        }
+        self.head_cache = h;
+        Ok(())
+    }
+
+    /// Publishes `n` more bytes (already copied in). Returns whether the consumer asked to be
+    /// woken.
+    pub fn publish<C: Ctrl>(&mut self, c: &C, n: u64) -> Result<bool, RingError> {
+        debug_assert!(n <= self.cap - self.unconsumed());
+        self.tail = self.tail.wrapping_add(n);
+        c.store_tail(self.tail)?;
+        c.fence();
+        let seq = c.load_consumer_sleep()?;
+        Ok(self.sup.should_signal(seq))
+    }
+
+    /// Announces sleep while waiting for `want` bytes of space, and re-checks. Returns `true`
+    /// if the caller should now sleep (and then call [`ProducerState::end_sleep`]), `false` if
+    /// space appeared or the consumer closed meanwhile (the announcement is withdrawn).
+    pub fn prepare_sleep<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<bool, RingError> {
+        self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        c.store_producer_sleep(self.sleep_seq)?;
+        c.fence();
+        if self.free(c, want)? >= want || c.load_consumer_closed()? != 0 {
+            self.end_sleep(c)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Withdraws the sleep announcement.
+    pub fn end_sleep<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
+        if self.sleep_seq & 1 == 1 {
+            self.sleep_seq = self.sleep_seq.wrapping_add(1);
+            c.store_producer_sleep(self.sleep_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the ring closed for writing; returns whether to wake the consumer.
+    pub fn close<C: Ctrl>(&mut self, c: &C) -> Result<bool, RingError> {
+        c.store_producer_closed(1)?;
+        c.fence();
+        Ok(self.sup.should_signal(c.load_consumer_sleep()?))
+    }
+}
+
+/// The consumer's private view of one ring.
+#[derive(Debug, Clone)]
+pub struct ConsumerState {
+    head: u64,
+    tail_cache: u64,
+    cap: u64,
+    sleep_seq: u32,
+    sup: Suppressor,
+}
+
+impl ConsumerState {
+    /// A consumer of an empty ring of `cap` bytes whose indices start at `start`.
+    pub fn new(cap: u64, start: u64) -> Self {
+        Self { head: start, tail_cache: start, cap, sleep_seq: 0, sup: Suppressor::default() }
+    }
+
+    /// The consumer's index.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Bytes available as last seen.
+    pub fn cached(&self) -> u64 {
+        self.tail_cache.wrapping_sub(self.head)
+    }
+
+    /// Bytes available; re-reads the producer's index only if the cached one shows less than
+    /// `want`.
+    pub fn available<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<u64, RingError> {
+        let avail = self.cached();
+        if avail >= want {
+            return Ok(avail);
+        }
+        self.refresh_tail(c)?;
+        Ok(self.cached())
+    }
+
+    /// Re-reads and validates the producer's index.
+    pub fn refresh_tail<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
+        let t = c.load_tail()?;
+        // The producer's index may only move forward, and never more than a capacity ahead of
+        // our own: anything else would make us read bytes twice or read unwritten bytes.
+        let moved = t.wrapping_sub(self.tail_cache);
+        let limit = self.head.wrapping_add(self.cap).wrapping_sub(self.tail_cache);
+        if moved > limit {
+            return Err(RingError::Corrupt {
+                what: "producer index outside [previous tail, head + capacity]",
+                value: t,
+                lo: self.tail_cache,
+                hi: self.head.wrapping_add(self.cap),
+            });
+        }
+        self.tail_cache = t;
+        Ok(())
+    }
+
+    /// Releases `n` bytes (already copied out). Returns whether the producer asked to be woken.
+    pub fn consume<C: Ctrl>(&mut self, c: &C, n: u64) -> Result<bool, RingError> {
+        debug_assert!(n <= self.cached());
+        self.head = self.head.wrapping_add(n);
+        c.store_head(self.head)?;
+        c.fence();
+        let seq = c.load_producer_sleep()?;
+        Ok(self.sup.should_signal(seq))
+    }
+
+    /// Whether the producer has closed the ring. Check it only after finding the ring empty,
+    /// then re-check the ring: the producer closes after its last publish.
+    pub fn producer_closed<C: Ctrl>(&self, c: &C) -> Result<bool, RingError> {
+        Ok(c.load_producer_closed()? != 0)
+    }
+
+    /// Announces sleep while waiting for data, and re-checks. Returns `true` if the caller
+    /// should now sleep (and then call [`ConsumerState::end_sleep`]), `false` if data arrived or
+    /// the producer closed meanwhile (the announcement is withdrawn).
+    pub fn prepare_sleep<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<bool, RingError> {
+        self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        c.store_consumer_sleep(self.sleep_seq)?;
+        c.fence();
+        if self.available(c, want)? >= want || c.load_producer_closed()? != 0 {
+            self.end_sleep(c)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Withdraws the sleep announcement.
+    pub fn end_sleep<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
+        if self.sleep_seq & 1 == 1 {
+            self.sleep_seq = self.sleep_seq.wrapping_add(1);
+            c.store_consumer_sleep(self.sleep_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a sleep is announced (odd sequence).
+    pub fn is_armed(&self) -> bool {
+        self.sleep_seq & 1 == 1
+    }
+
+    /// Marks the ring closed for reading; returns whether to wake the producer.
+    pub fn close<C: Ctrl>(&mut self, c: &C) -> Result<bool, RingError> {
+        c.store_consumer_closed(1)?;
+        c.fence();
+        Ok(self.sup.should_signal(c.load_producer_sleep()?))
+    }
+}
+
+fn ring_copy_in(shm: &ShmRegion, g: &RingGeometry, index: u64, src: &[u8]) -> Result<(), OutOfBounds> {
+    let pos = (index & (g.capacity - 1)) as usize;
+    let first = src.len().min(g.capacity as usize - pos);
+    shm.write_bytes(g.data + pos, &src[..first])?;
+    shm.write_bytes(g.data, &src[first..])
+}
+
+fn ring_copy_out(shm: &ShmRegion, g: &RingGeometry, index: u64, dst: &mut [u8]) -> Result<(), OutOfBounds> {
+    let pos = (index & (g.capacity - 1)) as usize;
+    let first = dst.len().min(g.capacity as usize - pos);
+    let (a, b) = dst.split_at_mut(first);
+    shm.read_bytes(g.data + pos, a)?;
+    shm.read_bytes(g.data, b)
+}
+
+/// Largest amount published at once by a byte-stream write, so the reader can start copying
+/// out while the writer is still copying in.
+pub const PUBLISH_CHUNK: usize = 64 * 1024;
+
+/// Writing end of a ring in byte-stream mode.
+#[derive(Debug, Clone)]
+pub struct StreamWriter {
+    g: RingGeometry,
+    st: ProducerState,
+}
+
+impl StreamWriter {
+    /// A writer for the ring at `g` (validated geometry), starting empty at index 0.
+    pub fn new(g: RingGeometry) -> Self {
+        Self { g, st: ProducerState::new(g.capacity, 0) }
+    }
+
+    /// The control block accessor for this ring.
+    pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> ShmCtrl<'a> {
+        ShmCtrl::new(shm, self.g.ctrl)
+    }
+
+    /// The protocol state.
+    pub fn state(&mut self) -> &mut ProducerState {
+        &mut self.st
+    }
+
+    /// Copies as much of `buf` as fits, publishing in chunks of at most [`PUBLISH_CHUNK`];
+    /// `wake` runs (at most once per announced sleep) when the reader asked to be woken.
+    /// Returns the number of bytes written (0 if the ring is full).
+    pub fn try_write(&mut self, shm: &ShmRegion, buf: &[u8], wake: &mut impl FnMut()) -> Result<usize, RingError> {
+        let c = self.ctrl(shm);
+        let mut done = 0;
+        while done < buf.len() {
+            let free = self.st.free(&c, (buf.len() - done).min(PUBLISH_CHUNK) as u64)?;
+            if free == 0 {
+                break;
+            }
+            let n = (buf.len() - done).min(free as usize).min(PUBLISH_CHUNK);
+            ring_copy_in(shm, &self.g, self.st.tail, &buf[done..done + n])?;
+            if self.st.publish(&c, n as u64)? {
+                wake();
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// Reading end of a ring in byte-stream mode.
+#[derive(Debug, Clone)]
+pub struct StreamReader {
+    g: RingGeometry,
+    st: ConsumerState,
+}
+
+impl StreamReader {
+    /// A reader for the ring at `g` (validated geometry), starting empty at index 0.
+    pub fn new(g: RingGeometry) -> Self {
+        Self { g, st: ConsumerState::new(g.capacity, 0) }
+    }
+
+    /// The control block accessor for this ring.
+    pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> ShmCtrl<'a> {
+        ShmCtrl::new(shm, self.g.ctrl)
+    }
+
+    /// The protocol state.
+    pub fn state(&mut self) -> &mut ConsumerState {
+        &mut self.st
+    }
+
+    /// Copies up to `buf.len()` available bytes out; `wake` runs when the writer asked to be
+    /// woken. Returns the number of bytes read (0 if the ring is empty).
+    pub fn try_read(&mut self, shm: &ShmRegion, buf: &mut [u8], wake: &mut impl FnMut()) -> Result<usize, RingError> {
+        let c = self.ctrl(shm);
+        let avail = self.st.available(&c, buf.len() as u64)?;
+        let n = (avail as usize).min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        ring_copy_out(shm, &self.g, self.st.head, &mut buf[..n])?;
+        if self.st.consume(&c, n as u64)? {
+            wake();
+        }
+        Ok(n)
+    }
+
+    /// Bytes available now (re-reads the producer's index).
+    pub fn available(&mut self, shm: &ShmRegion) -> Result<u64, RingError> {
+        let c = self.ctrl(shm);
+        self.st.refresh_tail(&c)?;
+        Ok(self.st.cached())
+    }
+}
+
+/// Writing end of a ring in message mode: each message is a 4-byte little-endian length and
+/// that many bytes, published at once.
+#[derive(Debug, Clone)]
+pub struct MessageWriter {
+    inner: StreamWriter,
+    max: u32,
+}
+
+impl MessageWriter {
+    /// A writer of messages of at most `max` bytes.
+    pub fn new(g: RingGeometry, max: u32) -> Self {
+        Self { inner: StreamWriter::new(g), max }
+    }
+
+    /// The underlying stream writer (for the wait/wake protocol).
+    pub fn stream(&mut self) -> &mut StreamWriter {
+        &mut self.inner
+    }
+
+    /// Space a message of `len` bytes needs.
+    pub fn need(len: usize) -> u64 {
+        MESSAGE_HEADER + len as u64
+    }
+
+    /// Sends `msg` whole if it fits now. Returns `false` if there is not enough space yet.
+    pub fn try_send(&mut self, shm: &ShmRegion, msg: &[u8], wake: &mut impl FnMut()) -> Result<bool, RingError> {
+        if msg.len() > self.max as usize {
+            return Err(RingError::MessageTooLarge { len: msg.len(), max: self.max });
+        }
+        let w = &mut self.inner;
+        let c = w.ctrl(shm);
+        let need = Self::need(msg.len());
+        if w.st.free(&c, need)? < need {
+            return Ok(false);
+        }
+        let tail = w.st.tail;
+        ring_copy_in(shm, &w.g, tail, &(msg.len() as u32).to_le_bytes())?;
+        ring_copy_in(shm, &w.g, tail.wrapping_add(MESSAGE_HEADER), msg)?;
+        if w.st.publish(&c, need)? {
+            wake();
+        }
+        Ok(true)
+    }
+}
+
+/// Reading end of a ring in message mode.
+#[derive(Debug, Clone)]
+pub struct MessageReader {
+    inner: StreamReader,
+    max: u32,
+}
+
+impl MessageReader {
+    /// A reader of messages of at most `max` bytes.
+    pub fn new(g: RingGeometry, max: u32) -> Self {
+        Self { inner: StreamReader::new(g), max }
+    }
+
+    /// The underlying stream reader (for the wait/wake protocol).
+    pub fn stream(&mut self) -> &mut StreamReader {
+        &mut self.inner
+    }
+
+    /// Length of the next message, if one is queued.
+    pub fn peek_len(&mut self, shm: &ShmRegion) -> Result<Option<usize>, RingError> {
+        let r = &mut self.inner;
+        let c = r.ctrl(shm);
+        let avail = r.st.available(&c, MESSAGE_HEADER)?;
+        if avail == 0 {
+            return Ok(None);
+        }
+        // The producer publishes whole messages, so a published length prefix is never split
+        // from its message: a partial one is forged.
+        if avail < MESSAGE_HEADER {
+            return Err(RingError::Corrupt { what: "partial message header", value: avail, lo: MESSAGE_HEADER, hi: r.g.capacity });
+        }
+        let mut len = [0u8; 4];
+        ring_copy_out(shm, &r.g, r.st.head, &mut len)?;
+        let len = u32::from_le_bytes(len);
+        // Read once, validated here: a length past the agreed maximum or past what was
+        // published would make us deliver bytes that are not this message.
+        if len > self.max {
+            return Err(RingError::Corrupt { what: "message length", value: len.into(), lo: 0, hi: self.max.into() });
+        }
+        let need = MESSAGE_HEADER + u64::from(len);
+        if avail < need {
+            // Re-read once in case the cached index was stale; whole messages are published.
+            r.st.refresh_tail(&c)?;
+            if r.st.cached() < need {
+                return Err(RingError::Corrupt { what: "message longer than published data", value: need, lo: 0, hi: r.st.cached() });
+            }
+        }
+        Ok(Some(len as usize))
+    }
+
+    /// Receives the next message into `buf`; `Ok(None)` if none is queued. A buffer smaller
+    /// than the message is an error and the message stays queued.
+    pub fn try_recv(&mut self, shm: &ShmRegion, buf: &mut [u8], wake: &mut impl FnMut()) -> Result<Option<usize>, RingError> {
+        let Some(len) = self.peek_len(shm)? else { return Ok(None) };
+        if buf.len() < len {
+            return Err(RingError::BufferTooSmall { len, buf: buf.len() });
+        }
+        let r = &mut self.inner;
+        let c = r.ctrl(shm);
+        ring_copy_out(shm, &r.g, r.st.head.wrapping_add(MESSAGE_HEADER), &mut buf[..len])?;
+        if r.st.consume(&c, MESSAGE_HEADER + len as u64)? {
+            wake();
+        }
+        Ok(Some(len))
+    }
+}
