@@ -1,1 +1,158 @@
-fn main() {}
+//! `ivcom`: the command-line front end. Each subcommand is a thin layer over the libraries.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// Shared-memory channels between co-resident processes, containers and VMs.
+#[derive(Parser, Debug)]
+#[command(name = "ivcom", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Measure ivcom side by side with TCP, Unix sockets and shared-memory floors.
+    Bench(ivcom_bench::BenchArgs),
+    /// Accept one connection on NAME and pipe stdin/stdout through it (like `nc -l`).
+    Listen {
+        /// Listener name (1-64 of A-Z a-z 0-9 . _ -).
+        name: String,
+        #[command(flatten)]
+        chan: ChannelArgs,
+        /// Who may connect: same-uid, group:GID, uids:UID[,UID...], or anyone.
+        #[arg(long, default_value = "same-uid", value_parser = parse_access)]
+        access: ivcom::Access,
+    },
+    /// Connect to NAME and pipe stdin/stdout through the channel (like `nc`).
+    Connect {
+        /// Listener name.
+        name: String,
+        #[command(flatten)]
+        chan: ChannelArgs,
+    },
+    /// Internal: one side of a benchmark cell, started by `ivcom bench`.
+    #[command(hide = true)]
+    BenchPeer(ivcom_bench::PeerArgs),
+}
+
+#[derive(Args, Debug)]
+struct ChannelArgs {
+    /// Runtime directory holding listener sockets [env: IVCOM_RUNTIME_DIR].
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Ring capacity per direction in bytes (power of two, 4096..=1073741824) [env: IVCOM_CAPACITY].
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Polling budget in microseconds before sleeping; 0 sleeps at once [env: IVCOM_SPIN_US].
+    #[arg(long)]
+    spin_us: Option<u64>,
+}
+
+impl ChannelArgs {
+    fn options(&self) -> ivcom::Options {
+        let mut o = ivcom::Options::new();
+        if let Some(d) = &self.runtime_dir {
+            o = o.runtime_dir(d);
+        }
+        if let Some(c) = self.capacity {
+            o = o.capacity(c);
+        }
+        if let Some(s) = self.spin_us {
+            o = o.spin(Duration::from_micros(s));
+        }
+        o
+    }
+}
+
+fn parse_access(s: &str) -> Result<ivcom::Access, String> {
+    let bad = |what: &str| format!("invalid {what} in access policy {s:?}");
+    Ok(match s.split_once(':') {
+        None if s == "same-uid" => ivcom::Access::SameUid,
+        None if s == "anyone" => ivcom::Access::Anyone,
+        Some(("group", g)) => ivcom::Access::Group(g.parse().map_err(|_| bad("gid"))?),
+        Some(("uids", list)) => ivcom::Access::Uids(
+            list.split(',').map(|u| u.trim().parse().map_err(|_| bad("uid"))).collect::<Result<_, _>>()?,
+        ),
+        _ => return Err(format!("unknown access policy {s:?}: use same-uid, group:GID, uids:UID[,UID...] or anyone")),
+    })
+}
+
+/// Copies stdin into the stream and the stream to stdout until both directions end.
+fn pipe(stream: ivcom::Stream) -> Result<()> {
+    let (mut rx, mut tx) = stream.split();
+    let writer = std::thread::spawn(move || -> io::Result<()> {
+        let mut stdin = io::stdin().lock();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            tx.write_all(&buf[..n])?;
+        }
+        tx.shutdown()
+    });
+    let mut stdout = io::stdout().lock();
+    let mut buf = vec![0u8; 256 * 1024];
+    let read_result = loop {
+        match rx.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => stdout.write_all(&buf[..n]).context("writing stdout")?,
+            Err(e) => break Err(e),
+        }
+    };
+    stdout.flush()?;
+    read_result.context("reading from the channel")?;
+    match writer.join() {
+        Ok(r) => r.context("writing to the channel")?,
+        Err(_) => bail!("stdin thread panicked"),
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(args) => ivcom_bench::run(&args),
+        Command::BenchPeer(args) => ivcom_bench::peer_main(&args),
+        Command::Listen { name, chan, access } => {
+            let opts = chan.options().access(access);
+            let listener = ivcom::Listener::bind_with(&name, &opts).with_context(|| format!("cannot listen on {name:?}"))?;
+            eprintln!("ivcom: listening on {name:?} ({})", listener.path().display());
+            let stream = listener.accept().context("accepting a connection")?;
+            drop(listener);
+            pipe(stream)
+        }
+        Command::Connect { name, chan } => {
+            let stream = ivcom::Stream::connect_with(&name, &chan.options())
+                .with_context(|| format!("cannot connect to {name:?}"))?;
+            pipe(stream)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber_init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ivcom: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `IVCOM_LOG` (e.g. `IVCOM_LOG=debug`).
+fn tracing_subscriber_init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IVCOM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).init();
+}

@@ -1,0 +1,465 @@
+//! Rendezvous without a daemon: a listener is a Unix seqpacket socket named in the runtime
+//! directory; connecting hands over a sealed memfd and wakeup eventfds with `SCM_RIGHTS`, and
+//! the Unix connection stays open as the liveness channel. `docs/protocols.md` describes the
+//! packets byte for byte.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ivcom_ring::layout::{self, Direction, Params, HEADER_SIZE, MAX_CAPACITY};
+
+use crate::config::{self, Options, DEFAULT_CAPACITY};
+use crate::conn::{Conn, ConnParts};
+use crate::sys::{self, Mapping};
+
+/// `b"IVCH"` as a little-endian u32: first field of every handshake packet.
+pub const HS_MAGIC: u32 = u32::from_le_bytes(*b"IVCH");
+/// Handshake protocol version.
+pub const HS_VERSION: u16 = 1;
+const SERVER_HELLO: u16 = 1;
+const CLIENT_HELLO: u16 = 2;
+const ACCEPT: u16 = 3;
+const REFUSE: u16 = 4;
+const FLAG_MESSAGES: u32 = 1;
+
+/// Reasons in a REFUSE packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum Status {
+    Version = 1,
+    Permission = 2,
+    BadRegion = 3,
+    Mode = 4,
+    Protocol = 5,
+}
+
+impl Status {
+    fn kind(code: u32) -> io::ErrorKind {
+        match code {
+            2 => io::ErrorKind::PermissionDenied,
+            _ => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+/// Most bytes of a handshake packet.
+const MAX_PACKET: usize = 512;
+
+fn header(kind: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32);
+    v.extend_from_slice(&HS_MAGIC.to_le_bytes());
+    v.extend_from_slice(&HS_VERSION.to_le_bytes());
+    v.extend_from_slice(&kind.to_le_bytes());
+    v
+}
+
+fn refuse_packet(status: Status, reason: &str) -> Vec<u8> {
+    let mut v = header(REFUSE);
+    v.extend_from_slice(&(status as u32).to_le_bytes());
+    let mut end = reason.len().min(MAX_PACKET - v.len());
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    v.extend_from_slice(&reason.as_bytes()[..end]);
+    v
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A received handshake packet, its header checked.
+struct Packet {
+    kind: u16,
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// How a packet failed to arrive.
+enum RecvFail {
+    /// The other side closed the connection.
+    Closed,
+    Error(io::Error),
+}
+
+fn bad_data(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Receives one packet. A different handshake version is reported with `other_version`.
+fn recv(sock: BorrowedFd<'_>, who: &str) -> Result<Packet, RecvFail> {
+    let mut buf = [0u8; MAX_PACKET];
+    let (n, fds) = sys::recv_packet(sock, &mut buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            RecvFail::Error(io::Error::new(io::ErrorKind::TimedOut, format!("{who} did not answer the handshake in time")))
+        } else {
+            RecvFail::Error(e)
+        }
+    })?;
+    if n == 0 {
+        return Err(RecvFail::Closed);
+    }
+    let b = &buf[..n];
+    if n < 8 || le_u32(b, 0) != HS_MAGIC {
+        return Err(RecvFail::Error(bad_data(format!("{who} does not speak the ivcom handshake (bad magic)"))));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != HS_VERSION {
+        return Err(RecvFail::Error(bad_data(format!(
+            "{who} speaks ivcom handshake version {version}, this build speaks version {HS_VERSION}"
+        ))));
+    }
+    Ok(Packet { kind: u16::from_le_bytes([b[6], b[7]]), body: b[8..].to_vec(), fds })
+}
+
+fn refused_error(who: &str, body: &[u8]) -> io::Error {
+    if body.len() < 4 {
+        return bad_data(format!("{who} refused the connection"));
+    }
+    let code = le_u32(body, 0);
+    let reason = String::from_utf8_lossy(&body[4..]);
+    io::Error::new(Status::kind(code), format!("{who} refused the connection: {reason}"))
+}
+
+/// Sends a refusal (best effort: the peer may be gone) and returns `err`.
+fn refuse(sock: BorrowedFd<'_>, status: Status, err: io::Error) -> io::Error {
+    let _ = sys::send_packet(sock, &refuse_packet(status, &err.to_string()), &[]);
+    err
+}
+
+fn socket_path(name: &str, opts: &Options) -> io::Result<(PathBuf, PathBuf)> {
+    config::check_name(name)?;
+    let dir = opts.resolved_runtime_dir();
+    let path = dir.join(format!("{name}.sock"));
+    if path.as_os_str().len() >= 108 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} is longer than a Unix socket address allows (107 bytes)", path.display()),
+        ));
+    }
+    Ok((dir, path))
+}
+
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot create runtime directory {}: {e}", dir.display()))
+    })
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// A named listener for channels from co-resident processes.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    name: String,
+    dir: PathBuf,
+    path: PathBuf,
+    ino: (u64, u64),
+    opts: Options,
+    messages: bool,
+}
+
+impl Listener {
+    /// Listens on `name` with default options.
+    pub fn bind(name: &str) -> io::Result<Self> {
+        Self::bind_with(name, &Options::new())
+    }
+
+    /// Listens on `name` in the runtime directory. Fails with `AddrInUse` if a live listener
+    /// has the name; a socket file left by a dead listener is replaced.
+    pub fn bind_with(name: &str, opts: &Options) -> io::Result<Self> {
+        bind(name, opts, false)
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Path of the socket file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for a connection and completes its handshake. A connection refused by the access
+    /// policy or failing the handshake returns an error (the listener stays usable);
+    /// connections that close before saying anything are skipped.
+    pub fn accept(&self) -> io::Result<crate::Stream> {
+        self.accept_conn().map(crate::Stream::from_conn)
+    }
+
+    /// An iterator over incoming connections.
+    pub fn incoming(&self) -> impl Iterator<Item = io::Result<crate::Stream>> + '_ {
+        std::iter::repeat_with(move || self.accept())
+    }
+
+    pub(crate) fn accept_conn(&self) -> io::Result<Conn> {
+        loop {
+            let sock = sys::accept(self.fd.as_fd())?;
+            match serve(sock, &self.opts, self.messages, &self.name) {
+                Ok(c) => return Ok(c),
+                Err(RecvFail::Closed) => {
+                    tracing::debug!("ivcom: a connection to {} closed during the handshake", self.name);
+                    continue;
+                }
+                Err(RecvFail::Error(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Remove our socket file, unless another listener has already replaced it.
+        if let Ok(_lock) = sys::DirLock::acquire(&self.dir) {
+            if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+                if (m.dev(), m.ino()) == self.ino {
+                    let _ = std::fs::remove_file(&self.path);
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Listener> {
+    let (dir, path) = socket_path(name, opts)?;
+    opts.chosen_capacity()?;
+    opts.spin_budget()?;
+    ensure_dir(&dir)?;
+    let _lock = sys::DirLock::acquire(&dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot lock runtime directory {}: {e}", dir.display())))?;
+    let fd = match sys::bind_seqpacket(&path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            // Someone's socket file is there: a live listener answers a connect, a stale file
+            // left by a dead one is refused. Holding the directory lock, no other ivcom
+            // process can bind or replace it meanwhile.
+            match sys::connect_seqpacket(&path) {
+                Ok(_probe) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("listener name {name:?} is already taken by a live listener ({})", path.display()),
+                    ))
+                }
+                Err(pe) if pe.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!("ivcom: replacing stale socket file {}", path.display());
+                    std::fs::remove_file(&path)?;
+                    sys::bind_seqpacket(&path)?
+                }
+                Err(pe) => {
+                    return Err(io::Error::new(
+                        pe.kind(),
+                        format!("{} exists and is not a usable ivcom socket: {pe}", path.display()),
+                    ))
+                }
+            }
+        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot listen at {}: {e}", path.display()))),
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(opts.socket_file_mode()))?;
+    let m = std::fs::symlink_metadata(&path)?;
+    Ok(Listener {
+        fd,
+        name: name.to_owned(),
+        dir,
+        path,
+        ino: (m.dev(), m.ino()),
+        opts: opts.clone(),
+        messages,
+    })
+}
+
+/// The listener's side of the handshake on an accepted connection.
+fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Conn, RecvFail> {
+    let s = sock.as_fd();
+    let fail = RecvFail::Error;
+    sys::set_timeouts(s, Some(opts.handshake())).map_err(fail)?;
+    let cred = sys::peer_cred(s).map_err(fail)?;
+    let own = sys::euid();
+    if !opts.access_policy().allows(own, cred.uid.as_raw(), cred.gid.as_raw()) {
+        let e = io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "uid {} (pid {}) may not connect to {name:?}: access policy is {:?}",
+                cred.uid.as_raw(),
+                cred.pid.as_raw_nonzero(),
+                opts.access_policy()
+            ),
+        );
+        return Err(fail(refuse(s, Status::Permission, e)));
+    }
+    let mut hello = header(SERVER_HELLO);
+    hello.extend_from_slice(&(if messages { FLAG_MESSAGES } else { 0 }).to_le_bytes());
+    hello.extend_from_slice(&(if messages { opts.max_message_size() } else { 0 }).to_le_bytes());
+    let cap = opts.chosen_capacity().map_err(fail)?.unwrap_or(0) as u64;
+    hello.extend_from_slice(&cap.to_le_bytes());
+    sys::send_packet(s, &hello, &[]).map_err(|e| match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => RecvFail::Closed,
+        _ => fail(e),
+    })?;
+
+    let p = match recv(s, "connecting peer") {
+        Ok(p) => p,
+        Err(RecvFail::Error(e)) => return Err(fail(refuse(s, Status::Version, e))),
+        Err(RecvFail::Closed) => return Err(RecvFail::Closed),
+    };
+    match p.kind {
+        CLIENT_HELLO => {}
+        REFUSE => return Err(fail(refused_error("connecting peer", &p.body))),
+        k => {
+            let e = bad_data(format!("connecting peer sent handshake packet kind {k}, expected a hello"));
+            return Err(fail(refuse(s, Status::Protocol, e)));
+        }
+    }
+    let [memfd, c_rx, c_tx]: [OwnedFd; 3] = p.fds.try_into().map_err(|v: Vec<OwnedFd>| {
+        fail(refuse(s, Status::Protocol, bad_data(format!("connecting peer passed {} descriptors, expected 3", v.len()))))
+    })?;
+    let region_fail = |e: io::Error| fail(refuse(s, Status::BadRegion, e));
+    let max_size = HEADER_SIZE as u64 + 2 * MAX_CAPACITY;
+    let size = sys::check_memfd(memfd.as_fd(), max_size).map_err(region_fail)?;
+    sys::check_eventfd(c_rx.as_fd()).map_err(region_fail)?;
+    sys::check_eventfd(c_tx.as_fd()).map_err(region_fail)?;
+    let map = Mapping::map(memfd.as_fd(), size).map_err(region_fail)?;
+    let params = layout::validate(map.region(), messages).map_err(|e| {
+        let status = if matches!(e, layout::LayoutError::ModeMismatch { .. }) { Status::Mode } else { Status::BadRegion };
+        fail(refuse(s, status, bad_data(format!("connecting peer's region: {e}"))))
+    })?;
+    if let Some(max) = params.max_message {
+        if max > opts.max_message_size() {
+            let e = bad_data(format!("connecting peer's maximum message {max} exceeds ours ({})", opts.max_message_size()));
+            return Err(fail(refuse(s, Status::BadRegion, e)));
+        }
+    }
+    let l_rx = sys::new_eventfd().map_err(fail)?;
+    let l_tx = sys::new_eventfd().map_err(fail)?;
+    sys::send_packet(s, &header(ACCEPT), &[l_rx.as_fd(), l_tx.as_fd()]).map_err(fail)?;
+    sys::set_timeouts(s, None).map_err(fail)?;
+    Conn::new(ConnParts {
+        map,
+        ctrl: sock,
+        own_rx: l_rx,
+        own_tx: l_tx,
+        peer_rx: c_rx,
+        peer_tx: c_tx,
+        rx_geom: params.ring(Direction::ToListener),
+        tx_geom: params.ring(Direction::ToConnector),
+        max_message: params.max_message,
+        spin: opts.spin_budget().map_err(fail)?,
+    })
+    .map_err(fail)
+}
+
+/// The connecting side of the handshake.
+pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<Conn> {
+    let (_dir, path) = socket_path(name, opts)?;
+    let chosen = opts.chosen_capacity()?;
+    let spin = opts.spin_budget()?;
+    let sock = sys::connect_seqpacket(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("no ivcom listener named {name:?} ({}: {e})", path.display()),
+        ),
+        k => io::Error::new(k, format!("cannot connect to {}: {e}", path.display())),
+    })?;
+    let s = sock.as_fd();
+    sys::set_timeouts(s, Some(opts.handshake()))?;
+    let closed = || {
+        io::Error::new(io::ErrorKind::ConnectionReset, format!("listener {name:?} closed the connection during the handshake"))
+    };
+    let p = match recv(s, "listener") {
+        Ok(p) => p,
+        Err(RecvFail::Closed) => return Err(closed()),
+        Err(RecvFail::Error(e)) => {
+            // Tell the listener what we speak, so it can report the mismatch too.
+            let _ = sys::send_packet(s, &refuse_packet(Status::Version, &e.to_string()), &[]);
+            return Err(e);
+        }
+    };
+    match p.kind {
+        SERVER_HELLO if p.body.len() >= 16 => {}
+        REFUSE => return Err(refused_error("listener", &p.body)),
+        k => {
+            let e = bad_data(format!("listener sent handshake packet kind {k} ({} bytes), expected its hello", p.body.len()));
+            return Err(refuse(s, Status::Protocol, e));
+        }
+    }
+    let server_messages = le_u32(&p.body, 0) & FLAG_MESSAGES != 0;
+    if server_messages != messages {
+        let kind = |m: bool| if m { "message" } else { "stream" };
+        let e = bad_data(format!(
+            "listener {name:?} is a {} listener, this is a {} connection",
+            kind(server_messages),
+            kind(messages)
+        ));
+        return Err(refuse(s, Status::Mode, e));
+    }
+    let offered = le_u64(&p.body, 8);
+    let capacity = match chosen {
+        Some(c) => c as u64,
+        None if offered != 0 && config::check_capacity(offered as usize).is_ok() => offered,
+        None => DEFAULT_CAPACITY as u64,
+    };
+    let max_message = if messages {
+        let max = le_u32(&p.body, 4).min(opts.max_message_size());
+        Some(max)
+    } else {
+        None
+    };
+    let params = Params { capacity: [capacity, capacity], max_message };
+    let size = params.region_size().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let memfd = sys::create_memfd(size)?;
+    let map = Mapping::map(memfd.as_fd(), size)?;
+    layout::init(map.region(), &params).map_err(|e| io::Error::other(e.to_string()))?;
+    let c_rx = sys::new_eventfd()?;
+    let c_tx = sys::new_eventfd()?;
+    let mut hello = header(CLIENT_HELLO);
+    hello.extend_from_slice(&(if messages { FLAG_MESSAGES } else { 0 }).to_le_bytes());
+    hello.extend_from_slice(&0u32.to_le_bytes());
+    sys::send_packet(s, &hello, &[memfd.as_fd(), c_rx.as_fd(), c_tx.as_fd()])?;
+    drop(memfd);
+    let p = match recv(s, "listener") {
+        Ok(p) => p,
+        Err(RecvFail::Closed) => return Err(closed()),
+        Err(RecvFail::Error(e)) => return Err(e),
+    };
+    match p.kind {
+        ACCEPT => {}
+        REFUSE => return Err(refused_error("listener", &p.body)),
+        k => return Err(refuse(s, Status::Protocol, bad_data(format!("listener sent packet kind {k}, expected accept")))),
+    }
+    let [l_rx, l_tx]: [OwnedFd; 2] = p
+        .fds
+        .try_into()
+        .map_err(|v: Vec<OwnedFd>| bad_data(format!("listener passed {} descriptors, expected 2", v.len())))?;
+    sys::check_eventfd(l_rx.as_fd())?;
+    sys::check_eventfd(l_tx.as_fd())?;
+    sys::set_timeouts(s, None)?;
+    Conn::new(ConnParts {
+        map,
+        ctrl: sock,
+        own_rx: c_rx,
+        own_tx: c_tx,
+        peer_rx: l_rx,
+        peer_tx: l_tx,
+        rx_geom: params.ring(Direction::ToConnector),
+        tx_geom: params.ring(Direction::ToListener),
+        max_message,
+        spin,
+    })
+}

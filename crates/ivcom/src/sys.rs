@@ -1,0 +1,310 @@
+//! Platform calls, in one place: memfd regions, mappings, eventfds, waiting, Unix seqpacket
+//! sockets with descriptor passing, peer credentials, directory locks.
+
+use std::ffi::c_void;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use ivcom_ring::ShmRegion;
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+
+/// Seals a region must carry so its creator can neither shrink it under our mapping (which
+/// would turn our accesses into SIGBUS) nor grow it.
+const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW);
+
+/// Creates a sealed, zero-filled memfd of `size` bytes.
+pub fn create_memfd(size: usize) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create("ivcom", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, size as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// Checks that `fd` is a sealed shared-memory file (so it cannot shrink under a mapping) no
+/// larger than `max` bytes, and returns its size.
+pub fn check_memfd(fd: BorrowedFd<'_>, max: u64) -> io::Result<usize> {
+    let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("peer's region is not a sealable memfd ({e})"))
+    })?;
+    if !seals.contains(REQUIRED_SEALS) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "peer's region is not sealed against resizing"));
+    }
+    let size = rustix::fs::fstat(fd)?.st_size as u64;
+    if size > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("peer's region is {size} bytes, more than the {max} allowed"),
+        ));
+    }
+    Ok(size as usize)
+}
+
+/// A shared mapping of a whole file; unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    region: ShmRegion,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared, read-write.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty region"));
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (null hint) overlaps nothing of ours;
+        // `fd` is a valid open file of at least `len` bytes, which the caller checked (and the
+        // seals keep it from shrinking).
+        let ptr = unsafe {
+            rustix::mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, fd, 0)
+        }?;
+        // SAFETY: the mapping is `len` bytes, page-aligned, lives until `drop` unmaps it, and we
+        // never create references into it.
+        let region = unsafe { ShmRegion::new(ptr.cast(), len) };
+        Ok(Self { region })
+    }
+
+    /// The mapped bytes.
+    pub fn region(&self) -> &ShmRegion {
+        &self.region
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `region` describes exactly the mapping made in `map`, which nothing uses
+        // any more (every user borrows the `Mapping`).
+        let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast::<c_void>(), self.region.len()) };
+    }
+}
+
+/// A new non-blocking eventfd.
+pub fn new_eventfd() -> io::Result<OwnedFd> {
+    Ok(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
+}
+
+/// Checks that a descriptor received from a peer is an eventfd (so signalling it can neither
+/// block nor write into a file), and makes it non-blocking.
+pub fn check_eventfd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("peer sent {} where an eventfd was expected", link.display()),
+        ));
+    }
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+    Ok(())
+}
+
+/// Adds one to an eventfd. A full counter (EAGAIN) already means "signalled".
+#[inline]
+pub fn signal(fd: BorrowedFd<'_>) {
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+}
+
+/// Resets an eventfd to zero (non-blocking).
+#[inline]
+pub fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut buf);
+}
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// The eventfd was signalled (and has been drained).
+    Signalled,
+    /// The control socket has an event: the peer closed it or sent something.
+    Control,
+    /// The timeout passed.
+    TimedOut,
+}
+
+/// Sleeps until `efd` is signalled, `ctrl` has an event, or `timeout` passes.
+pub fn wait(efd: BorrowedFd<'_>, ctrl: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Woken> {
+    let ts = timeout.map(|t| Timespec { tv_sec: t.as_secs() as i64, tv_nsec: t.subsec_nanos() as i64 });
+    let mut fds = [PollFd::new(&efd, PollFlags::IN), PollFd::new(&ctrl, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, ts.as_ref()) {
+            Ok(0) => return Ok(Woken::TimedOut),
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if fds[0].revents().contains(PollFlags::IN) {
+        drain(efd);
+        return Ok(Woken::Signalled);
+    }
+    Ok(Woken::Control)
+}
+
+/// State of the control socket, checked without blocking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Open, nothing pending.
+    Alive,
+    /// The peer closed its end (it exited, was killed, or dropped the connection).
+    Closed,
+    /// The peer sent data, which it never does after the handshake.
+    Violated,
+}
+
+/// Checks the control socket without blocking.
+pub fn liveness(ctrl: BorrowedFd<'_>) -> Liveness {
+    let mut b = [MaybeUninit::<u8>::uninit(); 1];
+    match rustix::net::recv(ctrl, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((_, 0)) => Liveness::Closed,
+        Ok(_) => Liveness::Violated,
+        Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => Liveness::Alive,
+        Err(_) => Liveness::Closed,
+    }
+}
+
+/// An epoll instance watching `fds` for input: a single descriptor that polls readable when
+/// any of them is.
+pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
+    use rustix::event::epoll;
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    for (i, fd) in fds.iter().enumerate() {
+        epoll::add(&ep, fd, epoll::EventData::new_u64(i as u64), epoll::EventFlags::IN)?;
+    }
+    Ok(ep)
+}
+
+fn unix_addr(path: &Path) -> io::Result<SocketAddrUnix> {
+    SocketAddrUnix::new(path).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("socket path {} is unusable: {e}", path.display()))
+    })
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
+}
+
+/// Binds a listening seqpacket socket at `path`.
+pub fn bind_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    rustix::net::bind(&fd, &unix_addr(path)?)?;
+    rustix::net::listen(&fd, 128)?;
+    Ok(fd)
+}
+
+/// Connects a seqpacket socket to `path`.
+pub fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    loop {
+        match rustix::net::connect(&fd, &unix_addr(path)?) {
+            Ok(()) => return Ok(fd),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Accepts one connection.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    loop {
+        match rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
+            Ok(fd) => return Ok(fd),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sets the receive and send timeouts of a socket.
+pub fn set_timeouts(fd: BorrowedFd<'_>, t: Option<Duration>) -> io::Result<()> {
+    use rustix::net::sockopt::{set_socket_timeout, Timeout};
+    set_socket_timeout(fd, Timeout::Recv, t)?;
+    set_socket_timeout(fd, Timeout::Send, t)?;
+    Ok(())
+}
+
+/// Most descriptors one handshake message carries.
+pub const MAX_FDS: usize = 4;
+
+/// Sends one packet with `fds` attached.
+pub fn send_packet(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors for one packet"));
+    }
+    let iov = [io::IoSlice::new(data)];
+    loop {
+        match rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short handshake send")),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives one packet into `buf`, with up to [`MAX_FDS`] descriptors. Returns the packet
+/// length (0 when the peer closed) and the descriptors; a truncated packet is an error.
+pub fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Ok(m) => break m,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    if msg.flags.intersects(rustix::net::ReturnFlags::TRUNC | rustix::net::ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "oversized handshake packet from peer"));
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Credentials of the process at the other end of a Unix socket.
+pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<rustix::net::UCred> {
+    Ok(rustix::net::sockopt::socket_peercred(sock)?)
+}
+
+/// An exclusive `flock` on a directory, released on drop. Serialises the check-and-replace of
+/// stale socket files among ivcom processes without creating any file.
+#[derive(Debug)]
+pub struct DirLock {
+    _fd: OwnedFd,
+}
+
+impl DirLock {
+    /// Locks `dir`, blocking until it is free.
+    pub fn acquire(dir: &Path) -> io::Result<Self> {
+        use rustix::fs::{open, FlockOperation, Mode, OFlags};
+        let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        loop {
+            match rustix::fs::flock(&fd, FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(Self { _fd: fd }),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
