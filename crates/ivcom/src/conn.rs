@@ -2,6 +2,8 @@
 //! control socket that tells us the peer is gone, and the counters.
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -87,6 +89,35 @@ pub(crate) struct Conn {
     state: AtomicU8,
     pub rx: RxCounters,
     pub tx: TxCounters,
+    /// On the connecting side: the listener's socket file, to remove if the peer dies and
+    /// leaves it stale.
+    pub listener_file: Option<ListenerFile>,
+}
+
+/// A listener's socket file as the connecting side saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerFile {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+    pub id: (u64, u64),
+}
+
+impl ListenerFile {
+    /// Removes the file if it is still the one we connected to and nobody listens on it
+    /// (its listener was killed). Serialised with binds by the directory lock.
+    fn remove_if_stale(&self) {
+        let Ok(_lock) = sys::DirLock::acquire(&self.dir) else { return };
+        let Ok(m) = std::fs::symlink_metadata(&self.path) else { return };
+        if (m.dev(), m.ino()) != self.id {
+            return;
+        }
+        if let Err(e) = sys::connect_seqpacket(&self.path) {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                tracing::debug!("ivcom: removing stale socket file {}", self.path.display());
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
 }
 
 /// Descriptors and geometry a handshake produces.
@@ -101,6 +132,7 @@ pub(crate) struct ConnParts {
     pub tx_geom: RingGeometry,
     pub max_message: Option<u32>,
     pub spin: Duration,
+    pub listener_file: Option<ListenerFile>,
 }
 
 impl Conn {
@@ -123,6 +155,7 @@ impl Conn {
             state: AtomicU8::new(ALIVE),
             rx: RxCounters::default(),
             tx: TxCounters::default(),
+            listener_file: p.listener_file,
         })
     }
 
@@ -191,9 +224,23 @@ impl Conn {
         }
         match sys::liveness(self.ctrl.as_fd()) {
             Liveness::Alive => {}
-            Liveness::Closed => self.mark(GONE),
+            Liveness::Closed => {
+                self.mark(GONE);
+                if let Some(f) = &self.listener_file {
+                    if !self.peer_closed_cleanly() {
+                        f.remove_if_stale();
+                    }
+                }
+            }
             Liveness::Violated => self.mark(VIOLATED),
         }
+    }
+
+    /// Whether the peer closed both directions itself (a killed peer closes neither).
+    fn peer_closed_cleanly(&self) -> bool {
+        let rx = ShmCtrl::new(self.shm(), self.rx_geom.ctrl);
+        let tx = ShmCtrl::new(self.shm(), self.tx_geom.ctrl);
+        matches!((rx.load_producer_closed(), tx.load_consumer_closed()), (Ok(a), Ok(b)) if a != 0 && b != 0)
     }
 
     fn mark(&self, s: u8) {
@@ -261,6 +308,15 @@ impl Conn {
                 tracing::warn!("ivcom: closing channel: {e}");
                 io::Error::new(io::ErrorKind::InvalidData, e)
             }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // A connecting side that outlives a killed listener removes its stale socket file.
+        if self.listener_file.is_some() {
+            self.check_liveness();
         }
     }
 }

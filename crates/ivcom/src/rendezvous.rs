@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ivcom_ring::layout::{self, Direction, Params, HEADER_SIZE, MAX_CAPACITY};
 
 use crate::config::{self, Options, DEFAULT_CAPACITY};
-use crate::conn::{Conn, ConnParts};
+use crate::conn::{Conn, ConnParts, ListenerFile};
 use crate::sys::{self, Mapping};
 
 /// `b"IVCH"` as a little-endian u32: first field of every handshake packet.
@@ -361,13 +361,14 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
         tx_geom: params.ring(Direction::ToConnector),
         max_message: params.max_message,
         spin: opts.spin_budget().map_err(fail)?,
+        listener_file: None,
     })
     .map_err(fail)
 }
 
 /// The connecting side of the handshake.
 pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<Conn> {
-    let (_dir, path) = socket_path(name, opts)?;
+    let (dir, path) = socket_path(name, opts)?;
     let chosen = opts.chosen_capacity()?;
     let spin = opts.spin_budget()?;
     let sock = sys::connect_seqpacket(&path).map_err(|e| match e.kind() {
@@ -378,6 +379,9 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         k => io::Error::new(k, format!("cannot connect to {}: {e}", path.display())),
     })?;
     let s = sock.as_fd();
+    let listener_file = std::fs::symlink_metadata(&path)
+        .ok()
+        .map(|m| ListenerFile { dir, path: path.clone(), id: (m.dev(), m.ino()) });
     sys::set_timeouts(s, Some(opts.handshake()))?;
     let closed = || {
         io::Error::new(io::ErrorKind::ConnectionReset, format!("listener {name:?} closed the connection during the handshake"))
@@ -461,5 +465,6 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         tx_geom: params.ring(Direction::ToListener),
         max_message,
         spin,
+        listener_file,
     })
 }
