@@ -235,10 +235,7 @@ pub fn validate(region: &ShmRegion, expect_messages: bool) -> Result<Params, Lay
     if !is_messages && max_message != 0 {
         return Err(bad("max_message", max_message.into(), 0));
     }
-    let capacity = [
-        region.load_u64(off::RING_CAPACITY, r)?,
-        region.load_u64(off::RING_CAPACITY + 16, r)?,
-    ];
+    let capacity = [region.load_u64(off::RING_CAPACITY, r)?, region.load_u64(off::RING_CAPACITY + 16, r)?];
     let params = Params { capacity, max_message: is_messages.then_some(max_message) };
     // Capacities, message size and therefore the total are checked here, before any offset
     // derived from them is used: a forged capacity must not send us past the mapping.

@@ -216,11 +216,14 @@ impl ProducerState {
         Ok(self.sup.should_signal(seq))
     }
 
-    /// Announces sleep while waiting for `want` bytes of space, and re-checks. Returns `true`
+    /// Announces sleep while waiting for `want` bytes of space (idempotent while announced),
+    /// and re-checks. Returns `true`
     /// if the caller should now sleep (and then call [`ProducerState::end_sleep`]), `false` if
     /// space appeared or the consumer closed meanwhile (the announcement is withdrawn).
     pub fn prepare_sleep<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<bool, RingError> {
-        self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        if self.sleep_seq & 1 == 0 {
+            self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        }
         c.store_producer_sleep(self.sleep_seq)?;
         c.fence();
         if self.free(c, want)? >= want || c.load_consumer_closed()? != 0 {
@@ -319,11 +322,13 @@ impl ConsumerState {
         Ok(c.load_producer_closed()? != 0)
     }
 
-    /// Announces sleep while waiting for data, and re-checks. Returns `true` if the caller
+    /// Announces sleep while waiting for data (idempotent while announced), and re-checks. Returns `true` if the caller
     /// should now sleep (and then call [`ConsumerState::end_sleep`]), `false` if data arrived or
     /// the producer closed meanwhile (the announcement is withdrawn).
     pub fn prepare_sleep<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<bool, RingError> {
-        self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        if self.sleep_seq & 1 == 0 {
+            self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        }
         c.store_consumer_sleep(self.sleep_seq)?;
         c.fence();
         if self.available(c, want)? >= want || c.load_producer_closed()? != 0 {
@@ -400,7 +405,12 @@ impl StreamWriter {
     /// Copies as much of `buf` as fits, publishing in chunks of at most [`PUBLISH_CHUNK`];
     /// `wake` runs (at most once per announced sleep) when the reader asked to be woken.
     /// Returns the number of bytes written (0 if the ring is full).
-    pub fn try_write(&mut self, shm: &ShmRegion, buf: &[u8], wake: &mut impl FnMut()) -> Result<usize, RingError> {
+    pub fn try_write(
+        &mut self,
+        shm: &ShmRegion,
+        buf: &[u8],
+        wake: &mut impl FnMut(),
+    ) -> Result<usize, RingError> {
         let c = self.ctrl(shm);
         let mut done = 0;
         while done < buf.len() {
@@ -444,7 +454,12 @@ impl StreamReader {
 
     /// Copies up to `buf.len()` available bytes out; `wake` runs when the writer asked to be
     /// woken. Returns the number of bytes read (0 if the ring is empty).
-    pub fn try_read(&mut self, shm: &ShmRegion, buf: &mut [u8], wake: &mut impl FnMut()) -> Result<usize, RingError> {
+    pub fn try_read(
+        &mut self,
+        shm: &ShmRegion,
+        buf: &mut [u8],
+        wake: &mut impl FnMut(),
+    ) -> Result<usize, RingError> {
         let c = self.ctrl(shm);
         let avail = self.st.available(&c, buf.len() as u64)?;
         let n = (avail as usize).min(buf.len());
@@ -491,7 +506,12 @@ impl MessageWriter {
     }
 
     /// Sends `msg` whole if it fits now. Returns `false` if there is not enough space yet.
-    pub fn try_send(&mut self, shm: &ShmRegion, msg: &[u8], wake: &mut impl FnMut()) -> Result<bool, RingError> {
+    pub fn try_send(
+        &mut self,
+        shm: &ShmRegion,
+        msg: &[u8],
+        wake: &mut impl FnMut(),
+    ) -> Result<bool, RingError> {
         if msg.len() > self.max as usize {
             return Err(RingError::MessageTooLarge { len: msg.len(), max: self.max });
         }
@@ -540,7 +560,12 @@ impl MessageReader {
         // The producer publishes whole messages, so a published length prefix is never split
         // from its message: a partial one is forged.
         if avail < MESSAGE_HEADER {
-            return Err(RingError::Corrupt { what: "partial message header", value: avail, lo: MESSAGE_HEADER, hi: r.g.capacity });
+            return Err(RingError::Corrupt {
+                what: "partial message header",
+                value: avail,
+                lo: MESSAGE_HEADER,
+                hi: r.g.capacity,
+            });
         }
         let mut len = [0u8; 4];
         ring_copy_out(shm, &r.g, r.st.head, &mut len)?;
@@ -548,14 +573,24 @@ impl MessageReader {
         // Read once, validated here: a length past the agreed maximum or past what was
         // published would make us deliver bytes that are not this message.
         if len > self.max {
-            return Err(RingError::Corrupt { what: "message length", value: len.into(), lo: 0, hi: self.max.into() });
+            return Err(RingError::Corrupt {
+                what: "message length",
+                value: len.into(),
+                lo: 0,
+                hi: self.max.into(),
+            });
         }
         let need = MESSAGE_HEADER + u64::from(len);
         if avail < need {
             // Re-read once in case the cached index was stale; whole messages are published.
             r.st.refresh_tail(&c)?;
             if r.st.cached() < need {
-                return Err(RingError::Corrupt { what: "message longer than published data", value: need, lo: 0, hi: r.st.cached() });
+                return Err(RingError::Corrupt {
+                    what: "message longer than published data",
+                    value: need,
+                    lo: 0,
+                    hi: r.st.cached(),
+                });
             }
         }
         Ok(Some(len as usize))
@@ -563,7 +598,12 @@ impl MessageReader {
 
     /// Receives the next message into `buf`; `Ok(None)` if none is queued. A buffer smaller
     /// than the message is an error and the message stays queued.
-    pub fn try_recv(&mut self, shm: &ShmRegion, buf: &mut [u8], wake: &mut impl FnMut()) -> Result<Option<usize>, RingError> {
+    pub fn try_recv(
+        &mut self,
+        shm: &ShmRegion,
+        buf: &mut [u8],
+        wake: &mut impl FnMut(),
+    ) -> Result<Option<usize>, RingError> {
         let Some(len) = self.peek_len(shm)? else { return Ok(None) };
         if buf.len() < len {
             return Err(RingError::BufferTooSmall { len, buf: buf.len() });
