@@ -85,6 +85,8 @@ struct Packet {
 enum RecvFail {
     /// The other side closed the connection.
     Closed,
+    /// The other side speaks another handshake version.
+    Version(io::Error),
     Error(io::Error),
 }
 
@@ -95,23 +97,27 @@ fn bad_data(msg: String) -> io::Error {
 /// Receives one packet. A different handshake version is reported with `other_version`.
 fn recv(sock: BorrowedFd<'_>, who: &str) -> Result<Packet, RecvFail> {
     let mut buf = [0u8; MAX_PACKET];
-    let (n, fds) = sys::recv_packet(sock, &mut buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::WouldBlock {
-            RecvFail::Error(io::Error::new(io::ErrorKind::TimedOut, format!("{who} did not answer the handshake in time")))
-        } else {
-            RecvFail::Error(e)
-        }
+    let (n, fds) = sys::recv_packet(sock, &mut buf).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock => RecvFail::Error(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{who} did not answer the handshake in time"),
+        )),
+        // The other side closed with our packet unread.
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => RecvFail::Closed,
+        _ => RecvFail::Error(e),
     })?;
     if n == 0 {
         return Err(RecvFail::Closed);
     }
     let b = &buf[..n];
     if n < 8 || le_u32(b, 0) != HS_MAGIC {
-        return Err(RecvFail::Error(bad_data(format!("{who} does not speak the ivcom handshake (bad magic)"))));
+        return Err(RecvFail::Error(bad_data(format!(
+            "{who} does not speak the ivcom handshake (bad magic)"
+        ))));
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
     if version != HS_VERSION {
-        return Err(RecvFail::Error(bad_data(format!(
+        return Err(RecvFail::Version(bad_data(format!(
             "{who} speaks ivcom handshake version {version}, this build speaks version {HS_VERSION}"
         ))));
     }
@@ -212,7 +218,7 @@ impl Listener {
                     tracing::debug!("ivcom: a connection to {} closed during the handshake", self.name);
                     continue;
                 }
-                Err(RecvFail::Error(e)) => return Err(e),
+                Err(RecvFail::Version(e) | RecvFail::Error(e)) => return Err(e),
             }
         }
     }
@@ -242,8 +248,9 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
     opts.chosen_capacity()?;
     opts.spin_budget()?;
     ensure_dir(&dir)?;
-    let _lock = sys::DirLock::acquire(&dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot lock runtime directory {}: {e}", dir.display())))?;
+    let _lock = sys::DirLock::acquire(&dir).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot lock runtime directory {}: {e}", dir.display()))
+    })?;
     let fd = match sys::bind_seqpacket(&path) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
@@ -254,7 +261,10 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
                 Ok(_probe) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
-                        format!("listener name {name:?} is already taken by a live listener ({})", path.display()),
+                        format!(
+                            "listener name {name:?} is already taken by a live listener ({})",
+                            path.display()
+                        ),
                     ))
                 }
                 Err(pe) if pe.kind() == io::ErrorKind::ConnectionRefused => {
@@ -316,11 +326,23 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
 
     let p = match recv(s, "connecting peer") {
         Ok(p) => p,
-        Err(RecvFail::Error(e)) => return Err(fail(refuse(s, Status::Version, e))),
+        Err(RecvFail::Version(e)) => return Err(fail(refuse(s, Status::Version, e))),
+        Err(RecvFail::Error(e)) => return Err(fail(refuse(s, Status::Protocol, e))),
         Err(RecvFail::Closed) => return Err(RecvFail::Closed),
     };
     match p.kind {
-        CLIENT_HELLO => {}
+        CLIENT_HELLO if p.body.len() >= 8 => {
+            let client_messages = le_u32(&p.body, 0) & FLAG_MESSAGES != 0;
+            if client_messages != messages {
+                let kind = |m: bool| if m { "message" } else { "stream" };
+                let e = bad_data(format!(
+                    "connecting peer opened a {} connection to a {} listener",
+                    kind(client_messages),
+                    kind(messages)
+                ));
+                return Err(fail(refuse(s, Status::Mode, e)));
+            }
+        }
         REFUSE => return Err(fail(refused_error("connecting peer", &p.body))),
         k => {
             let e = bad_data(format!("connecting peer sent handshake packet kind {k}, expected a hello"));
@@ -328,7 +350,11 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
         }
     }
     let [memfd, c_rx, c_tx]: [OwnedFd; 3] = p.fds.try_into().map_err(|v: Vec<OwnedFd>| {
-        fail(refuse(s, Status::Protocol, bad_data(format!("connecting peer passed {} descriptors, expected 3", v.len()))))
+        fail(refuse(
+            s,
+            Status::Protocol,
+            bad_data(format!("connecting peer passed {} descriptors, expected 3", v.len())),
+        ))
     })?;
     let region_fail = |e: io::Error| fail(refuse(s, Status::BadRegion, e));
     let max_size = HEADER_SIZE as u64 + 2 * MAX_CAPACITY;
@@ -337,12 +363,19 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
     sys::check_eventfd(c_tx.as_fd()).map_err(region_fail)?;
     let map = Mapping::map(memfd.as_fd(), size).map_err(region_fail)?;
     let params = layout::validate(map.region(), messages).map_err(|e| {
-        let status = if matches!(e, layout::LayoutError::ModeMismatch { .. }) { Status::Mode } else { Status::BadRegion };
+        let status = if matches!(e, layout::LayoutError::ModeMismatch { .. }) {
+            Status::Mode
+        } else {
+            Status::BadRegion
+        };
         fail(refuse(s, status, bad_data(format!("connecting peer's region: {e}"))))
     })?;
     if let Some(max) = params.max_message {
         if max > opts.max_message_size() {
-            let e = bad_data(format!("connecting peer's maximum message {max} exceeds ours ({})", opts.max_message_size()));
+            let e = bad_data(format!(
+                "connecting peer's maximum message {max} exceeds ours ({})",
+                opts.max_message_size()
+            ));
             return Err(fail(refuse(s, Status::BadRegion, e)));
         }
     }
@@ -379,27 +412,36 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         k => io::Error::new(k, format!("cannot connect to {}: {e}", path.display())),
     })?;
     let s = sock.as_fd();
-    let listener_file = std::fs::symlink_metadata(&path)
-        .ok()
-        .map(|m| ListenerFile { dir, path: path.clone(), id: (m.dev(), m.ino()) });
+    let listener_file = std::fs::symlink_metadata(&path).ok().map(|m| ListenerFile {
+        dir,
+        path: path.clone(),
+        id: (m.dev(), m.ino()),
+    });
     sys::set_timeouts(s, Some(opts.handshake()))?;
     let closed = || {
-        io::Error::new(io::ErrorKind::ConnectionReset, format!("listener {name:?} closed the connection during the handshake"))
+        io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("listener {name:?} closed the connection during the handshake"),
+        )
     };
     let p = match recv(s, "listener") {
         Ok(p) => p,
         Err(RecvFail::Closed) => return Err(closed()),
-        Err(RecvFail::Error(e)) => {
+        Err(RecvFail::Version(e)) => {
             // Tell the listener what we speak, so it can report the mismatch too.
             let _ = sys::send_packet(s, &refuse_packet(Status::Version, &e.to_string()), &[]);
             return Err(e);
         }
+        Err(RecvFail::Error(e)) => return Err(refuse(s, Status::Protocol, e)),
     };
     match p.kind {
         SERVER_HELLO if p.body.len() >= 16 => {}
         REFUSE => return Err(refused_error("listener", &p.body)),
         k => {
-            let e = bad_data(format!("listener sent handshake packet kind {k} ({} bytes), expected its hello", p.body.len()));
+            let e = bad_data(format!(
+                "listener sent handshake packet kind {k} ({} bytes), expected its hello",
+                p.body.len()
+            ));
             return Err(refuse(s, Status::Protocol, e));
         }
     }
@@ -426,7 +468,8 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         None
     };
     let params = Params { capacity: [capacity, capacity], max_message };
-    let size = params.region_size().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let size =
+        params.region_size().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let memfd = sys::create_memfd(size)?;
     let map = Mapping::map(memfd.as_fd(), size)?;
     layout::init(map.region(), &params).map_err(|e| io::Error::other(e.to_string()))?;
@@ -440,17 +483,22 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
     let p = match recv(s, "listener") {
         Ok(p) => p,
         Err(RecvFail::Closed) => return Err(closed()),
-        Err(RecvFail::Error(e)) => return Err(e),
+        Err(RecvFail::Version(e) | RecvFail::Error(e)) => return Err(e),
     };
     match p.kind {
         ACCEPT => {}
         REFUSE => return Err(refused_error("listener", &p.body)),
-        k => return Err(refuse(s, Status::Protocol, bad_data(format!("listener sent packet kind {k}, expected accept")))),
+        k => {
+            return Err(refuse(
+                s,
+                Status::Protocol,
+                bad_data(format!("listener sent packet kind {k}, expected accept")),
+            ))
+        }
     }
-    let [l_rx, l_tx]: [OwnedFd; 2] = p
-        .fds
-        .try_into()
-        .map_err(|v: Vec<OwnedFd>| bad_data(format!("listener passed {} descriptors, expected 2", v.len())))?;
+    let [l_rx, l_tx]: [OwnedFd; 2] = p.fds.try_into().map_err(|v: Vec<OwnedFd>| {
+        bad_data(format!("listener passed {} descriptors, expected 2", v.len()))
+    })?;
     sys::check_eventfd(l_rx.as_fd())?;
     sys::check_eventfd(l_tx.as_fd())?;
     sys::set_timeouts(s, None)?;
