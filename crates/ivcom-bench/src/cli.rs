@@ -9,7 +9,7 @@ use crate::plan::{Kind, Test};
 /// Arguments of `ivcom bench`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct BenchArgs {
-    /// Short run (3 rounds of 200 ms slices; under a minute in total).
+    /// Short run (6 rounds of 120 ms slices; about half a minute in total).
     #[arg(long)]
     pub quick: bool,
 
@@ -21,11 +21,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     pub chart: Option<PathBuf>,
 
-    /// Number of rounds (every cell runs once per round) [default: 5, quick: 3].
+    /// Number of rounds (every cell runs once per round) [default: 10, quick: 6].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rounds: Option<u32>,
 
-    /// Length of one cell's slice in each round, in ms [default: 800, quick: 200].
+    /// Length of one cell's slice in each round, in ms [default: 400, quick: 120].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub duration_ms: Option<u64>,
 
@@ -102,9 +102,7 @@ impl PeerArgs {
     /// into `self`.
     pub fn to_args(&self) -> Vec<String> {
         fn value<T: ValueEnum>(v: &T) -> String {
-            v.to_possible_value()
-                .map(|p| p.get_name().to_owned())
-                .unwrap_or_default()
+            v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
         }
         let mut out = vec![
             "--role".to_owned(),

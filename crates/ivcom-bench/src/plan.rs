@@ -26,14 +26,8 @@ pub enum Kind {
 
 impl Kind {
     /// All kinds, in report order.
-    pub const ALL: [Kind; 6] = [
-        Kind::SpinFloor,
-        Kind::CopyFloor,
-        Kind::IvcomAdaptive,
-        Kind::IvcomSleep,
-        Kind::Uds,
-        Kind::Tcp,
-    ];
+    pub const ALL: [Kind; 6] =
+        [Kind::SpinFloor, Kind::CopyFloor, Kind::IvcomAdaptive, Kind::IvcomSleep, Kind::Uds, Kind::Tcp];
 
     /// The `transport` name used in the report and the JSON output.
     pub fn transport(self) -> &'static str {
@@ -146,9 +140,9 @@ impl fmt::Display for Cell {
 pub fn size_label(size: usize) -> String {
     const KIB: usize = 1024;
     const MIB: usize = 1024 * 1024;
-    if size >= MIB && size % MIB == 0 {
+    if size >= MIB && size.is_multiple_of(MIB) {
         format!("{} MiB", size / MIB)
-    } else if size >= KIB && size % KIB == 0 {
+    } else if size >= KIB && size.is_multiple_of(KIB) {
         format!("{} KiB", size / KIB)
     } else {
         format!("{size} B")
@@ -165,11 +159,7 @@ pub fn matches_filter(cell: &Cell, filter: Option<&str>) -> bool {
         .split(',')
         .map(str::trim)
         .filter(|alt| !alt.is_empty())
-        .any(|alt| {
-            alt.split('+')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .all(|s| key.contains(&s))
-        })
+        .any(|alt| alt.split('+').map(|s| s.trim().to_ascii_lowercase()).all(|s| key.contains(&s)))
 }
 
 /// All cells selected by the filter, in report order (rtt first, then stream).
@@ -205,14 +195,10 @@ pub struct Settings {
 impl Settings {
     /// Settings for `--quick` / default, with the explicit overrides applied.
     pub fn from_args(args: &BenchArgs) -> Settings {
-        let (rounds, slice_ms) = if args.quick { (3, 200) } else { (5, 800) };
+        let (rounds, slice_ms) = if args.quick { (6, 120) } else { (10, 400) };
         let rounds = args.rounds.unwrap_or(rounds).max(1);
         let slice = Duration::from_millis(args.duration_ms.unwrap_or(slice_ms).max(1));
-        Settings {
-            rounds,
-            slice,
-            grace: Duration::from_secs(3),
-        }
+        Settings { rounds, slice, grace: Duration::from_secs(3) }
     }
 
     /// Round trips in the first part of each slice that are not recorded.
@@ -239,9 +225,7 @@ mod tests {
         let all = cells(None);
         // rtt: 4 transports x 3 sizes + spin floor x 1; stream: 5 x 4.
         assert_eq!(all.len(), 4 * 3 + 1 + 5 * 4);
-        assert!(all
-            .iter()
-            .all(|c| c.kind != Kind::SpinFloor || (c.test == Test::Rtt && c.size == 64)));
+        assert!(all.iter().all(|c| c.kind != Kind::SpinFloor || (c.test == Test::Rtt && c.size == 64)));
         assert!(all.iter().all(|c| c.kind != Kind::CopyFloor || c.test == Test::Stream));
     }
 
