@@ -16,7 +16,9 @@
 
 use crate::layout::{off, RingGeometry, MESSAGE_HEADER};
 use crate::shm::{OutOfBounds, ShmRegion};
-use std::sync::atomic::{fence, Ordering};
+#[cfg(not(target_arch = "x86_64"))]
+use std::sync::atomic::fence;
+use std::sync::atomic::Ordering;
 
 /// Why a ring operation failed.
 #[allow(missing_docs)]
@@ -127,8 +129,27 @@ impl Ctrl for ShmCtrl<'_> {
     #[inline]
     fn fence(&self) {
         // SYNC: the Dekker fence of the wait/wake handshake (module docs).
-        fence(Ordering::SeqCst);
+        full_fence();
     }
+}
+
+/// A sequentially consistent fence between our store and the following load of the peer's
+/// field, as the wait/wake handshake needs.
+///
+/// On x86-64 a locked read-modify-write of a stack word is a full barrier for ordinary
+/// memory, like `mfence`, and costs less on the CPUs we run on; it is what Linux uses for
+/// `smp_mb()`. The `asm!` block is also a compiler barrier (it may touch memory).
+#[inline(always)]
+pub fn full_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the instruction adds zero to the word at the top of our own stack, atomically:
+    // the memory is ours, valid and aligned, and its value does not change. It clobbers only
+    // the flags.
+    unsafe {
+        std::arch::asm!("lock or dword ptr [rsp], 0", options(nostack));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    fence(Ordering::SeqCst);
 }
 
 /// Signals a sleeper at most once per announced sleep.

@@ -2,9 +2,9 @@
 //! control socket that tells us the peer is gone, and the counters.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,10 @@ pub(crate) struct Conn {
     rx_ready: OwnedFd,
     /// epoll of `own_tx` and `ctrl`: readable when a write may make progress.
     tx_ready: OwnedFd,
+    /// What a blocked reader sleeps on (`sys::sleep_set` of `own_rx` and `ctrl`).
+    rx_sleep: OwnedFd,
+    /// What a blocked writer sleeps on.
+    tx_sleep: OwnedFd,
     pub rx_geom: RingGeometry,
     pub tx_geom: RingGeometry,
     pub max_message: Option<u32>,
@@ -139,6 +143,8 @@ impl Conn {
     pub(crate) fn new(p: ConnParts) -> io::Result<Self> {
         let rx_ready = sys::epoll_of(&[p.own_rx.as_fd(), p.ctrl.as_fd()])?;
         let tx_ready = sys::epoll_of(&[p.own_tx.as_fd(), p.ctrl.as_fd()])?;
+        let rx_sleep = sys::sleep_set(p.own_rx.as_fd(), p.ctrl.as_fd())?;
+        let tx_sleep = sys::sleep_set(p.own_tx.as_fd(), p.ctrl.as_fd())?;
         Ok(Self {
             map: p.map,
             ctrl: p.ctrl,
@@ -148,6 +154,8 @@ impl Conn {
             peer_tx: p.peer_tx,
             rx_ready,
             tx_ready,
+            rx_sleep,
+            tx_sleep,
             rx_geom: p.rx_geom,
             tx_geom: p.tx_geom,
             max_message: p.max_message,
@@ -209,8 +217,8 @@ impl Conn {
         } else {
             self.tx.sleeps.add(1);
         }
-        let efd = if rx { &self.own_rx } else { &self.own_tx };
-        let woken = sys::wait(efd.as_fd(), self.ctrl.as_fd(), timeout)?;
+        let set = if rx { &self.rx_sleep } else { &self.tx_sleep };
+        let woken = sys::wait(set.as_fd(), timeout)?;
         if woken == Woken::Control {
             self.check_liveness();
         }
@@ -334,9 +342,20 @@ pub(crate) fn would_block() -> io::Error {
 /// Polls `ready` for up to `budget`; returns its first `true` or `false` when the budget ran
 /// out.
 #[inline]
-pub(crate) fn spin_until(budget: Duration, mut ready: impl FnMut() -> Result<bool, RingError>) -> Result<bool, RingError> {
+pub(crate) fn spin_until(
+    budget: Duration,
+    mut ready: impl FnMut() -> Result<bool, RingError>,
+) -> Result<bool, RingError> {
     if budget.is_zero() {
         return Ok(false);
+    }
+    // A reply that is already on its way arrives within a few hundred iterations; only then
+    // is the clock worth reading.
+    for _ in 0..256 {
+        if ready()? {
+            return Ok(true);
+        }
+        std::hint::spin_loop();
     }
     let start = Instant::now();
     loop {

@@ -36,7 +36,10 @@ mod sys;
 pub mod tokio;
 mod wait;
 
-pub use config::{check_name, Access, Options, DEFAULT_CAPACITY, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN, ENV_CAPACITY, ENV_RUNTIME_DIR, ENV_SPIN_US};
+pub use config::{
+    check_name, Access, Options, DEFAULT_CAPACITY, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN, ENV_CAPACITY,
+    ENV_RUNTIME_DIR, ENV_SPIN_US,
+};
 pub use conn::Stats;
 pub use message::{MessageListener, MessageStream};
 pub use rendezvous::{Listener, HS_MAGIC, HS_VERSION};

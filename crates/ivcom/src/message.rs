@@ -110,7 +110,9 @@ impl MessageStream {
         }
         let conn = &self.conn;
         let shm = conn.shm();
-        let got = wait::recv(conn, self.rx_mode, &mut self.rx, 4, |r| r.try_recv(shm, buf, &mut || conn.signal_peer_tx()))?;
+        let got = wait::recv(conn, self.rx_mode, &mut self.rx, 4, |r| {
+            r.try_recv(shm, buf, &mut || conn.signal_peer_tx())
+        })?;
         if let Some(n) = got {
             conn.rx.bytes.add(n as u64);
             conn.rx.messages.add(1);

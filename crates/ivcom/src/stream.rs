@@ -46,7 +46,12 @@ impl Stream {
     pub(crate) fn from_conn(conn: Conn) -> Self {
         let conn = Arc::new(conn);
         Self {
-            rx: ReadHalf { ring: StreamReader::new(conn.rx_geom), conn: conn.clone(), mode: Mode::default(), shut: false },
+            rx: ReadHalf {
+                ring: StreamReader::new(conn.rx_geom),
+                conn: conn.clone(),
+                mode: Mode::default(),
+                shut: false,
+            },
             tx: WriteHalf { ring: StreamWriter::new(conn.tx_geom), conn, mode: Mode::default(), shut: false },
         }
     }

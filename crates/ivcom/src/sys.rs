@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ivcom_ring::ShmRegion;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::event::{eventfd, EventfdFlags, Timespec};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 use rustix::net::{
@@ -36,7 +36,10 @@ pub fn check_memfd(fd: BorrowedFd<'_>, max: u64) -> io::Result<usize> {
         io::Error::new(io::ErrorKind::InvalidData, format!("peer's region is not a sealable memfd ({e})"))
     })?;
     if !seals.contains(REQUIRED_SEALS) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "peer's region is not sealed against resizing"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "peer's region is not sealed against resizing",
+        ));
     }
     let size = rustix::fs::fstat(fd)?.st_size as u64;
     if size > max {
@@ -64,7 +67,14 @@ impl Mapping {
         // `fd` is a valid open file of at least `len` bytes, which the caller checked (and the
         // seals keep it from shrinking).
         let ptr = unsafe {
-            rustix::mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, fd, 0)
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )
         }?;
         // SAFETY: the mapping is `len` bytes, page-aligned, lives until `drop` unmaps it, and we
         // never create references into it.
@@ -122,7 +132,7 @@ pub fn drain(fd: BorrowedFd<'_>) {
 /// What ended a wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Woken {
-    /// The eventfd was signalled (and has been drained).
+    /// The eventfd was signalled.
     Signalled,
     /// The control socket has an event: the peer closed it or sent something.
     Control,
@@ -130,23 +140,34 @@ pub enum Woken {
     TimedOut,
 }
 
-/// Sleeps until `efd` is signalled, `ctrl` has an event, or `timeout` passes.
-pub fn wait(efd: BorrowedFd<'_>, ctrl: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Woken> {
+/// The set a sleeper waits on: its eventfd edge-triggered, so that every signal wakes one
+/// wait and the counter never needs draining (one system call per sleep), and the control
+/// socket level-triggered, so that a dead peer keeps waking it.
+pub fn sleep_set(efd: BorrowedFd<'_>, ctrl: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use rustix::event::epoll;
+    let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    epoll::add(&ep, efd, epoll::EventData::new_u64(0), epoll::EventFlags::IN | epoll::EventFlags::ET)?;
+    epoll::add(&ep, ctrl, epoll::EventData::new_u64(1), epoll::EventFlags::IN | epoll::EventFlags::RDHUP)?;
+    Ok(ep)
+}
+
+/// Sleeps on a [`sleep_set`] until its eventfd is signalled, the control socket has an
+/// event, or `timeout` passes.
+pub fn wait(set: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Woken> {
+    use rustix::event::epoll;
     let ts = timeout.map(|t| Timespec { tv_sec: t.as_secs() as i64, tv_nsec: t.subsec_nanos() as i64 });
-    let mut fds = [PollFd::new(&efd, PollFlags::IN), PollFd::new(&ctrl, PollFlags::IN)];
+    let mut buf = [MaybeUninit::<epoll::Event>::uninit(); 2];
     loop {
-        match poll(&mut fds, ts.as_ref()) {
-            Ok(0) => return Ok(Woken::TimedOut),
-            Ok(_) => break,
+        match epoll::wait(set, &mut buf, ts.as_ref()) {
+            Ok((events, _)) if events.is_empty() => return Ok(Woken::TimedOut),
+            Ok((events, _)) => {
+                let control = events.iter().any(|e| e.data.u64() == 1);
+                return Ok(if control { Woken::Control } else { Woken::Signalled });
+            }
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    if fds[0].revents().contains(PollFlags::IN) {
-        drain(efd);
-        return Ok(Woken::Signalled);
-    }
-    Ok(Woken::Control)
 }
 
 /// State of the control socket, checked without blocking.
@@ -184,7 +205,10 @@ pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
 
 fn unix_addr(path: &Path) -> io::Result<SocketAddrUnix> {
     SocketAddrUnix::new(path).map_err(|e| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("socket path {} is unusable: {e}", path.display()))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} is unusable: {e}", path.display()),
+        )
     })
 }
 

@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::{Listener, Options, ReadHalf, Stream, Stats, WriteHalf};
+use crate::{Listener, Options, ReadHalf, Stats, Stream, WriteHalf};
 
 /// The reading half of an [`AsyncStream`].
 #[derive(Debug)]
@@ -43,7 +43,9 @@ impl AsyncStream {
     /// Connects to the listener `name`.
     pub async fn connect(name: &str, opts: &Options) -> io::Result<Self> {
         let (name, opts) = (name.to_owned(), opts.clone());
-        let s = ::tokio::task::spawn_blocking(move || Stream::connect_with(&name, &opts)).await.map_err(io::Error::other)??;
+        let s = ::tokio::task::spawn_blocking(move || Stream::connect_with(&name, &opts))
+            .await
+            .map_err(io::Error::other)??;
         Self::new(s)
     }
 

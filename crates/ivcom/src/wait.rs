@@ -113,10 +113,9 @@ pub(crate) fn recv<R: RxRing, T>(
         }
         if !spun {
             spun = true;
-            let ready = spin_until(conn.spin, || {
-                Ok(st.available(&c, want)? >= want || st.producer_closed(&c)?)
-            })
-            .map_err(|e| conn.ring_error(e))?;
+            let ready =
+                spin_until(conn.spin, || Ok(st.available(&c, want)? >= want || st.producer_closed(&c)?))
+                    .map_err(|e| conn.ring_error(e))?;
             if ready {
                 continue;
             }
@@ -153,7 +152,8 @@ pub(crate) fn send<W: TxRing, T>(
         if conn.violated() {
             return Err(violation());
         }
-        let consumer_closed = |c: &ShmCtrl<'_>| -> Result<bool, RingError> { Ok(c.load_consumer_closed()? != 0) };
+        let consumer_closed =
+            |c: &ShmCtrl<'_>| -> Result<bool, RingError> { Ok(c.load_consumer_closed()? != 0) };
         {
             let ring = w.ring();
             let c = ring.ctrl(shm);
