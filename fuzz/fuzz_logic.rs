@@ -335,7 +335,7 @@ pub fn ring_ops(data: &[u8]) {
         mw: MessageWriter::new(g, max),
         mr: MessageReader::new(g, max),
     };
-    let ctrl = ShmCtrl::new(shm, g.ctrl);
+    let ctrl = ShmCtrl::new(shm, g.ctrl).expect("validated geometry");
     let mut wakes = 0u64;
     let mut ops = 0;
     while !inp.is_empty() && ops < 4096 {

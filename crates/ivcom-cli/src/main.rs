@@ -80,7 +80,11 @@ fn parse_access(s: &str) -> Result<ivcom::Access, String> {
         Some(("uids", list)) => ivcom::Access::Uids(
             list.split(',').map(|u| u.trim().parse().map_err(|_| bad("uid"))).collect::<Result<_, _>>()?,
         ),
-        _ => return Err(format!("unknown access policy {s:?}: use same-uid, group:GID, uids:UID[,UID...] or anyone")),
+        _ => {
+            return Err(format!(
+                "unknown access policy {s:?}: use same-uid, group:GID, uids:UID[,UID...] or anyone"
+            ))
+        }
     })
 }
 
@@ -125,7 +129,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchPeer(args) => ivcom_bench::peer_main(&args),
         Command::Listen { name, chan, access } => {
             let opts = chan.options().access(access);
-            let listener = ivcom::Listener::bind_with(&name, &opts).with_context(|| format!("cannot listen on {name:?}"))?;
+            let listener = ivcom::Listener::bind_with(&name, &opts)
+                .with_context(|| format!("cannot listen on {name:?}"))?;
             eprintln!("ivcom: listening on {name:?} ({})", listener.path().display());
             let stream = listener.accept().context("accepting a connection")?;
             drop(listener);

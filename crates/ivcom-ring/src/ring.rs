@@ -15,7 +15,7 @@
 //! sees the announcement and signals (`tests/loom.rs` model-checks this).
 
 use crate::layout::{off, RingGeometry, MESSAGE_HEADER};
-use crate::shm::{OutOfBounds, ShmRegion};
+use crate::shm::{Block, OutOfBounds, ShmRegion};
 #[cfg(not(target_arch = "x86_64"))]
 use std::sync::atomic::fence;
 use std::sync::atomic::Ordering;
@@ -45,86 +45,86 @@ pub enum RingError {
 /// after the index is read); [`Ctrl::fence`] is a sequentially consistent fence.
 #[allow(missing_docs)]
 pub trait Ctrl {
-    fn load_tail(&self) -> Result<u64, OutOfBounds>;
-    fn store_tail(&self, v: u64) -> Result<(), OutOfBounds>;
-    fn load_head(&self) -> Result<u64, OutOfBounds>;
-    fn store_head(&self, v: u64) -> Result<(), OutOfBounds>;
-    fn load_producer_sleep(&self) -> Result<u32, OutOfBounds>;
-    fn store_producer_sleep(&self, v: u32) -> Result<(), OutOfBounds>;
-    fn load_consumer_sleep(&self) -> Result<u32, OutOfBounds>;
-    fn store_consumer_sleep(&self, v: u32) -> Result<(), OutOfBounds>;
-    fn load_producer_closed(&self) -> Result<u32, OutOfBounds>;
-    fn store_producer_closed(&self, v: u32) -> Result<(), OutOfBounds>;
-    fn load_consumer_closed(&self) -> Result<u32, OutOfBounds>;
-    fn store_consumer_closed(&self, v: u32) -> Result<(), OutOfBounds>;
+    fn load_tail(&self) -> u64;
+    fn store_tail(&self, v: u64);
+    fn load_head(&self) -> u64;
+    fn store_head(&self, v: u64);
+    fn load_producer_sleep(&self) -> u32;
+    fn store_producer_sleep(&self, v: u32);
+    fn load_consumer_sleep(&self) -> u32;
+    fn store_consumer_sleep(&self, v: u32);
+    fn load_producer_closed(&self) -> u32;
+    fn store_producer_closed(&self, v: u32);
+    fn load_consumer_closed(&self) -> u32;
+    fn store_consumer_closed(&self, v: u32);
     fn fence(&self);
 }
 
-/// [`Ctrl`] over a control block in shared memory.
+/// [`Ctrl`] over a control block in shared memory, bounds-checked once when made.
 #[derive(Debug, Clone, Copy)]
 pub struct ShmCtrl<'a> {
-    shm: &'a ShmRegion,
-    base: usize,
+    b: Block<'a, { off::RING_CTRL_SIZE }>,
 }
 
 impl<'a> ShmCtrl<'a> {
     /// The control block at `base` of `shm`.
-    pub fn new(shm: &'a ShmRegion, base: usize) -> Self {
-        Self { shm, base }
+    #[inline]
+    pub fn new(shm: &'a ShmRegion, base: usize) -> Result<Self, OutOfBounds> {
+        Ok(Self { b: shm.block(base)? })
     }
 }
 
 impl Ctrl for ShmCtrl<'_> {
     #[inline]
-    fn load_tail(&self) -> Result<u64, OutOfBounds> {
+    fn load_tail(&self) -> u64 {
         // SYNC: pairs with the Release store in `store_tail` on the producer side.
-        self.shm.load_u64(self.base + off::TAIL, Ordering::Acquire)
+        self.b.u64(off::TAIL).load(Ordering::Acquire)
     }
     #[inline]
-    fn store_tail(&self, v: u64) -> Result<(), OutOfBounds> {
-        self.shm.store_u64(self.base + off::TAIL, v, Ordering::Release)
+    fn store_tail(&self, v: u64) {
+        self.b.u64(off::TAIL).store(v, Ordering::Release)
     }
     #[inline]
-    fn load_head(&self) -> Result<u64, OutOfBounds> {
+    fn load_head(&self) -> u64 {
         // SYNC: pairs with the Release store in `store_head` on the consumer side: the consumer
         // has finished copying bytes out before we overwrite them.
-        self.shm.load_u64(self.base + off::HEAD, Ordering::Acquire)
+        self.b.u64(off::HEAD).load(Ordering::Acquire)
     }
     #[inline]
-    fn store_head(&self, v: u64) -> Result<(), OutOfBounds> {
-        self.shm.store_u64(self.base + off::HEAD, v, Ordering::Release)
+    fn store_head(&self, v: u64) {
+        self.b.u64(off::HEAD).store(v, Ordering::Release)
     }
     #[inline]
-    fn load_producer_sleep(&self) -> Result<u32, OutOfBounds> {
-        self.shm.load_u32(self.base + off::PRODUCER_SLEEP, Ordering::Relaxed)
+    fn load_producer_sleep(&self) -> u32 {
+        self.b.u32(off::PRODUCER_SLEEP).load(Ordering::Relaxed)
     }
     #[inline]
-    fn store_producer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
-        self.shm.store_u32(self.base + off::PRODUCER_SLEEP, v, Ordering::Relaxed)
+    fn store_producer_sleep(&self, v: u32) {
+        self.b.u32(off::PRODUCER_SLEEP).store(v, Ordering::Relaxed)
     }
     #[inline]
-    fn load_consumer_sleep(&self) -> Result<u32, OutOfBounds> {
-        self.shm.load_u32(self.base + off::CONSUMER_SLEEP, Ordering::Relaxed)
+    fn load_consumer_sleep(&self) -> u32 {
+        self.b.u32(off::CONSUMER_SLEEP).load(Ordering::Relaxed)
     }
     #[inline]
-    fn store_consumer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
-        self.shm.store_u32(self.base + off::CONSUMER_SLEEP, v, Ordering::Relaxed)
+    fn store_consumer_sleep(&self, v: u32) {
+        self.b.u32(off::CONSUMER_SLEEP).store(v, Ordering::Relaxed)
     }
     #[inline]
-    fn load_producer_closed(&self) -> Result<u32, OutOfBounds> {
-        self.shm.load_u32(self.base + off::PRODUCER_CLOSED, Ordering::Acquire)
+    fn load_producer_closed(&self) -> u32 {
+        self.b.u32(off::PRODUCER_CLOSED).load(Ordering::Acquire)
     }
     #[inline]
-    fn store_producer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
-        self.shm.store_u32(self.base + off::PRODUCER_CLOSED, v, Ordering::Release)
+    fn store_producer_closed(&self, v: u32) {
+        self.b.u32(off::PRODUCER_CLOSED).store(v, Ordering::Release)
     }
     #[inline]
-    fn load_consumer_closed(&self) -> Result<u32, OutOfBounds> {
-        self.shm.load_u32(self.base + off::CONSUMER_CLOSED, Ordering::Acquire)
+    fn load_consumer_closed(&self) -> u32 {
+        self.b.u32(off::CONSUMER_CLOSED).load(Ordering::Acquire)
     }
     #[inline]
-    fn store_consumer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
-        self.shm.store_u32(self.base + off::CONSUMER_CLOSED, v, Ordering::Release)
+    fn store_consumer_closed(&self, v: u32) {
+        self.b.u32(off::CONSUMER_CLOSED).store(v, Ordering::Release)
     }
     #[inline]
     fn fence(&self) {
@@ -209,7 +209,7 @@ impl ProducerState {
 
     /// Re-reads and validates the consumer's index.
     pub fn refresh_head<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
-        let h = c.load_head()?;
+        let h = c.load_head();
         // The consumer's index may only move forward, and never past our own: anything else
         // would make us overwrite unread bytes or count free space that does not exist.
         let moved = h.wrapping_sub(self.head_cache);
@@ -231,9 +231,9 @@ impl ProducerState {
     pub fn publish<C: Ctrl>(&mut self, c: &C, n: u64) -> Result<bool, RingError> {
         debug_assert!(n <= self.cap - self.unconsumed());
         self.tail = self.tail.wrapping_add(n);
-        c.store_tail(self.tail)?;
+        c.store_tail(self.tail);
         c.fence();
-        let seq = c.load_consumer_sleep()?;
+        let seq = c.load_consumer_sleep();
         Ok(self.sup.should_signal(seq))
     }
 
@@ -245,9 +245,9 @@ impl ProducerState {
         if self.sleep_seq & 1 == 0 {
             self.sleep_seq = self.sleep_seq.wrapping_add(1);
         }
-        c.store_producer_sleep(self.sleep_seq)?;
+        c.store_producer_sleep(self.sleep_seq);
         c.fence();
-        if self.free(c, want)? >= want || c.load_consumer_closed()? != 0 {
+        if self.free(c, want)? >= want || c.load_consumer_closed() != 0 {
             self.end_sleep(c)?;
             return Ok(false);
         }
@@ -258,16 +258,16 @@ impl ProducerState {
     pub fn end_sleep<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
         if self.sleep_seq & 1 == 1 {
             self.sleep_seq = self.sleep_seq.wrapping_add(1);
-            c.store_producer_sleep(self.sleep_seq)?;
+            c.store_producer_sleep(self.sleep_seq);
         }
         Ok(())
     }
 
     /// Marks the ring closed for writing; returns whether to wake the consumer.
     pub fn close<C: Ctrl>(&mut self, c: &C) -> Result<bool, RingError> {
-        c.store_producer_closed(1)?;
+        c.store_producer_closed(1);
         c.fence();
-        Ok(self.sup.should_signal(c.load_consumer_sleep()?))
+        Ok(self.sup.should_signal(c.load_consumer_sleep()))
     }
 }
 
@@ -310,7 +310,7 @@ impl ConsumerState {
 
     /// Re-reads and validates the producer's index.
     pub fn refresh_tail<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
-        let t = c.load_tail()?;
+        let t = c.load_tail();
         // The producer's index may only move forward, and never more than a capacity ahead of
         // our own: anything else would make us read bytes twice or read unwritten bytes.
         let moved = t.wrapping_sub(self.tail_cache);
@@ -331,16 +331,16 @@ impl ConsumerState {
     pub fn consume<C: Ctrl>(&mut self, c: &C, n: u64) -> Result<bool, RingError> {
         debug_assert!(n <= self.cached());
         self.head = self.head.wrapping_add(n);
-        c.store_head(self.head)?;
+        c.store_head(self.head);
         c.fence();
-        let seq = c.load_producer_sleep()?;
+        let seq = c.load_producer_sleep();
         Ok(self.sup.should_signal(seq))
     }
 
     /// Whether the producer has closed the ring. Check it only after finding the ring empty,
     /// then re-check the ring: the producer closes after its last publish.
     pub fn producer_closed<C: Ctrl>(&self, c: &C) -> Result<bool, RingError> {
-        Ok(c.load_producer_closed()? != 0)
+        Ok(c.load_producer_closed() != 0)
     }
 
     /// Announces sleep while waiting for data (idempotent while announced), and re-checks. Returns `true` if the caller
@@ -350,9 +350,9 @@ impl ConsumerState {
         if self.sleep_seq & 1 == 0 {
             self.sleep_seq = self.sleep_seq.wrapping_add(1);
         }
-        c.store_consumer_sleep(self.sleep_seq)?;
+        c.store_consumer_sleep(self.sleep_seq);
         c.fence();
-        if self.available(c, want)? >= want || c.load_producer_closed()? != 0 {
+        if self.available(c, want)? >= want || c.load_producer_closed() != 0 {
             self.end_sleep(c)?;
             return Ok(false);
         }
@@ -363,7 +363,7 @@ impl ConsumerState {
     pub fn end_sleep<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
         if self.sleep_seq & 1 == 1 {
             self.sleep_seq = self.sleep_seq.wrapping_add(1);
-            c.store_consumer_sleep(self.sleep_seq)?;
+            c.store_consumer_sleep(self.sleep_seq);
         }
         Ok(())
     }
@@ -375,9 +375,9 @@ impl ConsumerState {
 
     /// Marks the ring closed for reading; returns whether to wake the producer.
     pub fn close<C: Ctrl>(&mut self, c: &C) -> Result<bool, RingError> {
-        c.store_consumer_closed(1)?;
+        c.store_consumer_closed(1);
         c.fence();
-        Ok(self.sup.should_signal(c.load_producer_sleep()?))
+        Ok(self.sup.should_signal(c.load_producer_sleep()))
     }
 }
 
@@ -385,7 +385,10 @@ fn ring_copy_in(shm: &ShmRegion, g: &RingGeometry, index: u64, src: &[u8]) -> Re
     let pos = (index & (g.capacity - 1)) as usize;
     let first = src.len().min(g.capacity as usize - pos);
     shm.write_bytes(g.data + pos, &src[..first])?;
-    shm.write_bytes(g.data, &src[first..])
+    if first < src.len() {
+        shm.write_bytes(g.data, &src[first..])?;
+    }
+    Ok(())
 }
 
 fn ring_copy_out(shm: &ShmRegion, g: &RingGeometry, index: u64, dst: &mut [u8]) -> Result<(), OutOfBounds> {
@@ -393,7 +396,10 @@ fn ring_copy_out(shm: &ShmRegion, g: &RingGeometry, index: u64, dst: &mut [u8]) 
     let first = dst.len().min(g.capacity as usize - pos);
     let (a, b) = dst.split_at_mut(first);
     shm.read_bytes(g.data + pos, a)?;
-    shm.read_bytes(g.data, b)
+    if !b.is_empty() {
+        shm.read_bytes(g.data, b)?;
+    }
+    Ok(())
 }
 
 /// Largest amount published at once by a byte-stream write, so the reader can start copying
@@ -414,7 +420,8 @@ impl StreamWriter {
     }
 
     /// The control block accessor for this ring.
-    pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> ShmCtrl<'a> {
+    #[inline]
+    pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> Result<ShmCtrl<'a>, OutOfBounds> {
         ShmCtrl::new(shm, self.g.ctrl)
     }
 
@@ -432,7 +439,7 @@ impl StreamWriter {
         buf: &[u8],
         wake: &mut impl FnMut(),
     ) -> Result<usize, RingError> {
-        let c = self.ctrl(shm);
+        let c = self.ctrl(shm)?;
         let mut done = 0;
         while done < buf.len() {
             let free = self.st.free(&c, (buf.len() - done).min(PUBLISH_CHUNK) as u64)?;
@@ -464,7 +471,8 @@ impl StreamReader {
     }
 
     /// The control block accessor for this ring.
-    pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> ShmCtrl<'a> {
+    #[inline]
+    pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> Result<ShmCtrl<'a>, OutOfBounds> {
         ShmCtrl::new(shm, self.g.ctrl)
     }
 
@@ -481,7 +489,7 @@ impl StreamReader {
         buf: &mut [u8],
         wake: &mut impl FnMut(),
     ) -> Result<usize, RingError> {
-        let c = self.ctrl(shm);
+        let c = self.ctrl(shm)?;
         let avail = self.st.available(&c, buf.len() as u64)?;
         let n = (avail as usize).min(buf.len());
         if n == 0 {
@@ -496,7 +504,7 @@ impl StreamReader {
 
     /// Bytes available now (re-reads the producer's index).
     pub fn available(&mut self, shm: &ShmRegion) -> Result<u64, RingError> {
-        let c = self.ctrl(shm);
+        let c = self.ctrl(shm)?;
         self.st.refresh_tail(&c)?;
         Ok(self.st.cached())
     }
@@ -537,7 +545,7 @@ impl MessageWriter {
             return Err(RingError::MessageTooLarge { len: msg.len(), max: self.max });
         }
         let w = &mut self.inner;
-        let c = w.ctrl(shm);
+        let c = w.ctrl(shm)?;
         let need = Self::need(msg.len());
         if w.st.free(&c, need)? < need {
             return Ok(false);
@@ -573,7 +581,7 @@ impl MessageReader {
     /// Length of the next message, if one is queued.
     pub fn peek_len(&mut self, shm: &ShmRegion) -> Result<Option<usize>, RingError> {
         let r = &mut self.inner;
-        let c = r.ctrl(shm);
+        let c = r.ctrl(shm)?;
         let avail = r.st.available(&c, MESSAGE_HEADER)?;
         if avail == 0 {
             return Ok(None);
@@ -630,7 +638,7 @@ impl MessageReader {
             return Err(RingError::BufferTooSmall { len, buf: buf.len() });
         }
         let r = &mut self.inner;
-        let c = r.ctrl(shm);
+        let c = r.ctrl(shm)?;
         ring_copy_out(shm, &r.g, r.st.head.wrapping_add(MESSAGE_HEADER), &mut buf[..len])?;
         if r.st.consume(&c, MESSAGE_HEADER + len as u64)? {
             wake();

@@ -96,6 +96,14 @@ impl ShmRegion {
         Ok(unsafe { AtomicU32::from_ptr(p.cast()) })
     }
 
+    /// The `N`-byte block at `offset` (8-aligned), checked once so that its fields can then be
+    /// reached by constant offsets without further checks.
+    #[inline]
+    pub fn block<const N: usize>(&self, offset: usize) -> Result<Block<'_, N>, OutOfBounds> {
+        let base = self.check(offset, N, 8)?;
+        Ok(Block { base, _region: std::marker::PhantomData })
+    }
+
     /// Atomically loads the u64 at `offset` (8-aligned).
     #[inline]
     pub fn load_u64(&self, offset: usize, order: Ordering) -> Result<u64, OutOfBounds> {
@@ -151,6 +159,36 @@ impl ShmRegion {
         // SAFETY: the range is inside the region (checked); any byte value is allowed.
         unsafe { std::ptr::write_bytes(p, 0, len) };
         Ok(())
+    }
+}
+
+/// `N` bytes of a region, 8-aligned and known to be in bounds (see [`ShmRegion::block`]).
+/// Fields are atomics at offsets inside the block; an offset outside it is a programming
+/// error caught by an assertion that constant offsets let the compiler remove.
+#[derive(Debug, Clone, Copy)]
+pub struct Block<'a, const N: usize> {
+    base: *mut u8,
+    _region: std::marker::PhantomData<&'a ShmRegion>,
+}
+
+impl<'a, const N: usize> Block<'a, N> {
+    /// The u64 field at `off` (8-aligned, inside the block).
+    #[inline(always)]
+    pub fn u64(&self, off: usize) -> &'a AtomicU64 {
+        assert!(off + 8 <= N && off.is_multiple_of(8), "field outside block");
+        // SAFETY: the block lies inside the region and is 8-aligned (checked when it was made),
+        // so `base + off` is an in-bounds, 8-aligned u64 for the region's lifetime `'a`. As in
+        // `ShmRegion::atomic_u64`, an atomic is the one kind of reference that may alias memory
+        // others change concurrently, and every bit pattern is a valid u64.
+        unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
+    }
+
+    /// The u32 field at `off` (4-aligned, inside the block).
+    #[inline(always)]
+    pub fn u32(&self, off: usize) -> &'a AtomicU32 {
+        assert!(off + 4 <= N && off.is_multiple_of(4), "field outside block");
+        // SAFETY: as in `u64`, for a 4-byte, 4-aligned field.
+        unsafe { AtomicU32::from_ptr(self.base.add(off).cast()) }
     }
 }
 

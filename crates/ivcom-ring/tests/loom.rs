@@ -10,7 +10,7 @@
 //! `RUSTFLAGS="--cfg loom" cargo test -p ivcom-ring --test loom --release`
 #![cfg(loom)]
 
-use ivcom_ring::{ConsumerState, Ctrl, OutOfBounds, ProducerState};
+use ivcom_ring::{ConsumerState, Ctrl, ProducerState};
 use loom::sync::atomic::{fence, AtomicU32, AtomicU64};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
@@ -43,47 +43,41 @@ impl ModelCtrl {
 }
 
 impl Ctrl for ModelCtrl {
-    fn load_tail(&self) -> Result<u64, OutOfBounds> {
-        Ok(self.tail.load(Ordering::Acquire))
+    fn load_tail(&self) -> u64 {
+        self.tail.load(Ordering::Acquire)
     }
-    fn store_tail(&self, v: u64) -> Result<(), OutOfBounds> {
+    fn store_tail(&self, v: u64) {
         self.tail.store(v, Ordering::Release);
-        Ok(())
     }
-    fn load_head(&self) -> Result<u64, OutOfBounds> {
-        Ok(self.head.load(Ordering::Acquire))
+    fn load_head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
     }
-    fn store_head(&self, v: u64) -> Result<(), OutOfBounds> {
+    fn store_head(&self, v: u64) {
         self.head.store(v, Ordering::Release);
-        Ok(())
     }
-    fn load_producer_sleep(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.producer_sleep.load(Ordering::Relaxed))
+    fn load_producer_sleep(&self) -> u32 {
+        self.producer_sleep.load(Ordering::Relaxed)
     }
-    fn store_producer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_producer_sleep(&self, v: u32) {
         self.producer_sleep.store(v, Ordering::Relaxed);
-        Ok(())
     }
-    fn load_consumer_sleep(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.consumer_sleep.load(Ordering::Relaxed))
+    fn load_consumer_sleep(&self) -> u32 {
+        self.consumer_sleep.load(Ordering::Relaxed)
     }
-    fn store_consumer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_consumer_sleep(&self, v: u32) {
         self.consumer_sleep.store(v, Ordering::Relaxed);
-        Ok(())
     }
-    fn load_producer_closed(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.producer_closed.load(Ordering::Acquire))
+    fn load_producer_closed(&self) -> u32 {
+        self.producer_closed.load(Ordering::Acquire)
     }
-    fn store_producer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_producer_closed(&self, v: u32) {
         self.producer_closed.store(v, Ordering::Release);
-        Ok(())
     }
-    fn load_consumer_closed(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.consumer_closed.load(Ordering::Acquire))
+    fn load_consumer_closed(&self) -> u32 {
+        self.consumer_closed.load(Ordering::Acquire)
     }
-    fn store_consumer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_consumer_closed(&self, v: u32) {
         self.consumer_closed.store(v, Ordering::Release);
-        Ok(())
     }
     fn fence(&self) {
         if self.with_fence {
@@ -148,7 +142,7 @@ fn producer(s: &Shared, cfg: Cfg) -> u64 {
     let mut sent = 0;
     'items: while sent < cfg.items {
         loop {
-            if c.load_consumer_closed().unwrap() != 0 {
+            if c.load_consumer_closed() != 0 {
                 break 'items;
             }
             if st.free(c, 1).unwrap() >= 1 {

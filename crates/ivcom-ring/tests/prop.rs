@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 
 use ivcom_ring::layout::{self, off};
 use ivcom_ring::{
-    ConsumerState, Ctrl, Direction, HeapRegion, MessageReader, MessageWriter, OutOfBounds, Params,
-    ProducerState, RingError, ShmRegion, StreamReader, StreamWriter,
+    ConsumerState, Ctrl, Direction, HeapRegion, MessageReader, MessageWriter, Params, ProducerState,
+    RingError, ShmRegion, StreamReader, StreamWriter,
 };
 use proptest::prelude::*;
 
@@ -45,47 +45,41 @@ impl CellCtrl {
 }
 
 impl Ctrl for CellCtrl {
-    fn load_tail(&self) -> Result<u64, OutOfBounds> {
-        Ok(self.tail.get())
+    fn load_tail(&self) -> u64 {
+        self.tail.get()
     }
-    fn store_tail(&self, v: u64) -> Result<(), OutOfBounds> {
+    fn store_tail(&self, v: u64) {
         self.tail.set(v);
-        Ok(())
     }
-    fn load_head(&self) -> Result<u64, OutOfBounds> {
-        Ok(self.head.get())
+    fn load_head(&self) -> u64 {
+        self.head.get()
     }
-    fn store_head(&self, v: u64) -> Result<(), OutOfBounds> {
+    fn store_head(&self, v: u64) {
         self.head.set(v);
-        Ok(())
     }
-    fn load_producer_sleep(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.producer_sleep.get())
+    fn load_producer_sleep(&self) -> u32 {
+        self.producer_sleep.get()
     }
-    fn store_producer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_producer_sleep(&self, v: u32) {
         self.producer_sleep.set(v);
-        Ok(())
     }
-    fn load_consumer_sleep(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.consumer_sleep.get())
+    fn load_consumer_sleep(&self) -> u32 {
+        self.consumer_sleep.get()
     }
-    fn store_consumer_sleep(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_consumer_sleep(&self, v: u32) {
         self.consumer_sleep.set(v);
-        Ok(())
     }
-    fn load_producer_closed(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.producer_closed.get())
+    fn load_producer_closed(&self) -> u32 {
+        self.producer_closed.get()
     }
-    fn store_producer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_producer_closed(&self, v: u32) {
         self.producer_closed.set(v);
-        Ok(())
     }
-    fn load_consumer_closed(&self) -> Result<u32, OutOfBounds> {
-        Ok(self.consumer_closed.get())
+    fn load_consumer_closed(&self) -> u32 {
+        self.consumer_closed.get()
     }
-    fn store_consumer_closed(&self, v: u32) -> Result<(), OutOfBounds> {
+    fn store_consumer_closed(&self, v: u32) {
         self.consumer_closed.set(v);
-        Ok(())
     }
     fn fence(&self) {
         self.fences.set(self.fences.get() + 1);
@@ -213,9 +207,9 @@ proptest! {
         // Nobody announced sleep, so nobody may be woken.
         prop_assert_eq!(wakes, 0);
         prop_assert_eq!(outside_ring(shm, &params, dir), before);
-        let c = w.ctrl(shm);
-        prop_assert_eq!(c.load_tail().unwrap(), total);
-        prop_assert_eq!(c.load_head().unwrap(), total - model.len() as u64);
+        let c = w.ctrl(shm).unwrap();
+        prop_assert_eq!(c.load_tail(), total);
+        prop_assert_eq!(c.load_head(), total - model.len() as u64);
     }
 }
 
@@ -230,7 +224,7 @@ fn large_write_is_chunked_and_wakes_once() {
     let g = params.ring(Direction::ToListener);
     let mut w = StreamWriter::new(g);
     let mut r = StreamReader::new(g);
-    let rc = r.ctrl(shm);
+    let rc = r.ctrl(shm).unwrap();
     assert!(r.state().prepare_sleep(&rc, 1).unwrap(), "empty ring: the reader sleeps");
     let data = bytes(7, 200_000);
     let mut wakes = 0;
@@ -663,7 +657,7 @@ proptest! {
                 }
             }
         } else {
-            let wc = w.ctrl(shm);
+            let wc = w.ctrl(shm).unwrap();
             w.state().refresh_head(&wc).unwrap();
             // Window [b, a].
             let width = a - b;

@@ -246,9 +246,10 @@ impl Conn {
 
     /// Whether the peer closed both directions itself (a killed peer closes neither).
     fn peer_closed_cleanly(&self) -> bool {
-        let rx = ShmCtrl::new(self.shm(), self.rx_geom.ctrl);
-        let tx = ShmCtrl::new(self.shm(), self.tx_geom.ctrl);
-        matches!((rx.load_producer_closed(), tx.load_consumer_closed()), (Ok(a), Ok(b)) if a != 0 && b != 0)
+        match (ShmCtrl::new(self.shm(), self.rx_geom.ctrl), ShmCtrl::new(self.shm(), self.tx_geom.ctrl)) {
+            (Ok(rx), Ok(tx)) => rx.load_producer_closed() != 0 && tx.load_consumer_closed() != 0,
+            _ => false,
+        }
     }
 
     fn mark(&self, s: u8) {
@@ -273,10 +274,9 @@ impl Conn {
     /// Whether data we wrote is still unread by the peer (a peer that died then "reset" the
     /// connection, as a TCP peer with unread data does).
     fn unread_outbound(&self) -> bool {
-        let c = ShmCtrl::new(self.shm(), self.tx_geom.ctrl);
-        match (c.load_tail(), c.load_head()) {
-            (Ok(t), Ok(h)) => t != h,
-            _ => true,
+        match ShmCtrl::new(self.shm(), self.tx_geom.ctrl) {
+            Ok(c) => c.load_tail() != c.load_head(),
+            Err(_) => true,
         }
     }
 

@@ -157,7 +157,7 @@ impl MessageStream {
             self.tx_shut = true;
             let conn = &self.conn;
             let w = self.tx.stream();
-            let c = w.ctrl(conn.shm());
+            let c = w.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
             if w.state().close(&c).map_err(|e| conn.ring_error(e))? {
                 conn.signal_peer_rx();
             }
@@ -171,7 +171,7 @@ impl MessageStream {
             self.rx_shut = true;
             let conn = &self.conn;
             let r = self.rx.stream();
-            let c = r.ctrl(conn.shm());
+            let c = r.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
             if r.state().close(&c).map_err(|e| conn.ring_error(e))? {
                 conn.signal_peer_tx();
             }

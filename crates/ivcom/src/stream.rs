@@ -187,7 +187,7 @@ impl ReadHalf {
         if !self.shut {
             self.shut = true;
             let conn = &*self.conn;
-            let c = self.ring.ctrl(conn.shm());
+            let c = self.ring.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
             if self.ring.state().close(&c).map_err(|e| conn.ring_error(e))? {
                 conn.signal_peer_tx();
             }
@@ -245,7 +245,7 @@ impl WriteHalf {
         if !self.shut {
             self.shut = true;
             let conn = &*self.conn;
-            let c = self.ring.ctrl(conn.shm());
+            let c = self.ring.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
             if self.ring.state().close(&c).map_err(|e| conn.ring_error(e))? {
                 conn.signal_peer_rx();
             }

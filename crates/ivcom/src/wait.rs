@@ -77,7 +77,7 @@ pub(crate) fn recv<R: RxRing, T>(
             Ok(Some(t)) => {
                 let ring = r.ring();
                 if ring.state().is_armed() {
-                    let c = ring.ctrl(shm);
+                    let c = ring.ctrl(shm).map_err(|e| conn.ring_error(e.into()))?;
                     ring.state().end_sleep(&c).map_err(|e| conn.ring_error(e))?;
                 }
                 return Ok(Some(t));
@@ -86,7 +86,7 @@ pub(crate) fn recv<R: RxRing, T>(
             Err(e) => return Err(conn.ring_error(e)),
         }
         let ring = r.ring();
-        let c = ring.ctrl(shm);
+        let c = ring.ctrl(shm).map_err(|e| conn.ring_error(e.into()))?;
         if ring.state().producer_closed(&c).map_err(|e| conn.ring_error(e))? {
             // The producer closes after its last publish: look once more, then it is the end.
             return match attempt(r) {
@@ -153,10 +153,10 @@ pub(crate) fn send<W: TxRing, T>(
             return Err(violation());
         }
         let consumer_closed =
-            |c: &ShmCtrl<'_>| -> Result<bool, RingError> { Ok(c.load_consumer_closed()? != 0) };
+            |c: &ShmCtrl<'_>| -> Result<bool, RingError> { Ok(c.load_consumer_closed() != 0) };
         {
             let ring = w.ring();
-            let c = ring.ctrl(shm);
+            let c = ring.ctrl(shm).map_err(|e| conn.ring_error(e.into()))?;
             if consumer_closed(&c).map_err(|e| conn.ring_error(e))? || conn.peer_gone() {
                 return Err(conn.write_end());
             }
@@ -164,7 +164,7 @@ pub(crate) fn send<W: TxRing, T>(
         match attempt(w) {
             Ok(Some(t)) => {
                 let ring = w.ring();
-                let c = ring.ctrl(shm);
+                let c = ring.ctrl(shm).map_err(|e| conn.ring_error(e.into()))?;
                 ring.state().end_sleep(&c).map_err(|e| conn.ring_error(e))?;
                 return Ok(t);
             }
@@ -172,7 +172,7 @@ pub(crate) fn send<W: TxRing, T>(
             Err(e) => return Err(conn.ring_error(e)),
         }
         let ring = w.ring();
-        let c = ring.ctrl(shm);
+        let c = ring.ctrl(shm).map_err(|e| conn.ring_error(e.into()))?;
         let st = ring.state();
         if mode.nonblocking {
             conn.drain_tx();

@@ -26,7 +26,10 @@ mod tempdir {
             &self.0
         }
         pub fn entries(&self) -> Vec<String> {
-            std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+            std::fs::read_dir(&self.0)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
         }
     }
     impl Drop for Dir {
