@@ -159,7 +159,7 @@ pub fn wait(set: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Woken>
     let mut buf = [MaybeUninit::<epoll::Event>::uninit(); 2];
     loop {
         match epoll::wait(set, &mut buf, ts.as_ref()) {
-            Ok((events, _)) if events.is_empty() => return Ok(Woken::TimedOut),
+            Ok(([], _)) => return Ok(Woken::TimedOut),
             Ok((events, _)) => {
                 let control = events.iter().any(|e| e.data.u64() == 1);
                 return Ok(if control { Woken::Control } else { Woken::Signalled });
