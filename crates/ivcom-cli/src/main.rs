@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Shared-memory channels between co-resident processes, containers and VMs.
 #[derive(Parser, Debug)]
-#[command(name = "ivcom", version, about, propagate_version = true)]
+#[command(name = "ivcom", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
