@@ -85,16 +85,20 @@ impl AsyncRead for AsyncReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.inner.poll_read_ready_mut(cx))?;
+            // Try first: the wakeup is armed only by a read that found nothing, so waiting for
+            // readiness before any attempt could wait for a signal nobody will send.
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|h| h.get_mut().read(unfilled)) {
-                Ok(Ok(n)) => {
+            match this.inner.get_mut().read(unfilled) {
+                Ok(n) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
+            // Armed: the descriptor becomes readable once the peer publishes, closes or dies.
+            let mut guard = ready!(this.inner.poll_read_ready_mut(cx))?;
+            guard.clear_ready();
         }
     }
 }
@@ -103,11 +107,12 @@ impl AsyncWrite for AsyncWriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.inner.poll_read_ready_mut(cx))?;
-            match guard.try_io(|h| h.get_mut().write(buf)) {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+            match this.inner.get_mut().write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
             }
+            let mut guard = ready!(this.inner.poll_read_ready_mut(cx))?;
+            guard.clear_ready();
         }
     }
 
