@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use ivcom_ring::{Ctrl, RingError, RingGeometry, ShmCtrl, ShmRegion};
+use ivcom_ring::{Ctrl, RingError, RingGeometry, ShmCtrl, ShmRegion, StreamReader, StreamWriter};
 
 use crate::sys::{self, Liveness, Mapping, Woken};
 
@@ -178,6 +178,26 @@ impl Conn {
 
     pub(crate) fn tx_ready_fd(&self) -> &OwnedFd {
         &self.tx_ready
+    }
+
+    /// Closes our reading side of `ring` (the peer's writes then fail with `EPIPE`), waking
+    /// the peer's writer if it sleeps.
+    pub(crate) fn close_reading(&self, ring: &mut StreamReader) -> io::Result<()> {
+        let c = ring.ctrl(self.shm()).map_err(|e| self.ring_error(e.into()))?;
+        if ring.state().close(&c).map_err(|e| self.ring_error(e))? {
+            self.signal_peer_tx();
+        }
+        Ok(())
+    }
+
+    /// Closes our writing side of `ring` (the peer reads end of stream after the data),
+    /// waking the peer's reader if it sleeps.
+    pub(crate) fn close_writing(&self, ring: &mut StreamWriter) -> io::Result<()> {
+        let c = ring.ctrl(self.shm()).map_err(|e| self.ring_error(e.into()))?;
+        if ring.state().close(&c).map_err(|e| self.ring_error(e))? {
+            self.signal_peer_rx();
+        }
+        Ok(())
     }
 
     /// Wakes the peer's reader (after we published data).

@@ -155,12 +155,7 @@ impl MessageStream {
     pub fn shutdown_send(&mut self) -> io::Result<()> {
         if !self.tx_shut {
             self.tx_shut = true;
-            let conn = &self.conn;
-            let w = self.tx.stream();
-            let c = w.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
-            if w.state().close(&c).map_err(|e| conn.ring_error(e))? {
-                conn.signal_peer_rx();
-            }
+            self.conn.close_writing(self.tx.stream())?;
         }
         Ok(())
     }
@@ -169,12 +164,7 @@ impl MessageStream {
     pub fn shutdown_recv(&mut self) -> io::Result<()> {
         if !self.rx_shut {
             self.rx_shut = true;
-            let conn = &self.conn;
-            let r = self.rx.stream();
-            let c = r.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
-            if r.state().close(&c).map_err(|e| conn.ring_error(e))? {
-                conn.signal_peer_tx();
-            }
+            self.conn.close_reading(self.rx.stream())?;
         }
         Ok(())
     }

@@ -186,11 +186,7 @@ impl ReadHalf {
     pub fn shutdown(&mut self) -> io::Result<()> {
         if !self.shut {
             self.shut = true;
-            let conn = &*self.conn;
-            let c = self.ring.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
-            if self.ring.state().close(&c).map_err(|e| conn.ring_error(e))? {
-                conn.signal_peer_tx();
-            }
+            self.conn.close_reading(&mut self.ring)?;
         }
         Ok(())
     }
@@ -244,11 +240,7 @@ impl WriteHalf {
     pub fn shutdown(&mut self) -> io::Result<()> {
         if !self.shut {
             self.shut = true;
-            let conn = &*self.conn;
-            let c = self.ring.ctrl(conn.shm()).map_err(|e| conn.ring_error(e.into()))?;
-            if self.ring.state().close(&c).map_err(|e| conn.ring_error(e))? {
-                conn.signal_peer_rx();
-            }
+            self.conn.close_writing(&mut self.ring)?;
         }
         Ok(())
     }
