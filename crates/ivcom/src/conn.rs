@@ -98,6 +98,9 @@ pub(crate) struct Conn {
     pub listener_file: Option<ListenerFile>,
 }
 
+/// How long a probe of a listener whose process may be exiting waits to be reset.
+const STALE_PROBE_WAIT: Duration = Duration::from_millis(100);
+
 /// A listener's socket file as the connecting side saw it.
 #[derive(Debug, Clone)]
 pub(crate) struct ListenerFile {
@@ -115,11 +118,16 @@ impl ListenerFile {
         if (m.dev(), m.ino()) != self.id {
             return;
         }
-        if let Err(e) = sys::connect_seqpacket(&self.path) {
-            if e.kind() == io::ErrorKind::ConnectionRefused {
-                tracing::debug!("ivcom: removing stale socket file {}", self.path.display());
-                let _ = std::fs::remove_file(&self.path);
-            }
+        let stale = match sys::connect_seqpacket(&self.path) {
+            Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
+            // A killed process closes its descriptors one by one: its listening socket may
+            // still accept for a moment after our connection to it broke. It is stale if the
+            // probe is reset soon; a live listener answers or stays quiet.
+            Ok(probe) => sys::reset_within(probe.as_fd(), STALE_PROBE_WAIT),
+        };
+        if stale {
+            tracing::debug!("ivcom: removing stale socket file {}", self.path.display());
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -192,6 +192,23 @@ pub fn liveness(ctrl: BorrowedFd<'_>) -> Liveness {
     }
 }
 
+/// Whether a freshly connected socket is reset (its listener went away) within `t`, rather
+/// than answered or left waiting.
+pub fn reset_within(sock: BorrowedFd<'_>, t: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let ts = Timespec { tv_sec: t.as_secs() as i64, tv_nsec: t.subsec_nanos() as i64 };
+    let mut fds = [PollFd::new(&sock, PollFlags::IN | PollFlags::RDHUP)];
+    match poll(&mut fds, Some(&ts)) {
+        Ok(1) => {
+            // Reset without a word, or hung up with nothing but the end of stream to read.
+            let r = fds[0].revents();
+            let hung_up = r.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::RDHUP);
+            !r.contains(PollFlags::IN) || (hung_up && liveness(sock) == Liveness::Closed)
+        }
+        _ => false,
+    }
+}
+
 /// An epoll instance watching `fds` for input: a single descriptor that polls readable when
 /// any of them is.
 pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
