@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ivcom_ring::layout::{self, Direction, Params, HEADER_SIZE, MAX_CAPACITY};
@@ -160,8 +160,6 @@ fn ensure_dir(dir: &Path) -> io::Result<()> {
         io::Error::new(e.kind(), format!("cannot create runtime directory {}: {e}", dir.display()))
     })
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 /// A named listener for channels from co-resident processes.
 #[derive(Debug)]
