@@ -1,0 +1,1 @@
+//! The ivshmem-server-compatible daemon (being written).
