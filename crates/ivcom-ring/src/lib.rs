@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod copy;
+pub mod directory;
 pub mod layout;
 pub mod ring;
 pub mod shm;
@@ -17,4 +18,4 @@ pub use ring::{
     ConsumerState, Ctrl, MessageReader, MessageWriter, ProducerState, RingError, ShmCtrl, StreamReader,
     StreamWriter,
 };
-pub use shm::{HeapRegion, OutOfBounds, ShmRegion};
+pub use shm::{HeapRegion, OutOfBounds, ShmRegion, SubRegion};

@@ -153,12 +153,37 @@ impl ShmRegion {
         Ok(())
     }
 
+    /// The `len` bytes at `offset` (8-aligned) as a region of their own, borrowed from this one.
+    pub fn sub(&self, offset: usize, len: usize) -> Result<SubRegion<'_>, OutOfBounds> {
+        let p = self.check(offset, len, 8)?;
+        // SAFETY: `p..p + len` lies inside this region (checked), so it is valid for as long as
+        // this region is, which the returned borrow enforces; `p` is 8-aligned (base 8-aligned,
+        // offset checked); no reference into the memory is created, as for any region.
+        let region = unsafe { ShmRegion::new(p, len) };
+        Ok(SubRegion { region, _parent: std::marker::PhantomData })
+    }
+
     /// Sets `len` bytes at `offset` to zero.
     pub fn zero(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
         let p = self.check(offset, len, 1)?;
         // SAFETY: the range is inside the region (checked); any byte value is allowed.
         unsafe { std::ptr::write_bytes(p, 0, len) };
         Ok(())
+    }
+}
+
+/// Part of a region, usable as a region, for no longer than the region it came from
+/// (see [`ShmRegion::sub`]).
+#[derive(Debug)]
+pub struct SubRegion<'a> {
+    region: ShmRegion,
+    _parent: std::marker::PhantomData<&'a ShmRegion>,
+}
+
+impl std::ops::Deref for SubRegion<'_> {
+    type Target = ShmRegion;
+    fn deref(&self) -> &ShmRegion {
+        &self.region
     }
 }
 
