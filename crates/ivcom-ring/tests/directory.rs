@@ -61,7 +61,7 @@ fn forged_headers_are_refused() {
     format(r, &spec(2)).unwrap();
     r.store_u32(off::PEERS, 1000, Ordering::Relaxed).unwrap();
     assert!(matches!(attach(r), Err(DirError::BadField { field: "peers", .. })));
-    assert!(matches!(format(&*r.sub(0, 8192).unwrap(), &spec(2)), Err(DirError::TooSmall { .. })));
+    assert!(matches!(format(&r.sub(0, 8192).unwrap(), &spec(2)), Err(DirError::TooSmall { .. })));
 }
 
 #[test]
