@@ -534,16 +534,16 @@ impl<'a> Directory<'a> {
         }
     }
 
-    /// Finds a listening entry named `name` among peers that the table shows alive (or all
-    /// peers when `alive_only` is false), skipping `except`.
+    /// Finds a listening entry named `name` among the peers `alive` accepts, skipping
+    /// `except`.
     pub fn lookup(
         &self,
         name: &str,
-        alive_only: bool,
+        alive: &dyn Fn(u32) -> bool,
         except: Option<(u32, u32)>,
     ) -> Result<Option<ListenerRef>, DirError> {
         for peer in 0..self.geom.peers {
-            if alive_only && !self.peer(peer)?.alive {
+            if !alive(peer) {
                 continue;
             }
             for index in 0..self.geom.listeners_per_peer {
@@ -742,9 +742,15 @@ impl Owned {
     /// Publishes a listener named `name`. Fails with [`DirError::NameInUse`] if a live peer
     /// (or we) already listen on it. Two peers binding one name at the same moment may both
     /// fail; neither ever succeeds alongside the other.
-    pub fn bind(&mut self, dir: &Directory<'_>, name: &str) -> Result<ListenerRef, DirError> {
+    /// `alive` says which peers' names count.
+    pub fn bind(
+        &mut self,
+        dir: &Directory<'_>,
+        name: &str,
+        alive: &dyn Fn(u32) -> bool,
+    ) -> Result<ListenerRef, DirError> {
         check_name(name)?;
-        if self.listeners.iter().flatten().any(|(_, n)| n == name) || dir.lookup(name, true, None)?.is_some()
+        if self.listeners.iter().flatten().any(|(_, n)| n == name) || dir.lookup(name, alive, None)?.is_some()
         {
             return Err(DirError::NameInUse);
         }
@@ -756,7 +762,7 @@ impl Owned {
         dir.publish_listener(self.me, i, gen, Some(name))?;
         fence(Ordering::SeqCst);
         // Both binders publish before they look again, so at least one sees the other.
-        if dir.lookup(name, true, Some((self.me, i)))?.is_some() {
+        if dir.lookup(name, alive, Some((self.me, i)))?.is_some() {
             dir.publish_listener(self.me, i, gen, None)?;
             return Err(DirError::NameInUse);
         }
@@ -789,9 +795,10 @@ impl Owned {
         dir: &Directory<'_>,
         to: ListenerRef,
         epoch: u64,
+        gone: &dyn Fn(u32, u64) -> bool,
     ) -> Result<(u32, u32), DirError> {
         dir.check_peer(to.peer)?;
-        self.reclaim(dir)?;
+        self.reclaim(dir, gone)?;
         let i = self
             .slots
             .iter()
@@ -818,7 +825,13 @@ impl Owned {
 
     /// Ends our use of `slot` generation `gen` (closed, refused or given up): publishes
     /// `Closed`; the slot becomes free once the listener has finished too.
-    pub fn release(&mut self, dir: &Directory<'_>, slot: u32, gen: u32) -> Result<(), DirError> {
+    pub fn release(
+        &mut self,
+        dir: &Directory<'_>,
+        slot: u32,
+        gen: u32,
+        gone: &dyn Fn(u32, u64) -> bool,
+    ) -> Result<(), DirError> {
         let Some(i) = slot.checked_sub(self.me * dir.geom.slots_per_peer) else { return Ok(()) };
         let Some(s) = self.slots.get_mut(i as usize) else { return Ok(()) };
         if let SlotUse::Busy { gen: g, to, epoch } = *s {
@@ -831,18 +844,17 @@ impl Owned {
                 *s = SlotUse::Draining { gen, to, epoch };
             }
         }
-        self.reclaim(dir)
+        self.reclaim(dir, gone)
     }
 
-    /// Frees draining slots whose listener has finished with them or whose listener peer has
-    /// since left or rejoined.
-    pub fn reclaim(&mut self, dir: &Directory<'_>) -> Result<(), DirError> {
+    /// Frees draining slots whose listener has finished with them or whose listener peer
+    /// `gone(peer, epoch)` says has left (or rejoined) since the request was made in `epoch`.
+    pub fn reclaim(&mut self, dir: &Directory<'_>, gone: &dyn Fn(u32, u64) -> bool) -> Result<(), DirError> {
         let base = self.me * dir.geom.slots_per_peer;
         for (i, s) in self.slots.iter_mut().enumerate() {
             let SlotUse::Draining { gen, to, epoch } = *s else { continue };
             let done = matches!(dir.answer(base + i as u32)?, Some((g, ListenerAnswer::Closed | ListenerAnswer::Refused)) if g == gen);
-            let p = dir.peer(to.peer)?;
-            if done || p.epoch != epoch || (!p.alive && dir.geom.flags & FLAG_MANAGED != 0) {
+            if done || gone(to.peer, epoch) {
                 *s = SlotUse::Free { gen: gen.wrapping_add(1) };
             }
         }

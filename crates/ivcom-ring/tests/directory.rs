@@ -16,6 +16,18 @@ fn spec(peers: u32) -> Spec {
     Spec { peers, listeners_per_peer: 4, slot_capacity: 16 * 1024, managed: true }
 }
 
+/// Liveness as the peer table shows it (a daemon keeps it).
+fn alive<'a>(dir: &Directory<'a>) -> impl Fn(u32) -> bool + 'a {
+    let dir = *dir;
+    move |p| dir.peer(p).map(|s| s.alive).unwrap_or(false)
+}
+
+/// A peer is gone for a request made in `epoch` once its epoch moved or it is dead.
+fn gone<'a>(dir: &Directory<'a>) -> impl Fn(u32, u64) -> bool + 'a {
+    let dir = *dir;
+    move |p, epoch| dir.peer(p).map(|s| s.epoch != epoch || !s.alive).unwrap_or(true)
+}
+
 fn formatted(peers: u32, size: usize) -> HeapRegion {
     let heap = HeapRegion::new(size);
     format(heap.region(), &spec(peers)).unwrap();
@@ -70,23 +82,23 @@ fn listeners_are_found_by_name_from_another_peer_and_names_are_unique() {
     let dir = Directory::new(heap.region(), attach(heap.region()).unwrap()).unwrap();
     let mut a = Owned::claim(&dir, 0).unwrap();
     let mut b = Owned::claim(&dir, 1).unwrap();
-    let l = a.bind(&dir, "echo").unwrap();
-    assert_eq!(dir.lookup("echo", true, None).unwrap(), Some(l));
-    assert_eq!(b.bind(&dir, "echo"), Err(DirError::NameInUse));
-    assert_eq!(a.bind(&dir, "echo"), Err(DirError::NameInUse));
-    assert_eq!(a.bind(&dir, "bad/name"), Err(DirError::BadName));
+    let l = a.bind(&dir, "echo", &alive(&dir)).unwrap();
+    assert_eq!(dir.lookup("echo", &alive(&dir), None).unwrap(), Some(l));
+    assert_eq!(b.bind(&dir, "echo", &alive(&dir)), Err(DirError::NameInUse));
+    assert_eq!(a.bind(&dir, "echo", &alive(&dir)), Err(DirError::NameInUse));
+    assert_eq!(a.bind(&dir, "bad/name", &alive(&dir)), Err(DirError::BadName));
     a.unbind(&dir, l).unwrap();
-    assert_eq!(dir.lookup("echo", true, None).unwrap(), None);
-    let l2 = b.bind(&dir, "echo").unwrap();
+    assert_eq!(dir.lookup("echo", &alive(&dir), None).unwrap(), None);
+    let l2 = b.bind(&dir, "echo", &alive(&dir)).unwrap();
     assert_eq!(l2.peer, 1);
     for i in 0..3 {
-        a.bind(&dir, &format!("n{i}")).unwrap();
+        a.bind(&dir, &format!("n{i}"), &alive(&dir)).unwrap();
     }
-    a.bind(&dir, "n3").unwrap();
-    assert_eq!(a.bind(&dir, "n4"), Err(DirError::Full("listener entries")));
+    a.bind(&dir, "n3", &alive(&dir)).unwrap();
+    assert_eq!(a.bind(&dir, "n4", &alive(&dir)), Err(DirError::Full("listener entries")));
     // A dead peer's names do not count.
     dir.set_peer(1, PeerState { epoch: 2, alive: false }).unwrap();
-    assert_eq!(dir.lookup("echo", true, None).unwrap(), None);
+    assert_eq!(dir.lookup("echo", &alive(&dir), None).unwrap(), None);
 }
 
 #[test]
@@ -95,9 +107,9 @@ fn request_accept_close_and_reuse() {
     let dir = Directory::new(heap.region(), attach(heap.region()).unwrap()).unwrap();
     let mut a = Owned::claim(&dir, 0).unwrap();
     let mut b = Owned::claim(&dir, 1).unwrap();
-    let l = b.bind(&dir, "srv").unwrap();
+    let l = b.bind(&dir, "srv", &alive(&dir)).unwrap();
     let epoch = dir.peer(1).unwrap().epoch;
-    let (slot, gen) = a.request(&dir, l, epoch).unwrap();
+    let (slot, gen) = a.request(&dir, l, epoch, &gone(&dir)).unwrap();
     let req = dir.request(slot, 1).unwrap().expect("request visible to the listener");
     assert_eq!((req.from, req.index, req.lgen), (0, l.index, l.gen));
     assert!(b.addresses_us(&req, epoch));
@@ -108,11 +120,11 @@ fn request_accept_close_and_reuse() {
     dir.set_answer(slot, gen, ListenerAnswer::Accepted).unwrap();
     assert_eq!(dir.answer(slot).unwrap(), Some((gen, ListenerAnswer::Accepted)));
     // The connector finishes first: the slot drains until the listener finishes too.
-    a.release(&dir, slot, gen).unwrap();
+    a.release(&dir, slot, gen, &gone(&dir)).unwrap();
     assert!(!dir.connector_holds(slot, gen).unwrap());
     assert_eq!(a.slot_counts().1, 1);
     dir.set_answer(slot, gen, ListenerAnswer::Closed).unwrap();
-    a.reclaim(&dir).unwrap();
+    a.reclaim(&dir, &gone(&dir)).unwrap();
     assert_eq!(a.slot_counts().1, 0);
 }
 
@@ -122,19 +134,19 @@ fn slots_of_an_unanswering_listener_return_when_it_leaves() {
     let dir = Directory::new(heap.region(), attach(heap.region()).unwrap()).unwrap();
     let mut a = Owned::claim(&dir, 0).unwrap();
     let mut b = Owned::claim(&dir, 1).unwrap();
-    let l = b.bind(&dir, "srv").unwrap();
+    let l = b.bind(&dir, "srv", &alive(&dir)).unwrap();
     let total = dir.geometry().slots_per_peer as usize;
     let mut held = Vec::new();
     for _ in 0..total {
-        held.push(a.request(&dir, l, 1).unwrap());
+        held.push(a.request(&dir, l, 1, &gone(&dir)).unwrap());
     }
-    assert_eq!(a.request(&dir, l, 1), Err(DirError::Full("channel slots")));
+    assert_eq!(a.request(&dir, l, 1, &gone(&dir)), Err(DirError::Full("channel slots")));
     for (slot, gen) in held {
-        a.release(&dir, slot, gen).unwrap();
+        a.release(&dir, slot, gen, &gone(&dir)).unwrap();
     }
     assert_eq!(a.slot_counts(), (0, total, 0), "never answered: not reusable yet");
     dir.set_peer(1, PeerState { epoch: 2, alive: false }).unwrap();
-    a.reclaim(&dir).unwrap();
+    a.reclaim(&dir, &gone(&dir)).unwrap();
     assert_eq!(a.slot_counts(), (0, 0, total));
 }
 
@@ -144,12 +156,12 @@ fn a_restarted_peer_ignores_requests_made_to_its_former_self() {
     let dir = Directory::new(heap.region(), attach(heap.region()).unwrap()).unwrap();
     let mut a = Owned::claim(&dir, 0).unwrap();
     let mut b = Owned::claim(&dir, 1).unwrap();
-    let l = b.bind(&dir, "srv").unwrap();
-    let (slot, _) = a.request(&dir, l, 1).unwrap();
+    let l = b.bind(&dir, "srv", &alive(&dir)).unwrap();
+    let (slot, _) = a.request(&dir, l, 1, &gone(&dir)).unwrap();
     // Peer 1 restarts (new epoch), claims its entries again and binds the same name.
     dir.set_peer(1, PeerState { epoch: 3, alive: true }).unwrap();
     let mut b2 = Owned::claim(&dir, 1).unwrap();
-    let l2 = b2.bind(&dir, "srv").unwrap();
+    let l2 = b2.bind(&dir, "srv", &alive(&dir)).unwrap();
     assert_ne!(l2.gen, l.gen, "generations move on across a restart");
     let req = dir.request(slot, 1).unwrap().unwrap();
     assert!(!b2.addresses_us(&req, 3));
@@ -176,7 +188,7 @@ fn random_bytes_never_panic_and_attach_refuses_or_validates() {
             r.store_u64(o, next(), Ordering::Relaxed).unwrap();
         }
         let name = format!("x{}", round % 5);
-        let _ = me.bind(&dir, &name);
+        let _ = me.bind(&dir, &name, &alive(&dir));
         for p in 0..g.peers + 2 {
             let _ = dir.peer(p);
             for i in 0..g.listeners_per_peer + 1 {
@@ -191,13 +203,13 @@ fn random_bytes_never_panic_and_attach_refuses_or_validates() {
             }
             let _ = dir.answer(s);
         }
-        if let Ok(Some(l)) = dir.lookup(&name, false, None) {
-            if let Ok((slot, gen)) = me.request(&dir, l, 0) {
+        if let Ok(Some(l)) = dir.lookup(&name, &|_| true, None) {
+            if let Ok((slot, gen)) = me.request(&dir, l, 0, &gone(&dir)) {
                 assert_eq!(g.slot_owner(slot), 0, "only our own slots are allocated");
-                me.release(&dir, slot, gen).unwrap();
+                me.release(&dir, slot, gen, &gone(&dir)).unwrap();
             }
         }
-        me.reclaim(&dir).unwrap();
+        me.reclaim(&dir, &gone(&dir)).unwrap();
     }
 }
 
@@ -245,7 +257,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Bind { peer, name } => {
-                    let res = owned[peer as usize].bind(&dir, &format!("n{name}"));
+                    let res = owned[peer as usize].bind(&dir, &format!("n{name}"), &alive(&dir));
                     let taken = bound.keys().any(|&(_, n)| n == name);
                     match res {
                         Ok(l) => { prop_assert!(!taken, "name bound twice"); bound.insert((peer, name), l); }
@@ -260,11 +272,11 @@ proptest! {
                     }
                 }
                 Op::Connect { from, name } => {
-                    let found = dir.lookup(&format!("n{name}"), true, None).unwrap();
+                    let found = dir.lookup(&format!("n{name}"), &alive(&dir), None).unwrap();
                     let expect = bound.iter().find(|(&(_, n), _)| n == name).map(|(_, l)| *l);
                     prop_assert_eq!(found, expect);
                     if let Some(l) = found {
-                        match owned[from as usize].request(&dir, l, epochs[l.peer as usize]) {
+                        match owned[from as usize].request(&dir, l, epochs[l.peer as usize], &gone(&dir)) {
                             Ok((slot, gen)) => {
                                 let busy = open_listen.iter().chain(&open_conn).any(|&(s, _, _)| s == slot)
                                     || pending.iter().any(|&(s, ..)| s == slot);
@@ -286,14 +298,14 @@ proptest! {
                             open_listen.push((slot, gen, to));
                         } else {
                             dir.set_answer(slot, gen, ListenerAnswer::Refused).unwrap();
-                            owned[from as usize].release(&dir, slot, gen).unwrap();
+                            owned[from as usize].release(&dir, slot, gen, &gone(&dir)).unwrap();
                         }
                     }
                 }
                 Op::CloseConnector { n } => {
                     if !open_conn.is_empty() {
                         let (slot, gen, from) = open_conn.remove(n % open_conn.len());
-                        owned[from as usize].release(&dir, slot, gen).unwrap();
+                        owned[from as usize].release(&dir, slot, gen, &gone(&dir)).unwrap();
                     }
                 }
                 Op::CloseListener { n } => {
@@ -312,7 +324,7 @@ proptest! {
                     open_conn.retain(|&(_, _, p)| p != peer);
                     for &(slot, gen, from, to) in &pending {
                         if to == peer && from != peer {
-                            owned[from as usize].release(&dir, slot, gen).unwrap();
+                            owned[from as usize].release(&dir, slot, gen, &gone(&dir)).unwrap();
                         }
                     }
                     pending.retain(|&(_, _, f, t)| f != peer && t != peer);
@@ -324,11 +336,11 @@ proptest! {
             dir.set_answer(slot, gen, ListenerAnswer::Closed).unwrap();
         }
         for (slot, gen, from) in open_conn.drain(..) {
-            owned[from as usize].release(&dir, slot, gen).unwrap();
+            owned[from as usize].release(&dir, slot, gen, &gone(&dir)).unwrap();
         }
         for (slot, gen, from, _) in pending.drain(..) {
             dir.set_answer(slot, gen, ListenerAnswer::Refused).unwrap();
-            owned[from as usize].release(&dir, slot, gen).unwrap();
+            owned[from as usize].release(&dir, slot, gen, &gone(&dir)).unwrap();
         }
         // Listeners acknowledge what their connectors finished.
         for p in 0..3 {
@@ -339,7 +351,7 @@ proptest! {
             }
         }
         for o in owned.iter_mut() {
-            o.reclaim(&dir).unwrap();
+            o.reclaim(&dir, &gone(&dir)).unwrap();
             let (busy, draining, _) = o.slot_counts();
             prop_assert_eq!((busy, draining), (0, 0));
         }
