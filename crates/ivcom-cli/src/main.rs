@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod vmtest;
+
 /// Shared-memory channels between co-resident processes, containers and VMs.
 #[derive(Parser, Debug)]
 #[command(name = "ivcom", version, propagate_version = true)]
@@ -40,6 +42,9 @@ enum Command {
     /// Internal: one side of a benchmark cell, started by `ivcom bench`.
     #[command(hide = true)]
     BenchPeer(ivcom_bench::PeerArgs),
+    /// Internal: guest-side commands of the VM test harness (scripts/vm-test.sh).
+    #[command(hide = true, subcommand)]
+    Vm(vmtest::VmCommand),
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => ivcom_bench::run(&args),
         Command::BenchPeer(args) => ivcom_bench::peer_main(&args),
+        Command::Vm(cmd) => vmtest::run(cmd),
         Command::Listen { name, chan, access } => {
             let opts = chan.options().access(access);
             let listener = ivcom::Listener::bind_with(&name, &opts)
