@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Boots two QEMU guests on this host and measures what ivcom's VM transport stands on:
+# the ivshmem device layer (probe in sysfs and VFIO modes; raw polled and doorbell-driven
+# ping-pong over BAR2) and the TCP baseline between the same guests over virtio-net
+# (64 B and 4 KiB round trips, a bulk transfer with SHA-256 compared on both sides).
+# Prints a table; exits non-zero on an integrity error, a failed step or a missing marker.
+#
+#   scripts/vm-test.sh
+# Environment (all optional):
+#   VM_ACCEL=tcg|kvm|auto    accelerator (tcg: /dev/kvm on these machines hangs a stock kernel)
+#   VM_DOORBELL=auto|on|off  doorbell tests through `ivcom daemon` (auto: when the CLI has it)
+#   VM_QUICK=1               fewer round trips and a 32 MiB bulk transfer
+#   VM_GUEST_TIMEOUT=240     seconds before a guest is killed
+# Installs what it needs (apt-get) and caches the guest kernel under target/vm/cache.
+# How it works and how to boot two VMs by hand: docs/vm-harness.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/vm/lib.sh
+
+VM_DOORBELL=${VM_DOORBELL:-auto}
+VM_START=${VM_START:-$(date +%s)}
+export VM_START
+
+if [ -z "${VM_IN_NETNS:-}" ]; then
+    [ "$(id -u)" = 0 ] || vm_die "run as root (apt-get, VFIO-free host side, network namespace)"
+    vm_prepare
+    export VM_IN_NETNS=1 VM_VMLINUX VM_INITRD VM_IVCOM VM_ACCEL VM_KVER
+    # The guests' only link is QEMU's UDP socket on loopback; a private network namespace
+    # keeps anything they send on this machine.
+    exec unshare --net -- bash "$0" "$@"
+fi
+
+ip link set lo up 2>/dev/null || /bin/busybox ip link set lo up
+rm -rf "$VM_RUN" && mkdir -p "$VM_RUN"
+VM_NONCE=$((RANDOM * 32768 + RANDOM + 1))
+SHM=/dev/shm/ivcom-vmtest-$$
+DAEMON_PID=
+
+cleanup() {
+    if [ -n "$DAEMON_PID" ]; then kill "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" 2>/dev/null || true; fi
+    local n
+    for n in "${!VM_PID[@]}"; do kill "${VM_PID[$n]}" 2>/dev/null || true; done
+    rm -f "$SHM"
+}
+trap cleanup EXIT
+
+# --- devices: ivshmem-plain always; ivshmem-doorbell when `ivcom daemon` exists ----------
+truncate -s 4M "$SHM"
+plain_args() {
+    echo "-object memory-backend-file,size=4M,share=on,mem-path=$SHM,id=hm -device ivshmem-plain,memdev=hm"
+}
+doorbell=0
+if [ "$VM_DOORBELL" != off ]; then
+    if "$VM_IVCOM" daemon --help >/dev/null 2>&1 && "$VM_IVCOM" qemu-args --help >/dev/null 2>&1; then
+        doorbell=1
+    elif [ "$VM_DOORBELL" = on ]; then
+        vm_die "VM_DOORBELL=on but this ivcom has no daemon/qemu-args subcommands"
+    else
+        vm_log "ivcom has no 'daemon' subcommand yet: doorbell tests skipped (ivshmem-plain only)"
+    fi
+fi
+a_args=$(plain_args); b_args=$(plain_args)
+steps=probe,poll_plain
+if [ $doorbell = 1 ]; then
+    cfg=$VM_RUN/daemon.toml
+    cat >"$cfg" <<TOML
+socket_dir = "$VM_RUN/sock"
+[[group]]
+name = "vmtest"
+members = ["a", "b"]
+size = "4M"
+vectors = 1
+TOML
+    "$VM_IVCOM" daemon --config "$cfg" >"$VM_RUN/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    for _ in $(seq 100); do
+        [ -S "$VM_RUN/sock/vmtest.a.sock" ] || ls "$VM_RUN"/sock/*.sock >/dev/null 2>&1 && break
+        kill -0 $DAEMON_PID 2>/dev/null || { cat "$VM_RUN/daemon.log" >&2; vm_die "ivcom daemon exited"; }
+        sleep 0.1
+    done
+    a_args="$a_args $("$VM_IVCOM" qemu-args --config "$cfg" --region vmtest --member a | tr '\n' ' ')"
+    b_args="$b_args $("$VM_IVCOM" qemu-args --config "$cfg" --region vmtest --member b | tr '\n' ' ')"
+    steps=$steps,poll_doorbell,doorbell
+fi
+steps=$steps,tcp
+
+if [ "${VM_QUICK:-0}" = 1 ]; then
+    tun="pp_count=2000 db_count=200 tcp_count=200 tcp_bulk_mib=32"
+else
+    tun="pp_count=20000 db_count=1000 tcp_count=1000 tcp_bulk_mib=256"
+fi
+
+vm_log "booting a and b (accel $VM_ACCEL, steps $steps)"
+T_BOOT=$SECONDS
+rc=0
+vm_boot_pair "$steps" "$a_args" "$b_args" $tun || rc=1
+vm_log "guests done in $((SECONDS - T_BOOT)) s; serial logs in $VM_RUN"
+
+# --- results ------------------------------------------------------------------------------
+fail() { vm_log "FAIL: $*"; rc=1; }
+need() { # need NAME WORD FILTER...: the first marker line of NAME starting WORD and matching all FILTERs
+    local line; line=$(vm_markers "$1" "$2")
+    shift 2
+    local f
+    for f in "$@"; do line=$(printf '%s\n' "$line" | grep -F -- "$f" || true); done
+    printf '%s\n' "$line" | head -1
+}
+rows=()
+row() { rows+=("$(printf '%-34s %-44s %s' "$1" "$2" "$3")"); }
+
+for g in a b; do
+    for s in ${steps//,/ }; do
+        line=$(need $g step "name=$s ")
+        [ -n "$line" ] || { fail "$g: no marker for step $s"; continue; }
+        [ "$(vm_field "$line" rc)" = 0 ] || fail "$g: step $s failed ($line)"
+    done
+    line=$(need $g probe-open kind=plain access=sysfs)
+    [ "$(vm_field "$line" ok)" = 1 ] || fail "$g: plain device not opened through sysfs"
+    if [ $doorbell = 1 ]; then
+        line=$(need $g probe-open kind=doorbell access=vfio)
+        [ "$(vm_field "$line" ok)" = 1 ] || fail "$g: doorbell device not opened through VFIO"
+    fi
+done
+if [ $doorbell = 1 ]; then
+    pa=$(vm_field "$(need a probe-open kind=doorbell access=vfio)" peer_id)
+    pb=$(vm_field "$(need b probe-open kind=doorbell access=vfio)" peer_id)
+    [ -n "$pa" ] && [ "$pa" != "$pb" ] || fail "doorbell peer ids not distinct (a=$pa b=$pb)"
+    row "probe (doorbell, VFIO)" "peer ids a=$pa b=$pb" "ok"
+fi
+row "probe (plain, sysfs)" "bar2=$(vm_field "$(need a probe-device kind=plain)" bar2)" "ok"
+
+pp_row() { # pp_row LABEL MODE ACCESS
+    local line; line=$(need a pingpong " mode=$2 " " access=$3 ")
+    local lb; lb=$(need b pingpong " mode=$2 " " access=$3 ")
+    if [ -z "$line" ] || [ -z "$lb" ]; then fail "no pingpong result for $1"; row "$1" "-" "MISSING"; return; fi
+    local e; e=$(( $(vm_field "$line" errors) + $(vm_field "$lb" errors) ))
+    [ "$e" = 0 ] || fail "$1: $e corrupted messages"
+    row "$1" "$(vm_field "$line" size) B x $(vm_field "$line" count)" \
+        "rtt mean $(vm_field "$line" rtt_us_mean) us, p50 $(vm_field "$line" rtt_us_p50), p99 $(vm_field "$line" rtt_us_p99)"
+}
+pp_row "ivshmem-plain polled (sysfs)" Poll Sysfs
+if [ $doorbell = 1 ]; then
+    pp_row "ivshmem-doorbell polled (VFIO)" Poll Vfio
+    pp_row "ivshmem-doorbell doorbells (VFIO)" Doorbell Vfio
+fi
+
+for size in 64 4096; do
+    line=$(need a tcp-rtt "size=$size ")
+    if [ -z "$line" ]; then fail "no TCP round-trip result at $size B"; row "TCP round trip" "$size B" "MISSING"; continue; fi
+    [ "$(vm_field "$line" errors)" = 0 ] || fail "TCP round trips at $size B: echo differed"
+    row "TCP round trip (virtio-net)" "$size B x $(vm_field "$line" count)" \
+        "rtt mean $(vm_field "$line" rtt_us_mean) us, p50 $(vm_field "$line" rtt_us_p50), p99 $(vm_field "$line" rtt_us_p99)"
+done
+snd=$(need a tcp-bulk-send); rcv=$(need b tcp-bulk-recv)
+if [ -z "$snd" ] || [ -z "$rcv" ]; then
+    fail "no TCP bulk result"; row "TCP bulk a->b" "-" "MISSING"
+else
+    sa=$(vm_field "$snd" sha256); sb=$(vm_field "$rcv" sha256)
+    [ -n "$sa" ] && [ "$sa" = "$sb" ] || fail "TCP bulk SHA-256 differs: a=$sa b=$sb"
+    row "TCP bulk a->b (virtio-net)" "$(( $(vm_field "$snd" bytes) >> 20 )) MiB, sha256 ${sa:0:12}.. $([ "$sa" = "$sb" ] && echo equal || echo DIFFERENT)" \
+        "$(vm_field "$rcv" mb_per_s) MB/s (receiver, incl. hashing)"
+fi
+
+echo
+echo "VM harness results (accel $VM_ACCEL, kernel $VM_KVER, $(nproc) cores; one vCPU per guest)"
+printf '%-34s %-44s %s\n' "test" "shape" "result"
+printf '%s\n' "${rows[@]}"
+echo "total $(( $(date +%s) - VM_START )) s (guests $((SECONDS - T_BOOT)) s); logs: $VM_RUN/{a,b}.log"
+if [ $rc = 0 ]; then echo "vm-test: PASS"; else echo "vm-test: FAIL"; fi
+exit $rc
