@@ -129,11 +129,13 @@ impl Client {
     fn connect_inner(path: &Path, expected: Option<usize>, timeout: Duration) -> Result<Self, ClientError> {
         let deadline = Instant::now() + timeout;
         let connect_err = |source: io::Error| ClientError::Connect { path: path.to_owned(), source };
-        let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
-            .map_err(|e| connect_err(e.into()))?;
+        let sock =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+                .map_err(|e| connect_err(e.into()))?;
         let addr = SocketAddrUnix::new(path).map_err(|e| connect_err(e.into()))?;
         rustix::net::connect(&sock, &addr).map_err(|e| connect_err(e.into()))?;
-        rustix::io::ioctl_fionbio(&sock, true).map_err(|e| io_err("making the socket non-blocking")(e.into()))?;
+        rustix::io::ioctl_fionbio(&sock, true)
+            .map_err(|e| io_err("making the socket non-blocking")(e.into()))?;
 
         let mut reader = MessageReader::new();
         let version = next_message(&sock, &mut reader, deadline, timeout)?;
@@ -194,10 +196,15 @@ impl Client {
             if client.vectors.is_empty() && msg.value != i64::from(id) {
                 // Still the existing peers: the initial state, not events.
                 let Some(peer) = msg.peer_id() else {
-                    return Err(ClientError::Protocol(format!("unexpected message {} during setup", msg.value)));
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected message {} during setup",
+                        msg.value
+                    )));
                 };
                 let Some(fd) = msg.fd else {
-                    return Err(ClientError::Protocol(format!("peer {peer} announced without a descriptor during setup")));
+                    return Err(ClientError::Protocol(format!(
+                        "peer {peer} announced without a descriptor during setup"
+                    )));
                 };
                 client.peers.entry(peer).or_default().push(fd);
                 continue;
@@ -395,7 +402,11 @@ fn poll_readable(fd: BorrowedFd<'_>, deadline: Instant) -> io::Result<bool> {
 }
 
 /// Reads the next whole message, waiting until `deadline`; `None` on timeout.
-fn next_message_until(sock: &OwnedFd, reader: &mut MessageReader, deadline: Instant) -> Result<Option<Message>, ClientError> {
+fn next_message_until(
+    sock: &OwnedFd,
+    reader: &mut MessageReader,
+    deadline: Instant,
+) -> Result<Option<Message>, ClientError> {
     loop {
         match reader.read(sock)? {
             ReadOutcome::Message(m) => return Ok(Some(m)),
@@ -409,7 +420,12 @@ fn next_message_until(sock: &OwnedFd, reader: &mut MessageReader, deadline: Inst
     }
 }
 
-fn next_message(sock: &OwnedFd, reader: &mut MessageReader, deadline: Instant, timeout: Duration) -> Result<Message, ClientError> {
+fn next_message(
+    sock: &OwnedFd,
+    reader: &mut MessageReader,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Message, ClientError> {
     next_message_until(sock, reader, deadline)?.ok_or(ClientError::Timeout(timeout))
 }
 
@@ -432,7 +448,14 @@ impl ShmMapping {
         // Rust owns. The file may be resized by others only if it is not sealed; callers that
         // need that guarantee check the seals (our daemon seals its memfds).
         let base = unsafe {
-            rustix::mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, fd, 0)?
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )?
         };
         // SAFETY: `base..base+len` is the mapping just made, valid until `Drop` unmaps it;
         // mmap returns page-aligned addresses; nothing holds references into it (the region
