@@ -206,6 +206,36 @@ pub fn init(region: &ShmRegion, params: &Params) -> Result<(), LayoutError> {
 ///
 /// `expect_messages` is the mode the caller wants; a region in the other mode is refused.
 pub fn validate(region: &ShmRegion, expect_messages: bool) -> Result<Params, LayoutError> {
+    let params = validate_shape(region, expect_messages)?;
+    let r = Ordering::Acquire;
+    for dir in [Direction::ToListener, Direction::ToConnector] {
+        // A new region starts with both rings empty and open.
+        let ctrl = params.ring(dir).ctrl;
+        for (name, o) in [("tail", off::TAIL), ("head", off::HEAD)] {
+            let v = region.load_u64(ctrl + o, r)?;
+            if v != 0 {
+                return Err(bad(name, v, 0));
+            }
+        }
+        for (name, o) in [
+            ("producer sleep", off::PRODUCER_SLEEP),
+            ("producer closed", off::PRODUCER_CLOSED),
+            ("consumer sleep", off::CONSUMER_SLEEP),
+            ("consumer closed", off::CONSUMER_CLOSED),
+        ] {
+            let v = region.load_u32(ctrl + o, r)?;
+            if v != 0 {
+                return Err(bad(name, v.into(), 0));
+            }
+        }
+    }
+    Ok(params)
+}
+
+/// Validates the header like [`validate`] but not that the rings are new: for a side that
+/// attaches to a channel its peer may already be using (the rings' indices are validated by
+/// every ring operation in any case).
+pub fn validate_shape(region: &ShmRegion, expect_messages: bool) -> Result<Params, LayoutError> {
     if region.len() < HEADER_SIZE {
         return Err(LayoutError::TooSmall { len: region.len() });
     }
@@ -250,25 +280,6 @@ pub fn validate(region: &ShmRegion, expect_messages: bool) -> Result<Params, Lay
         let want = params.ring(dir).data;
         if data != want as u64 {
             return Err(bad(if i == 0 { "ring 0 data offset" } else { "ring 1 data offset" }, data, want));
-        }
-        // A new region starts with both rings empty and open.
-        let ctrl = params.ring(dir).ctrl;
-        for (name, o) in [("tail", off::TAIL), ("head", off::HEAD)] {
-            let v = region.load_u64(ctrl + o, r)?;
-            if v != 0 {
-                return Err(bad(name, v, 0));
-            }
-        }
-        for (name, o) in [
-            ("producer sleep", off::PRODUCER_SLEEP),
-            ("producer closed", off::PRODUCER_CLOSED),
-            ("consumer sleep", off::CONSUMER_SLEEP),
-            ("consumer closed", off::CONSUMER_CLOSED),
-        ] {
-            let v = region.load_u32(ctrl + o, r)?;
-            if v != 0 {
-                return Err(bad(name, v.into(), 0));
-            }
         }
     }
     Ok(params)

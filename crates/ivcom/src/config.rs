@@ -13,6 +13,10 @@ pub const ENV_SPIN_US: &str = "IVCOM_SPIN_US";
 /// Environment variable with the ring capacity in bytes (per direction).
 pub const ENV_CAPACITY: &str = "IVCOM_CAPACITY";
 
+/// Environment variable naming the socket of the VM agent to use instead of the runtime
+/// directory (see [`Options::agent`]).
+pub const ENV_AGENT: &str = "IVCOM_AGENT";
+
 /// Default ring capacity per direction.
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
 /// Default polling budget before sleeping. Waking a sleeping peer costs about 5-10 µs on
@@ -73,6 +77,7 @@ pub struct Options {
     mode: Option<u32>,
     handshake_timeout: Option<Duration>,
     max_message: Option<u32>,
+    agent: Option<PathBuf>,
 }
 
 impl Options {
@@ -125,6 +130,22 @@ impl Options {
     pub fn max_message(mut self, bytes: u32) -> Self {
         self.max_message = Some(bytes);
         self
+    }
+
+    /// Reach listeners through the agent of a shared VM region at `socket` (`ivcom agent`)
+    /// instead of the runtime directory: the peer may then be in another VM or on the host.
+    /// Default: `$IVCOM_AGENT` if set. Channels through an agent are streams whose capacity the
+    /// region fixes; access is whatever the region's membership allows.
+    pub fn agent(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.agent = Some(socket.into());
+        self
+    }
+
+    /// The agent socket chosen explicitly or by environment.
+    pub(crate) fn agent_socket(&self) -> Option<PathBuf> {
+        self.agent
+            .clone()
+            .or_else(|| std::env::var_os(ENV_AGENT).filter(|v| !v.is_empty()).map(PathBuf::from))
     }
 
     /// The capacity chosen explicitly or by environment, validated.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ivcom_ring::{Ctrl, RingError, RingGeometry, ShmCtrl, ShmRegion, StreamReader, StreamWriter};
 
+use crate::signal::Signal;
 use crate::sys::{self, Liveness, Mapping, Woken};
 
 /// Counters of one channel endpoint.
@@ -75,9 +76,9 @@ pub(crate) struct Conn {
     /// We sleep here waiting for space; the peer signals it.
     own_tx: OwnedFd,
     /// We signal here after publishing data.
-    peer_rx: OwnedFd,
+    peer_rx: Signal,
     /// We signal here after freeing space.
-    peer_tx: OwnedFd,
+    peer_tx: Signal,
     /// epoll of `own_rx` and `ctrl`: readable when a read may make progress.
     rx_ready: OwnedFd,
     /// epoll of `own_tx` and `ctrl`: readable when a write may make progress.
@@ -138,8 +139,8 @@ pub(crate) struct ConnParts {
     pub ctrl: OwnedFd,
     pub own_rx: OwnedFd,
     pub own_tx: OwnedFd,
-    pub peer_rx: OwnedFd,
-    pub peer_tx: OwnedFd,
+    pub peer_rx: Signal,
+    pub peer_tx: Signal,
     pub rx_geom: RingGeometry,
     pub tx_geom: RingGeometry,
     pub max_message: Option<u32>,
@@ -211,14 +212,14 @@ impl Conn {
     /// Wakes the peer's reader (after we published data).
     #[inline]
     pub(crate) fn signal_peer_rx(&self) {
-        sys::signal(self.peer_rx.as_fd());
+        self.peer_rx.raise();
         self.tx.signals.add(1);
     }
 
     /// Wakes the peer's writer (after we freed space).
     #[inline]
     pub(crate) fn signal_peer_tx(&self) {
-        sys::signal(self.peer_tx.as_fd());
+        self.peer_tx.raise();
         self.rx.signals.add(1);
     }
 

@@ -12,6 +12,7 @@ use ivcom_ring::layout::{self, Direction, Params, HEADER_SIZE, MAX_CAPACITY};
 
 use crate::config::{self, Options, DEFAULT_CAPACITY};
 use crate::conn::{Conn, ConnParts, ListenerFile};
+use crate::signal::Signal;
 use crate::sys::{self, Mapping};
 
 /// `b"IVCH"` as a little-endian u32: first field of every handshake packet.
@@ -171,6 +172,8 @@ pub struct Listener {
     ino: (u64, u64),
     opts: Options,
     messages: bool,
+    /// Listening through a VM agent: `fd` is our connection to it, `path` its socket.
+    via_agent: bool,
 }
 
 impl Listener {
@@ -208,6 +211,9 @@ impl Listener {
     }
 
     pub(crate) fn accept_conn(&self) -> io::Result<Conn> {
+        if self.via_agent {
+            return crate::vm::local::accept(self.fd.as_fd(), self.opts.spin_budget()?);
+        }
         loop {
             let sock = sys::accept(self.fd.as_fd())?;
             match serve(sock, &self.opts, self.messages, &self.name) {
@@ -230,6 +236,9 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        if self.via_agent {
+            return; // the agent withdraws the name when our socket closes
+        }
         // Remove our socket file, unless another listener has already replaced it.
         if let Ok(_lock) = sys::DirLock::acquire(&self.dir) {
             if let Ok(m) = std::fs::symlink_metadata(&self.path) {
@@ -242,6 +251,27 @@ impl Drop for Listener {
 }
 
 pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Listener> {
+    if let Some(agent) = opts.agent_socket() {
+        config::check_name(name)?;
+        if messages {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "message channels through a VM agent are not supported",
+            ));
+        }
+        opts.spin_budget()?;
+        let fd = crate::vm::local::bind(&agent, name, opts.handshake())?;
+        return Ok(Listener {
+            fd,
+            name: name.to_owned(),
+            dir: agent.parent().map(Path::to_path_buf).unwrap_or_default(),
+            path: agent,
+            ino: (0, 0),
+            opts: opts.clone(),
+            messages,
+            via_agent: true,
+        });
+    }
     let (dir, path) = socket_path(name, opts)?;
     opts.chosen_capacity()?;
     opts.spin_budget()?;
@@ -290,6 +320,7 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
         ino: (m.dev(), m.ino()),
         opts: opts.clone(),
         messages,
+        via_agent: false,
     })
 }
 
@@ -386,8 +417,8 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
         ctrl: sock,
         own_rx: l_rx,
         own_tx: l_tx,
-        peer_rx: c_rx,
-        peer_tx: c_tx,
+        peer_rx: Signal::EventFd(c_rx),
+        peer_tx: Signal::EventFd(c_tx),
         rx_geom: params.ring(Direction::ToListener),
         tx_geom: params.ring(Direction::ToConnector),
         max_message: params.max_message,
@@ -399,6 +430,16 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
 
 /// The connecting side of the handshake.
 pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<Conn> {
+    if let Some(agent) = opts.agent_socket() {
+        config::check_name(name)?;
+        if messages {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "message channels through a VM agent are not supported",
+            ));
+        }
+        return crate::vm::local::connect(&agent, name, opts.handshake(), opts.spin_budget()?);
+    }
     let (dir, path) = socket_path(name, opts)?;
     let chosen = opts.chosen_capacity()?;
     let spin = opts.spin_budget()?;
@@ -505,8 +546,8 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         ctrl: sock,
         own_rx: c_rx,
         own_tx: c_tx,
-        peer_rx: l_rx,
-        peer_tx: l_tx,
+        peer_rx: Signal::EventFd(l_rx),
+        peer_tx: Signal::EventFd(l_tx),
         rx_geom: params.ring(Direction::ToConnector),
         tx_geom: params.ring(Direction::ToListener),
         max_message,

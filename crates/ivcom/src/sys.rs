@@ -60,12 +60,21 @@ pub struct Mapping {
 impl Mapping {
     /// Maps `len` bytes of `fd` shared, read-write.
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        Self::map_at(fd, 0, len)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (page-aligned), shared, read-write.
+    pub fn map_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "empty region"));
         }
+        if !offset.is_multiple_of(4096) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "mapping offset is not page-aligned"));
+        }
         // SAFETY: a fresh mapping chosen by the kernel (null hint) overlaps nothing of ours;
-        // `fd` is a valid open file of at least `len` bytes, which the caller checked (and the
-        // seals keep it from shrinking).
+        // `fd` is a valid open file (or device region) covering `offset..offset + len`, which
+        // the caller checked (memfd seals, or the device's fixed BAR size, keep it from
+        // shrinking).
         let ptr = unsafe {
             rustix::mm::mmap(
                 std::ptr::null_mut(),
@@ -73,7 +82,7 @@ impl Mapping {
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::SHARED,
                 fd,
-                0,
+                offset,
             )
         }?;
         // SAFETY: the mapping is `len` bytes, page-aligned, lives until `drop` unmaps it, and we
@@ -272,8 +281,13 @@ pub fn set_timeouts(fd: BorrowedFd<'_>, t: Option<Duration>) -> io::Result<()> {
     Ok(())
 }
 
+/// A connected pair of seqpacket sockets.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
+}
+
 /// Most descriptors one handshake message carries.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 5;
 
 /// Sends one packet with `fds` attached.
 pub fn send_packet(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {

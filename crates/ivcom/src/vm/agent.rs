@@ -1,0 +1,804 @@
+//! The agent: one per member of a shared region (per guest device, or per host process that
+//! joined through the daemon). It owns the member's entries in the region's directory, serves
+//! local processes over a Unix socket, hands each of them the descriptors to map its channel
+//! slot and ring its peer directly (the data path never goes through the agent), and turns
+//! its member's doorbells into wakeups of the local processes that sleep.
+//!
+//! Why an agent: a VFIO device can be opened by one process only, the directory entries of a
+//! member need one writer, and a guest's doorbell vector is one per device, not one per
+//! channel.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ivcom_ring::directory::{self, Directory, Geometry, ListenerAnswer, ListenerRef, Owned, FLAG_MANAGED};
+use ivcom_ring::layout::{self, Direction, Params};
+use ivcom_ring::{Ctrl, ShmCtrl};
+use rustix::event::epoll;
+
+use super::port::{DoorbellShare, Port};
+use super::wire::{self, Channel, Packet};
+use crate::sys;
+
+/// Settings of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where local processes reach the agent.
+    pub socket: PathBuf,
+    /// Socket file mode.
+    pub mode: u32,
+    /// How often the directory is scanned when no doorbell can wake us (polling), at the
+    /// busiest; idle scans back off to [`AgentConfig::poll_idle`].
+    pub poll_busy: Duration,
+    /// Longest interval between scans when polling and idle (bounds idle CPU cost).
+    pub poll_idle: Duration,
+    /// How long a peer's heartbeat may stand still before, in a region no daemon manages,
+    /// the peer counts as gone.
+    pub heartbeat_timeout: Duration,
+    /// How long to wait for our own entry in the daemon's peer table to show us alive.
+    pub join_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for an agent listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            mode: 0o660,
+            poll_busy: Duration::from_micros(200),
+            poll_idle: Duration::from_millis(20),
+            heartbeat_timeout: Duration::from_secs(2),
+            join_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Interval of heartbeats and of deadline checks when doorbells wake us.
+const TICK: Duration = Duration::from_millis(100);
+
+const T_LISTEN: u64 = 1 << 40;
+const T_WAKE: u64 = 2 << 40;
+const T_EVENTS: u64 = 3 << 40;
+const T_CLIENT: u64 = 4 << 40;
+const T_CHAN: u64 = 5 << 40;
+const T_PENDING: u64 = 6 << 40;
+const T_MASK: u64 = 0xff << 40;
+
+/// A local process connected to us.
+struct Client {
+    sock: OwnedFd,
+    listeners: Vec<ListenerRef>,
+}
+
+/// A connect request of a local process, waiting for the listener's answer.
+struct Pending {
+    sock: OwnedFd,
+    slot: u32,
+    gen: u32,
+    to: ListenerRef,
+    epoch: u64,
+    deadline: Instant,
+}
+
+/// One open channel of a local process.
+struct Chan {
+    slot: u32,
+    gen: u32,
+    listener_side: bool,
+    peer: u32,
+    peer_epoch: u64,
+    ctrl: OwnedFd,
+    own_rx: OwnedFd,
+    own_tx: OwnedFd,
+    /// Ring control offsets (region-absolute) of the ring we read and the ring we write.
+    rx: usize,
+    tx: usize,
+    /// The peer finished or went away; the process has been told.
+    peer_done: bool,
+    /// (sleep sequence, index) at the last wakeup we gave the reader and the writer.
+    rx_woken: (u32, u64),
+    tx_woken: (u32, u64),
+}
+
+/// How we judge a peer's liveness in a region no daemon manages.
+#[derive(Clone, Copy)]
+struct Beat {
+    value: u64,
+    since: Instant,
+}
+
+/// Who counts as present: the daemon's peer table, or in a region no daemon manages, the
+/// peer's own entry and its heartbeat.
+struct Live {
+    me: u32,
+    managed: bool,
+    beats: Vec<Beat>,
+    timeout: Duration,
+}
+
+impl Live {
+    /// Whether `peer` counts as present now.
+    fn alive(&self, dir: &Directory<'_>, peer: u32) -> bool {
+        if peer == self.me {
+            return true;
+        }
+        let Ok(s) = dir.peer(peer) else { return false };
+        s.alive && (self.managed || self.beats[peer as usize].since.elapsed() < self.timeout)
+    }
+
+    /// Whether `peer`, which had `epoch` when a channel with it began, has since gone.
+    fn gone(&self, dir: &Directory<'_>, peer: u32, epoch: u64) -> bool {
+        match dir.peer(peer) {
+            Ok(s) => s.epoch != epoch || !self.alive(dir, peer),
+            Err(_) => true,
+        }
+    }
+}
+
+/// The agent of one member.
+pub struct Agent<P: Port> {
+    port: P,
+    cfg: AgentConfig,
+    geom: Geometry,
+    owned: Owned,
+    me: u32,
+    epoch: u64,
+    managed: bool,
+    live: Live,
+    listen: OwnedFd,
+    epoll: OwnedFd,
+    clients: HashMap<RawFd, Client>,
+    pending: HashMap<RawFd, Pending>,
+    chans: HashMap<RawFd, Chan>,
+    heartbeat: u64,
+    /// Peers' epochs as we last saw them, to notice joins and departures.
+    epochs: Vec<(u64, bool)>,
+}
+
+impl<P: Port> std::fmt::Debug for Agent<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("me", &self.me).field("socket", &self.cfg.socket).finish()
+    }
+}
+
+fn other(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+impl<P: Port> Agent<P> {
+    /// Attaches to the region's directory as member `port.me()` and starts listening for
+    /// local processes. In a region a daemon manages, waits (bounded) until the daemon's peer
+    /// table shows us.
+    pub fn new(port: P, cfg: AgentConfig) -> io::Result<Self> {
+        let region = port.region();
+        let geom = directory::attach(region)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("region directory: {e}")))?;
+        let me = port.me();
+        if me >= geom.peers {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("our peer id {me} is outside the region's {} peers", geom.peers),
+            ));
+        }
+        let managed = geom.flags & FLAG_MANAGED != 0;
+        let dir = Directory::new(region, geom).map_err(|e| other(e.to_string()))?;
+        let epoch = if managed {
+            let start = Instant::now();
+            loop {
+                let s = dir.peer(me).map_err(|e| other(e.to_string()))?;
+                if s.alive {
+                    break s.epoch;
+                }
+                if start.elapsed() > cfg.join_timeout {
+                    return Err(other(format!(
+                        "the daemon's peer table does not show peer {me} alive after {:?}",
+                        cfg.join_timeout
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        } else {
+            // No daemon: we keep our own entry, one more epoch per start.
+            let s = dir.peer(me).map_err(|e| other(e.to_string()))?;
+            let epoch = s.epoch.wrapping_add(1);
+            dir.set_peer(me, directory::PeerState { epoch, alive: true })
+                .map_err(|e| other(e.to_string()))?;
+            epoch
+        };
+        let owned = Owned::claim(&dir, me).map_err(|e| other(e.to_string()))?;
+        let now = Instant::now();
+        let beats =
+            (0..geom.peers).map(|p| Beat { value: dir.heartbeat(p).unwrap_or(0), since: now }).collect();
+        let epochs =
+            (0..geom.peers).map(|p| dir.peer(p).map(|s| (s.epoch, s.alive)).unwrap_or((0, false))).collect();
+
+        let heartbeat_timeout = cfg.heartbeat_timeout;
+        let listen = bind_socket(&cfg.socket, cfg.mode)?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let ev = epoll::EventFlags::IN;
+        epoll::add(&epoll, &listen, epoll::EventData::new_u64(T_LISTEN), ev)?;
+        if let Some(fd) = port.wake_fd() {
+            epoll::add(&epoll, fd, epoll::EventData::new_u64(T_WAKE), ev)?;
+        }
+        if let Some(fd) = port.events_fd() {
+            epoll::add(&epoll, fd, epoll::EventData::new_u64(T_EVENTS), ev)?;
+        }
+        tracing::info!(
+            "agent: peer {me} of {} (epoch {epoch}, {}), {} channel slots of {} KiB per direction, socket {}",
+            geom.peers,
+            if managed { "daemon-managed" } else { "unmanaged: heartbeats" },
+            geom.slots_per_peer,
+            geom.slot_capacity / 1024,
+            cfg.socket.display()
+        );
+        Ok(Self {
+            port,
+            cfg,
+            geom,
+            owned,
+            me,
+            epoch,
+            managed,
+            listen,
+            epoll,
+            clients: HashMap::new(),
+            pending: HashMap::new(),
+            chans: HashMap::new(),
+            live: Live { me, managed, beats, timeout: heartbeat_timeout },
+            heartbeat: 0,
+            epochs,
+        })
+    }
+
+    /// Our peer id.
+    pub fn peer_id(&self) -> u32 {
+        self.me
+    }
+
+    /// Serves until `stop` returns true (checked at least every 100 ms) or the membership
+    /// ends.
+    pub fn run(&mut self, stop: &dyn Fn() -> bool) -> io::Result<()> {
+        let polling = self.port.wake_fd().is_none();
+        let mut interval = if polling { self.cfg.poll_busy } else { TICK };
+        let mut last_beat = Instant::now();
+        let mut buf = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 64];
+        while !stop() {
+            let t = interval.min(TICK);
+            let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: t.subsec_nanos() as i64 };
+            let tokens: Vec<u64> = match epoll::wait(&self.epoll, &mut buf, Some(&timeout)) {
+                Ok((events, _)) => events.iter().map(|e| e.data.u64()).collect(),
+                Err(rustix::io::Errno::INTR) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let mut busy = false;
+            for t in tokens {
+                busy = true;
+                match t & T_MASK {
+                    T_LISTEN => self.accept_client(),
+                    T_WAKE => self.port.drain_wake(),
+                    T_EVENTS => self.port.on_events()?,
+                    T_CLIENT => self.client_readable((t & !T_MASK) as RawFd),
+                    T_CHAN => self.chan_closed((t & !T_MASK) as RawFd),
+                    T_PENDING => self.pending_closed((t & !T_MASK) as RawFd),
+                    _ => {}
+                }
+            }
+            busy |= self.scan();
+            if last_beat.elapsed() >= TICK {
+                last_beat = Instant::now();
+                self.beat();
+            }
+            if polling {
+                interval = if busy { self.cfg.poll_busy } else { (interval * 2).min(self.cfg.poll_idle) };
+            }
+        }
+        Ok(())
+    }
+
+    fn beat(&mut self) {
+        self.heartbeat += 1;
+        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let _ = dir.set_heartbeat(self.me, self.heartbeat);
+        let now = Instant::now();
+        for p in 0..self.geom.peers {
+            let v = dir.heartbeat(p).unwrap_or(0);
+            let b = &mut self.live.beats[p as usize];
+            if v != b.value {
+                *b = Beat { value: v, since: now };
+            }
+        }
+    }
+
+    fn accept_client(&mut self) {
+        let Ok(sock) = sys::accept(self.listen.as_fd()) else { return };
+        let fd = sock.as_raw_fd();
+        if epoll::add(
+            &self.epoll,
+            &sock,
+            epoll::EventData::new_u64(T_CLIENT | fd as u64),
+            epoll::EventFlags::IN,
+        )
+        .is_err()
+        {
+            return;
+        }
+        self.clients.insert(fd, Client { sock, listeners: Vec::new() });
+    }
+
+    fn drop_client(&mut self, fd: RawFd) {
+        if let Some(c) = self.clients.remove(&fd) {
+            let _ = epoll::delete(&self.epoll, &c.sock);
+            let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            for l in c.listeners {
+                let _ = self.owned.unbind(&dir, l);
+            }
+        }
+    }
+
+    fn client_readable(&mut self, fd: RawFd) {
+        let mut buf = [0u8; wire::MAX_PACKET];
+        let Some(c) = self.clients.get(&fd) else { return };
+        let packet = match sys::recv_packet(c.sock.as_fd(), &mut buf) {
+            Ok((0, _)) | Err(_) => return self.drop_client(fd),
+            Ok((n, _fds)) => Packet::decode(&buf[..n]),
+        };
+        match packet {
+            Ok(Packet::Bind { name }) => self.bind(fd, &name),
+            Ok(Packet::Connect { timeout_ms, name }) => self.connect(fd, timeout_ms, &name),
+            Ok(p) => {
+                self.reply_error(fd, libc_errno::EPROTO, &format!("unexpected packet {p:?}"));
+                self.drop_client(fd);
+            }
+            Err(e) => {
+                self.reply_error(fd, libc_errno::EPROTO, &e.to_string());
+                self.drop_client(fd);
+            }
+        }
+    }
+
+    fn reply_error(&self, fd: RawFd, errno: i32, message: &str) {
+        if let Some(c) = self.clients.get(&fd) {
+            let p = Packet::Error { errno, message: message.to_owned() };
+            let _ = sys::send_packet(c.sock.as_fd(), &p.encode(), &[]);
+        }
+    }
+
+    fn bind(&mut self, fd: RawFd, name: &str) {
+        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let alive = |p| self.live.alive(&dir, p);
+        let res = self.owned.bind(&dir, name, &alive);
+        match res {
+            Ok(l) => {
+                let c = self.clients.get_mut(&fd).expect("client");
+                c.listeners.push(l);
+                let _ = sys::send_packet(c.sock.as_fd(), &Packet::Ok.encode(), &[]);
+                tracing::debug!("agent: {name:?} bound as listener {}:{}", l.peer, l.index);
+            }
+            Err(e) => {
+                let errno = match e {
+                    directory::DirError::NameInUse => libc_errno::EADDRINUSE,
+                    directory::DirError::BadName => libc_errno::EINVAL,
+                    directory::DirError::Full(_) => libc_errno::ENOBUFS,
+                    _ => libc_errno::EIO,
+                };
+                self.reply_error(fd, errno, &format!("cannot listen on {name:?}: {e}"));
+                self.drop_client(fd);
+            }
+        }
+    }
+
+    fn connect(&mut self, fd: RawFd, timeout_ms: u32, name: &str) {
+        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let alive = |p| self.live.alive(&dir, p);
+        let target = match dir.lookup(name, &alive, None) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                self.reply_error(
+                    fd,
+                    libc_errno::ECONNREFUSED,
+                    &format!("no ivcom listener named {name:?} in the region"),
+                );
+                return self.drop_client(fd);
+            }
+            Err(e) => {
+                self.reply_error(fd, libc_errno::EIO, &e.to_string());
+                return self.drop_client(fd);
+            }
+        };
+        let epoch = dir.peer(target.peer).map(|s| s.epoch).unwrap_or(0);
+        let gone = |p, e| self.live.gone(&dir, p, e);
+        let res = self.owned.request(&dir, target, epoch, &gone);
+        match res {
+            Ok((slot, gen)) => {
+                let c = self.clients.remove(&fd).expect("client");
+                let _ = epoll::delete(&self.epoll, &c.sock);
+                if epoll::add(
+                    &self.epoll,
+                    &c.sock,
+                    epoll::EventData::new_u64(T_PENDING | fd as u64),
+                    epoll::EventFlags::IN,
+                )
+                .is_err()
+                {
+                    return;
+                }
+                let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1).into());
+                self.pending.insert(fd, Pending { sock: c.sock, slot, gen, to: target, epoch, deadline });
+                self.port.ring(target.peer);
+            }
+            Err(e) => {
+                self.reply_error(fd, libc_errno::ENOBUFS, &format!("cannot connect to {name:?}: {e}"));
+                self.drop_client(fd);
+            }
+        }
+    }
+
+    /// A connecting process went away before its answer.
+    fn pending_closed(&mut self, fd: RawFd) {
+        if let Some(p) = self.pending.remove(&fd) {
+            let _ = epoll::delete(&self.epoll, &p.sock);
+            self.abandon(p.slot, p.gen, p.to.peer);
+        }
+    }
+
+    /// Gives up our (connector) end of a slot: closes both rings from our side, so a
+    /// listener that accepted sees the end, and releases the slot.
+    fn abandon(&mut self, slot: u32, gen: u32, peer: u32) {
+        let (o, _) = self.geom.slot_range(slot);
+        let params = slot_params(&self.geom);
+        let region = self.port.region();
+        close_side(
+            region,
+            o + params.ring(Direction::ToListener).ctrl,
+            o + params.ring(Direction::ToConnector).ctrl,
+        );
+        let dir = Directory::new(region, self.geom).expect("validated");
+        let gone = |p, e| self.live.gone(&dir, p, e);
+        let _ = self.owned.release(&dir, slot, gen, &gone);
+        self.port.ring(peer);
+    }
+
+    /// Makes the descriptors for a new channel and sends them to the process on `sock`.
+    fn open_chan(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        slot: u32,
+        gen: u32,
+        listener_side: bool,
+        peer: u32,
+        peer_epoch: u64,
+    ) -> io::Result<()> {
+        let (o, len) = self.geom.slot_range(slot);
+        let params = slot_params(&self.geom);
+        let (rx_dir, tx_dir) = if listener_side {
+            (Direction::ToListener, Direction::ToConnector)
+        } else {
+            (Direction::ToConnector, Direction::ToListener)
+        };
+        let (ctrl_ours, ctrl_theirs) = sys::seqpacket_pair()?;
+        let own_rx = sys::new_eventfd()?;
+        let own_tx = sys::new_eventfd()?;
+        let (mem_fd, mem_base) = self.port.share_memory();
+        let door =
+            self.port.share_doorbell(peer).ok_or_else(|| other(format!("peer {peer} has no doorbell")))?;
+        let (kind, value, d_off, d_len, d_fd) = match door {
+            DoorbellShare::EventFd(fd) => (0u8, 0, 0, 0, fd),
+            DoorbellShare::Pwrite { fd, offset, value } => (1, value, offset, 0, fd),
+            DoorbellShare::Mmio { fd, map_offset, map_len, reg, value } => {
+                (2, value, map_offset + reg as u64, map_len as u64, fd)
+            }
+        };
+        let ch = Channel {
+            listener_side,
+            doorbell_kind: kind,
+            doorbell_value: value,
+            mem_offset: mem_base + o as u64,
+            mem_len: len as u64,
+            doorbell_offset: d_off,
+            doorbell_map_len: d_len,
+            peer,
+        };
+        sys::send_packet(
+            sock,
+            &Packet::Channel(ch).encode(),
+            &[mem_fd, ctrl_theirs.as_fd(), own_rx.as_fd(), own_tx.as_fd(), d_fd],
+        )?;
+        let fd = ctrl_ours.as_raw_fd();
+        epoll::add(
+            &self.epoll,
+            &ctrl_ours,
+            epoll::EventData::new_u64(T_CHAN | fd as u64),
+            epoll::EventFlags::IN,
+        )?;
+        self.chans.insert(
+            fd,
+            Chan {
+                slot,
+                gen,
+                listener_side,
+                peer,
+                peer_epoch,
+                ctrl: ctrl_ours,
+                own_rx,
+                own_tx,
+                rx: o + params.ring(rx_dir).ctrl,
+                tx: o + params.ring(tx_dir).ctrl,
+                peer_done: false,
+                rx_woken: (0, 0),
+                tx_woken: (0, 0),
+            },
+        );
+        Ok(())
+    }
+
+    /// The local process closed its channel (or died): finish our end of the slot.
+    fn chan_closed(&mut self, fd: RawFd) {
+        let Some(ch) = self.chans.remove(&fd) else { return };
+        let _ = epoll::delete(&self.epoll, &ch.ctrl);
+        let region = self.port.region();
+        close_side(region, ch.tx, ch.rx);
+        let dir = Directory::new(region, self.geom).expect("validated");
+        if ch.listener_side {
+            let _ = dir.set_answer(ch.slot, ch.gen, ListenerAnswer::Closed);
+        } else {
+            let gone = |p, e| self.live.gone(&dir, p, e);
+            let _ = self.owned.release(&dir, ch.slot, ch.gen, &gone);
+        }
+        self.port.ring(ch.peer);
+    }
+
+    /// One pass over everything shared: peers, requests to us, answers to our requests,
+    /// channels whose peer finished, sleepers to wake. Returns whether anything happened.
+    fn scan(&mut self) -> bool {
+        let mut busy = false;
+        let region = self.port.region();
+        let dir = Directory::new(region, self.geom).expect("validated");
+
+        // Peers that joined or left.
+        for p in 0..self.geom.peers {
+            let now = dir.peer(p).map(|s| (s.epoch, s.alive)).unwrap_or((0, false));
+            if now != self.epochs[p as usize] {
+                tracing::info!(
+                    "agent: peer {p} is now {} (epoch {})",
+                    if now.1 { "up" } else { "down" },
+                    now.0
+                );
+                self.epochs[p as usize] = now;
+                busy = true;
+            }
+        }
+        if self.managed && dir.peer(self.me).map(|s| s.epoch) != Ok(self.epoch) {
+            tracing::warn!("agent: the daemon's peer table no longer shows our epoch {}", self.epoch);
+        }
+
+        // Requests to our listeners, and connectors that finished.
+        let mut to_open = Vec::new();
+        for slot in 0..self.geom.slots() {
+            if let Ok(Some(req)) = dir.request(slot, self.me) {
+                let answered =
+                    matches!(dir.answer(slot), Ok(Some((g, a))) if g == req.gen && a != ListenerAnswer::None);
+                if !answered {
+                    busy = true;
+                    let client = self
+                        .clients
+                        .iter()
+                        .find(|(_, c)| c.listeners.iter().any(|l| l.index == req.index && l.gen == req.lgen))
+                        .map(|(fd, _)| *fd);
+                    match client {
+                        Some(cfd) if self.owned.addresses_us(&req, self.epoch) => to_open.push((cfd, req)),
+                        _ => {
+                            let _ = dir.set_answer(slot, req.gen, ListenerAnswer::Refused);
+                            self.port.ring(req.from);
+                        }
+                    }
+                }
+            }
+            if let Ok(Some(gen)) = dir.finished_by_connector(slot, self.me) {
+                let open =
+                    self.chans.values_mut().find(|c| c.listener_side && c.slot == slot && c.gen == gen);
+                match open {
+                    Some(c) => {
+                        if !c.peer_done {
+                            c.peer_done = true;
+                            let _ = rustix::net::shutdown(&c.ctrl, rustix::net::Shutdown::Write);
+                            busy = true;
+                        }
+                    }
+                    None => {
+                        let _ = dir.set_answer(slot, gen, ListenerAnswer::Closed);
+                    }
+                }
+            }
+        }
+        for (cfd, req) in to_open {
+            let peer_epoch = Directory::new(self.port.region(), self.geom)
+                .expect("validated")
+                .peer(req.from)
+                .map(|s| s.epoch)
+                .unwrap_or(0);
+            let sock = self.clients.get(&cfd).map(|c| c.sock.try_clone());
+            // The slot's header must be a fresh channel before we hand it out.
+            let (o, len) = self.geom.slot_range(req.slot);
+            let fresh =
+                self.port.region().sub(o, len).map(|r| layout::validate(&r, false).is_ok()).unwrap_or(false);
+            let ok = match sock {
+                Some(Ok(sock)) if fresh => {
+                    self.open_chan(sock.as_fd(), req.slot, req.gen, true, req.from, peer_epoch).is_ok()
+                }
+                _ => false,
+            };
+            let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            let answer = if ok { ListenerAnswer::Accepted } else { ListenerAnswer::Refused };
+            let _ = dir.set_answer(req.slot, req.gen, answer);
+            self.port.ring(req.from);
+        }
+
+        // Answers to our requests.
+        let mut done = Vec::new();
+        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        for (&fd, p) in &self.pending {
+            let answer = dir.answer(p.slot).ok().flatten();
+            let outcome = match answer {
+                Some((g, ListenerAnswer::Accepted)) if g == p.gen => Some(Ok(())),
+                Some((g, ListenerAnswer::Refused | ListenerAnswer::Closed)) if g == p.gen => {
+                    Some(Err((libc_errno::ECONNREFUSED, "the listener refused the connection".to_owned())))
+                }
+                _ if self.live.gone(&dir, p.to.peer, p.epoch) => {
+                    Some(Err((libc_errno::ECONNREFUSED, format!("peer {} left before answering", p.to.peer))))
+                }
+                _ if Instant::now() >= p.deadline => {
+                    Some(Err((libc_errno::ETIMEDOUT, "the listener did not answer in time".to_owned())))
+                }
+                _ => None,
+            };
+            if let Some(o) = outcome {
+                done.push((fd, o));
+            }
+        }
+        for (fd, outcome) in done {
+            busy = true;
+            let p = self.pending.remove(&fd).expect("pending");
+            let _ = epoll::delete(&self.epoll, &p.sock);
+            let res = outcome.and_then(|()| {
+                self.open_chan(p.sock.as_fd(), p.slot, p.gen, false, p.to.peer, p.epoch)
+                    .map_err(|e| (libc_errno::EIO, e.to_string()))
+            });
+            if let Err((errno, message)) = res {
+                let _ = sys::send_packet(p.sock.as_fd(), &Packet::Error { errno, message }.encode(), &[]);
+                self.abandon(p.slot, p.gen, p.to.peer);
+            }
+        }
+
+        // Open channels: peers that finished or went away, sleepers to wake.
+        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let region = self.port.region();
+        for c in self.chans.values_mut() {
+            if !c.peer_done {
+                let finished = if c.listener_side {
+                    false // seen above through `finished_by_connector`
+                } else {
+                    matches!(dir.answer(c.slot), Ok(Some((g, ListenerAnswer::Closed | ListenerAnswer::Refused))) if g == c.gen)
+                };
+                let gone = match dir.peer(c.peer) {
+                    Ok(s) => s.epoch != c.peer_epoch || !s.alive || !self.live.alive(&dir, c.peer),
+                    Err(_) => true,
+                };
+                if finished || gone {
+                    c.peer_done = true;
+                    busy = true;
+                    let _ = rustix::net::shutdown(&c.ctrl, rustix::net::Shutdown::Write);
+                }
+            }
+            busy |= wake_sleepers(region, c);
+        }
+
+        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let gone = |p, e| self.live.gone(&dir, p, e);
+        let _ = self.owned.reclaim(&dir, &gone);
+        busy
+    }
+}
+
+impl<P: Port> Drop for Agent<P> {
+    fn drop(&mut self) {
+        let fds: Vec<RawFd> = self.chans.keys().copied().collect();
+        for fd in fds {
+            self.chan_closed(fd);
+        }
+        let fds: Vec<RawFd> = self.pending.keys().copied().collect();
+        for fd in fds {
+            self.pending_closed(fd);
+        }
+        let fds: Vec<RawFd> = self.clients.keys().copied().collect();
+        for fd in fds {
+            self.drop_client(fd);
+        }
+        if !self.managed {
+            let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            let _ = dir.set_peer(self.me, directory::PeerState { epoch: self.epoch, alive: false });
+        }
+        let _ = std::fs::remove_file(&self.cfg.socket);
+    }
+}
+
+/// Geometry of every slot's channel (stream mode, the directory's capacity both ways).
+fn slot_params(g: &Geometry) -> Params {
+    Params { capacity: [g.slot_capacity; 2], max_message: None }
+}
+
+/// Marks our side of a channel closed: no more writes into `tx`, no more reads from `rx`.
+fn close_side(region: &ivcom_ring::ShmRegion, tx: usize, rx: usize) {
+    if let Ok(c) = ShmCtrl::new(region, tx) {
+        c.store_producer_closed(1);
+    }
+    if let Ok(c) = ShmCtrl::new(region, rx) {
+        c.store_consumer_closed(1);
+    }
+}
+
+/// Wakes the local reader if it sleeps and data or the end arrived, and the local writer if
+/// it sleeps and space or the end arrived; each at most once per change.
+fn wake_sleepers(region: &ivcom_ring::ShmRegion, c: &mut Chan) -> bool {
+    let mut woke = false;
+    if let Ok(rx) = ShmCtrl::new(region, c.rx) {
+        let seq = rx.load_consumer_sleep();
+        let tail = rx.load_tail();
+        if seq & 1 == 1
+            && (tail != rx.load_head() || rx.load_producer_closed() != 0)
+            && c.rx_woken != (seq, tail)
+        {
+            c.rx_woken = (seq, tail);
+            sys::signal(c.own_rx.as_fd());
+            woke = true;
+        }
+    }
+    if let Ok(tx) = ShmCtrl::new(region, c.tx) {
+        let seq = tx.load_producer_sleep();
+        let head = tx.load_head();
+        if seq & 1 == 1 && c.tx_woken != (seq, head) {
+            c.tx_woken = (seq, head);
+            sys::signal(c.own_tx.as_fd());
+            woke = true;
+        }
+    }
+    woke
+}
+
+/// Binds the agent's socket, replacing a stale file but never a live agent's.
+fn bind_socket(path: &Path, mode: u32) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let fd = match sys::bind_seqpacket(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if sys::connect_seqpacket(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by another agent", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+            sys::bind_seqpacket(path)?
+        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display()))),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(fd)
+}
+
+/// The errno values the agent reports, from rustix so that they match the platform.
+mod libc_errno {
+    use rustix::io::Errno;
+    pub const EPROTO: i32 = Errno::PROTO.raw_os_error();
+    pub const EADDRINUSE: i32 = Errno::ADDRINUSE.raw_os_error();
+    pub const EINVAL: i32 = Errno::INVAL.raw_os_error();
+    pub const ENOBUFS: i32 = Errno::NOBUFS.raw_os_error();
+    pub const EIO: i32 = Errno::IO.raw_os_error();
+    pub const ECONNREFUSED: i32 = Errno::CONNREFUSED.raw_os_error();
+    pub const ETIMEDOUT: i32 = Errno::TIMEDOUT.raw_os_error();
+}

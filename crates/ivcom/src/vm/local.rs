@@ -1,0 +1,129 @@
+//! The process side of the agent protocol: listening, accepting and connecting through the
+//! agent, and turning a `CHANNEL` packet and its descriptors into a channel whose data path
+//! is direct.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use ivcom_ring::layout::{self, Direction};
+
+use super::wire::{Channel, Packet, MAX_PACKET};
+use crate::conn::{Conn, ConnParts};
+use crate::signal::Signal;
+use crate::sys::{self, Mapping};
+
+fn agent_unreachable(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("cannot reach the ivcom agent at {} ({e}); is `ivcom agent` running?", path.display()),
+    )
+}
+
+fn recv(sock: BorrowedFd<'_>) -> io::Result<(Packet, Vec<OwnedFd>)> {
+    let mut buf = [0u8; MAX_PACKET];
+    let (n, fds) = sys::recv_packet(sock, &mut buf)?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the ivcom agent closed the connection",
+        ));
+    }
+    Ok((Packet::decode(&buf[..n])?, fds))
+}
+
+fn error_of(errno: i32, message: String) -> io::Error {
+    let kind = io::Error::from_raw_os_error(errno).kind();
+    io::Error::new(kind, message)
+}
+
+/// Asks the agent at `agent` to listen on `name`; the returned socket then carries one
+/// `CHANNEL` per accepted connection.
+pub(crate) fn bind(agent: &Path, name: &str, timeout: Duration) -> io::Result<OwnedFd> {
+    let sock = sys::connect_seqpacket(agent).map_err(|e| agent_unreachable(agent, e))?;
+    sys::set_timeouts(sock.as_fd(), Some(timeout))?;
+    sys::send_packet(sock.as_fd(), &Packet::Bind { name: name.to_owned() }.encode(), &[])?;
+    match recv(sock.as_fd())?.0 {
+        Packet::Ok => {
+            sys::set_timeouts(sock.as_fd(), None)?;
+            Ok(sock)
+        }
+        Packet::Error { errno, message } => Err(error_of(errno, message)),
+        p => Err(io::Error::new(io::ErrorKind::InvalidData, format!("agent answered {p:?} to a bind"))),
+    }
+}
+
+/// Waits for the next connection on a socket [`bind`] returned.
+pub(crate) fn accept(sock: BorrowedFd<'_>, spin: Duration) -> io::Result<Conn> {
+    match recv(sock)? {
+        (Packet::Channel(c), fds) => conn(c, fds, spin),
+        (Packet::Error { errno, message }, _) => Err(error_of(errno, message)),
+        (p, _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("agent sent {p:?} to a listener"))),
+    }
+}
+
+/// Connects to the listener `name` anywhere in the region through the agent at `agent`.
+pub(crate) fn connect(agent: &Path, name: &str, timeout: Duration, spin: Duration) -> io::Result<Conn> {
+    let sock = sys::connect_seqpacket(agent).map_err(|e| agent_unreachable(agent, e))?;
+    // The agent answers by the deadline we give it; the socket timeout is a backstop.
+    sys::set_timeouts(sock.as_fd(), Some(timeout + Duration::from_secs(2)))?;
+    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    sys::send_packet(sock.as_fd(), &Packet::Connect { timeout_ms, name: name.to_owned() }.encode(), &[])?;
+    match recv(sock.as_fd())? {
+        (Packet::Channel(c), fds) => conn(c, fds, spin),
+        (Packet::Error { errno, message }, _) => Err(error_of(errno, message)),
+        (p, _) => {
+            Err(io::Error::new(io::ErrorKind::InvalidData, format!("agent answered {p:?} to a connect")))
+        }
+    }
+}
+
+fn doorbell(c: &Channel, fd: OwnedFd) -> io::Result<Signal> {
+    let s = match c.doorbell_kind {
+        0 => Signal::EventFd(fd),
+        1 => Signal::Pwrite { fd, offset: c.doorbell_offset, value: c.doorbell_value },
+        _ => {
+            let map_offset = c.doorbell_offset & !4095;
+            let len = usize::try_from(c.doorbell_map_len).map_err(|_| bad("doorbell mapping too large"))?;
+            let map = Mapping::map_at(fd.as_fd(), map_offset, len)?;
+            Signal::Mmio { map, reg: (c.doorbell_offset - map_offset) as usize, value: c.doorbell_value }
+        }
+    };
+    s.check()?;
+    Ok(s)
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("agent's channel: {what}"))
+}
+
+fn conn(c: Channel, fds: Vec<OwnedFd>, spin: Duration) -> io::Result<Conn> {
+    let [mem, ctrl, own_rx, own_tx, door]: [OwnedFd; 5] =
+        fds.try_into().map_err(|v: Vec<OwnedFd>| bad(&format!("{} descriptors instead of 5", v.len())))?;
+    sys::check_eventfd(own_rx.as_fd())?;
+    sys::check_eventfd(own_tx.as_fd())?;
+    let len = usize::try_from(c.mem_len).map_err(|_| bad("slot too large"))?;
+    let map = Mapping::map_at(mem.as_fd(), c.mem_offset, len)?;
+    let params = layout::validate_shape(map.region(), false)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("channel slot: {e}")))?;
+    let (rx, tx) = if c.listener_side {
+        (Direction::ToListener, Direction::ToConnector)
+    } else {
+        (Direction::ToConnector, Direction::ToListener)
+    };
+    let door2 = door.try_clone()?;
+    Conn::new(ConnParts {
+        map,
+        ctrl,
+        own_rx,
+        own_tx,
+        peer_rx: doorbell(&c, door)?,
+        peer_tx: doorbell(&c, door2)?,
+        rx_geom: params.ring(rx),
+        tx_geom: params.ring(tx),
+        max_message: None,
+        spin,
+        listener_file: None,
+    })
+}

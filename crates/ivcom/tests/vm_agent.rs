@@ -1,0 +1,226 @@
+//! Channels through agents of a shared region, with two host members made by hand (a memfd
+//! and one eventfd per member, as the daemon hands out), the test playing the daemon's part
+//! in the peer table.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ivcom::vm::{format_region, set_peer_state, Agent, AgentConfig, HostPort};
+use ivcom::{Listener, Options, Stream};
+use ivcom_ring::directory::Spec;
+use sha2::{Digest, Sha256};
+
+const REGION: usize = 4 << 20;
+
+struct Member {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    socket: PathBuf,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap().unwrap();
+        }
+    }
+}
+
+struct Region {
+    dir: tempfile_dir::Dir,
+    memfd: OwnedFd,
+    doorbells: Vec<OwnedFd>,
+}
+
+mod tempfile_dir {
+    /// A temporary directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("ivcom-vmtest-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn region(tag: &str, peers: u32, capacity: u64) -> Region {
+    let memfd = rustix::fs::memfd_create("ivcom-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&memfd, REGION as u64).unwrap();
+    let spec = Spec { peers, listeners_per_peer: 8, slot_capacity: capacity, managed: true };
+    format_region(memfd.as_fd(), REGION, &spec).unwrap();
+    let doorbells = (0..peers)
+        .map(|_| {
+            rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )
+            .unwrap()
+        })
+        .collect();
+    Region { dir: tempfile_dir::Dir::new(tag), memfd, doorbells }
+}
+
+impl Region {
+    fn join(&self, me: u32) -> Member {
+        set_peer_state(self.memfd.as_fd(), REGION, me, 1, true).unwrap();
+        let peers: HashMap<u32, OwnedFd> = (0..self.doorbells.len() as u32)
+            .filter(|&p| p != me)
+            .map(|p| (p, self.doorbells[p as usize].try_clone().unwrap()))
+            .collect();
+        let port = HostPort::new(
+            self.memfd.try_clone().unwrap(),
+            REGION,
+            me,
+            self.doorbells[me as usize].try_clone().unwrap(),
+            peers,
+        )
+        .unwrap();
+        let socket = self.dir.0.join(format!("agent{me}.sock"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let cfg = AgentConfig::new(&socket);
+        let mut agent = Agent::new(port, cfg).unwrap();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || agent.run(&|| s.load(Ordering::Relaxed)));
+        Member { stop, thread: Some(thread), socket }
+    }
+
+    fn leave(&self, peer: u32) {
+        set_peer_state(self.memfd.as_fd(), REGION, peer, 2, false).unwrap();
+        rustix::io::write(&self.doorbells[0], &1u64.to_ne_bytes()).unwrap();
+        rustix::io::write(&self.doorbells[1], &1u64.to_ne_bytes()).unwrap();
+    }
+}
+
+fn opts(agent: &Path) -> Options {
+    Options::new().agent(agent).handshake_timeout(Duration::from_secs(5))
+}
+
+#[test]
+fn stream_between_two_members_moves_data_both_ways_and_ends_cleanly() {
+    let r = region("basic", 2, 64 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    let listener = Listener::bind_with("echo", &opts(&b.socket)).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 70_000];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            total += n as u64;
+        }
+        s.write_all(&hash.finalize()).unwrap();
+        total
+    });
+    let mut c = Stream::connect_with("echo", &opts(&a.socket)).unwrap();
+    let mut hash = Sha256::new();
+    let mut x = 12345u64;
+    let mut sent = 0u64;
+    for i in 0..400 {
+        let len = 1 + (i * 7919) % 60_000;
+        let chunk: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        c.write_all(&chunk).unwrap();
+        hash.update(&chunk);
+        sent += len as u64;
+    }
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut digest = Vec::new();
+    c.read_to_end(&mut digest).unwrap();
+    assert_eq!(digest, hash.finalize().to_vec(), "SHA-256 of {sent} bytes differs");
+    assert_eq!(server.join().unwrap(), sent);
+    drop((a, b));
+}
+
+#[test]
+fn names_are_found_across_members_and_errors_are_clear() {
+    let r = region("names", 2, 16 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    let _l = Listener::bind_with("taken", &opts(&b.socket)).unwrap();
+    let e = Listener::bind_with("taken", &opts(&a.socket)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    let e = Stream::connect_with("nobody", &opts(&a.socket)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let e = Stream::connect_with("x", &opts(Path::new("/nonexistent/agent.sock"))).unwrap_err();
+    assert!(e.to_string().contains("ivcom agent"), "{e}");
+}
+
+#[test]
+fn slots_are_reused_after_close_and_sleeping_peers_are_woken() {
+    let r = region("reuse", 2, 16 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    let listener = Listener::bind_with("srv", &opts(&b.socket).spin(Duration::ZERO)).unwrap();
+    // Far more connections than a member has slots: closed ones must come back.
+    let rounds = 200;
+    let server = std::thread::spawn(move || {
+        for _ in 0..rounds {
+            let mut s = listener.accept().unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+        }
+    });
+    let mut sleeps = 0;
+    for i in 0..rounds {
+        // Zero polling: every wait sleeps, so every reply needs a doorbell and the agent's
+        // wakeup of the sleeping process.
+        let mut c = Stream::connect_with("srv", &opts(&a.socket).spin(Duration::ZERO)).unwrap();
+        c.write_all(&(i as u32).to_le_bytes()).unwrap();
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), i as u32);
+        sleeps += c.stats().sleeps;
+    }
+    server.join().unwrap();
+    assert!(sleeps > rounds / 2, "zero polling should have slept waiting for most replies: {sleeps}");
+}
+
+#[test]
+fn a_member_that_leaves_breaks_its_channels_in_bounded_time() {
+    let r = region("leave", 2, 16 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    let listener = Listener::bind_with("srv", &opts(&b.socket)).unwrap();
+    let server = std::thread::spawn(move || listener.accept().unwrap());
+    let mut c = Stream::connect_with("srv", &opts(&a.socket)).unwrap();
+    let _s = server.join().unwrap();
+    c.write_all(b"unread").unwrap();
+    let start = Instant::now();
+    r.leave(1);
+    let mut buf = [0u8; 16];
+    let res = c.read(&mut buf);
+    let took = start.elapsed();
+    assert!(
+        matches!(&res, Ok(0)) || res.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{res:?}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    drop(b);
+}
