@@ -9,6 +9,8 @@
 # Environment (all optional):
 #   VM_ACCEL=tcg|kvm|auto    accelerator (tcg: /dev/kvm on these machines hangs a stock kernel)
 #   VM_DOORBELL=auto|on|off  doorbell tests through `ivcom daemon` (auto: when the CLI has it)
+#   VM_DOORBELL_SOCKET=PATH  use an ivshmem server already listening there instead of the daemon
+#                            (any server of QEMU's protocol; both guests connect to it)
 #   VM_QUICK=1               fewer round trips and a 32 MiB bulk transfer
 #   VM_GUEST_TIMEOUT=240     seconds before a guest is killed
 # Installs what it needs (apt-get) and caches the guest kernel under target/vm/cache.
@@ -50,7 +52,10 @@ plain_args() {
     echo "-object memory-backend-file,size=4M,share=on,mem-path=$SHM,id=hm -device ivshmem-plain,memdev=hm"
 }
 doorbell=0
-if [ "$VM_DOORBELL" != off ]; then
+if [ "$VM_DOORBELL" != off ] && [ -n "${VM_DOORBELL_SOCKET:-}" ]; then
+    [ -S "$VM_DOORBELL_SOCKET" ] || vm_die "VM_DOORBELL_SOCKET=$VM_DOORBELL_SOCKET is not a socket"
+    doorbell=2
+elif [ "$VM_DOORBELL" != off ]; then
     if "$VM_IVCOM" daemon --help >/dev/null 2>&1 && "$VM_IVCOM" qemu-args --help >/dev/null 2>&1; then
         doorbell=1
     elif [ "$VM_DOORBELL" = on ]; then
@@ -80,8 +85,13 @@ TOML
     done
     a_args="$a_args $("$VM_IVCOM" qemu-args --config "$cfg" --region vmtest --member a | tr '\n' ' ')"
     b_args="$b_args $("$VM_IVCOM" qemu-args --config "$cfg" --region vmtest --member b | tr '\n' ' ')"
-    steps=$steps,poll_doorbell,doorbell
 fi
+if [ $doorbell = 2 ]; then
+    db="-chardev socket,path=$VM_DOORBELL_SOCKET,id=ivs -device ivshmem-doorbell,chardev=ivs,vectors=1"
+    a_args="$a_args $db"; b_args="$b_args $db"
+    doorbell=1
+fi
+[ $doorbell = 1 ] && steps=$steps,poll_doorbell,doorbell
 steps=$steps,tcp
 
 if [ "${VM_QUICK:-0}" = 1 ]; then

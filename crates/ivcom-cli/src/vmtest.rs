@@ -178,16 +178,32 @@ fn probe(vfio: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes and reads back the last 8 bytes of the shared memory (restoring them).
+/// Writes and reads back the last 8 bytes of the shared memory (restoring them), then checks
+/// that what [`Device::share`] hands out reaches the same memory and registers: BAR2 mapped
+/// again from `memory_fd`, and a doorbell built from `doorbell_fd` (as another process would
+/// after receiving the fds).
 fn self_check(dev: &Device) -> io::Result<()> {
     let mem = Shm::of(dev);
     let off = mem.len.checked_sub(8).ok_or_else(|| io::Error::other("tiny BAR2"))?;
     let old = mem.load(off);
     mem.store(off, 0x1234_5678_9abc_def0);
     let back = mem.load(off);
+    let s = dev.share();
+    let again = guest::Mapping::map(s.memory_fd, s.memory_offset, s.memory_len)?;
+    let (p, len) = again.as_ptr();
+    let other = Shm { ptr: p, len };
+    let seen = other.load(off);
     mem.store(off, old);
     if back != 0x1234_5678_9abc_def0 {
         return Err(io::Error::other("BAR2 read back differs from what was written"));
+    }
+    if seen != back {
+        return Err(io::Error::other("share(): memory_fd maps other memory than BAR2"));
+    }
+    if dev.info().doorbell {
+        // Ringing a peer id nobody has is dropped by QEMU: harmless, and proves the path.
+        let fd = s.doorbell_fd.try_clone_to_owned()?;
+        guest::Doorbell::from_shared(fd, s.doorbell_offset, s.doorbell_is_mmap)?.ring(u16::MAX, 0)?;
     }
     Ok(())
 }

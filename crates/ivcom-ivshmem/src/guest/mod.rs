@@ -672,4 +672,21 @@ mod tests {
         assert_eq!(found[0].bdf, "0000:00:04.0");
         assert_eq!((found[0].bar0_size, found[0].bar2_size, found[0].doorbell), (256, 1 << 20, false));
     }
+
+    #[test]
+    fn doorbell_from_shared_writes_the_register() {
+        for mmap in [false, true] {
+            let fd = rustix::fs::memfd_create("doorbell-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+            let page = rustix::param::page_size() as u64;
+            rustix::fs::ftruncate(&fd, 2 * page).unwrap();
+            let check = File::from(fd.try_clone().unwrap());
+            // BAR0 at the second page of the fd, as a VFIO region offset would put it.
+            let bell = Doorbell::from_shared(fd, page + regs::DOORBELL, mmap).unwrap();
+            bell.ring(3, 1).unwrap();
+            let mut b = [0u8; 4];
+            rustix::io::pread(&check, &mut b, page + regs::DOORBELL).unwrap();
+            assert_eq!(u32::from_le_bytes(b), (3 << 16) | 1, "mmap={mmap}");
+            assert_eq!(bell.read(regs::IV_POSITION).unwrap(), 0);
+        }
+    }
 }
