@@ -18,6 +18,8 @@ pub(crate) enum Signal {
     Pwrite { fd: OwnedFd, offset: u64, value: u32 },
     /// Store `value` into a mapped register page at `reg`.
     Mmio { map: Mapping, reg: usize, value: u32 },
+    /// Nothing to do: the peer polls (ivshmem-plain).
+    Nothing,
 }
 
 impl Signal {
@@ -33,6 +35,7 @@ impl Signal {
             Signal::Mmio { map, reg, value } => {
                 let _ = map.region().store_u32(*reg, *value, Ordering::SeqCst);
             }
+            Signal::Nothing => {}
         }
     }
 
@@ -40,7 +43,7 @@ impl Signal {
     pub(crate) fn check(&self) -> io::Result<()> {
         match self {
             Signal::EventFd(fd) => sys::check_eventfd(fd.as_fd()),
-            Signal::Pwrite { .. } => Ok(()),
+            Signal::Pwrite { .. } | Signal::Nothing => Ok(()),
             Signal::Mmio { map, reg, .. } => {
                 if reg.checked_add(4).is_some_and(|e| e <= map.region().len()) && reg.is_multiple_of(4) {
                     Ok(())

@@ -485,11 +485,12 @@ impl<P: Port> Agent<P> {
         let door =
             self.port.share_doorbell(peer).ok_or_else(|| other(format!("peer {peer} has no doorbell")))?;
         let (kind, value, d_off, d_len, d_fd) = match door {
-            DoorbellShare::EventFd(fd) => (0u8, 0, 0, 0, fd),
-            DoorbellShare::Pwrite { fd, offset, value } => (1, value, offset, 0, fd),
+            DoorbellShare::EventFd(fd) => (0u8, 0, 0, 0, Some(fd)),
+            DoorbellShare::Pwrite { fd, offset, value } => (1, value, offset, 0, Some(fd)),
             DoorbellShare::Mmio { fd, map_offset, map_len, reg, value } => {
-                (2, value, map_offset + reg as u64, map_len as u64, fd)
+                (2, value, map_offset + reg as u64, map_len as u64, Some(fd))
             }
+            DoorbellShare::Nothing => (3, 0, 0, 0, None),
         };
         let ch = Channel {
             listener_side,
@@ -501,11 +502,9 @@ impl<P: Port> Agent<P> {
             doorbell_map_len: d_len,
             peer,
         };
-        sys::send_packet(
-            sock,
-            &Packet::Channel(ch).encode(),
-            &[mem_fd, ctrl_theirs.as_fd(), own_rx.as_fd(), own_tx.as_fd(), d_fd],
-        )?;
+        let mut fds = vec![mem_fd, ctrl_theirs.as_fd(), own_rx.as_fd(), own_tx.as_fd()];
+        fds.extend(d_fd);
+        sys::send_packet(sock, &Packet::Channel(ch).encode(), &fds)?;
         let fd = ctrl_ours.as_raw_fd();
         epoll::add(
             &self.epoll,

@@ -79,7 +79,8 @@ pub(crate) fn connect(agent: &Path, name: &str, timeout: Duration, spin: Duratio
     }
 }
 
-fn doorbell(c: &Channel, fd: OwnedFd) -> io::Result<Signal> {
+fn doorbell(c: &Channel, fd: Option<OwnedFd>) -> io::Result<Signal> {
+    let Some(fd) = fd else { return Ok(Signal::Nothing) };
     let s = match c.doorbell_kind {
         0 => Signal::EventFd(fd),
         1 => Signal::Pwrite { fd, offset: c.doorbell_offset, value: c.doorbell_value },
@@ -99,8 +100,14 @@ fn bad(what: &str) -> io::Error {
 }
 
 fn conn(c: Channel, fds: Vec<OwnedFd>, spin: Duration) -> io::Result<Conn> {
-    let [mem, ctrl, own_rx, own_tx, door]: [OwnedFd; 5] =
-        fds.try_into().map_err(|v: Vec<OwnedFd>| bad(&format!("{} descriptors instead of 5", v.len())))?;
+    let want = if c.doorbell_kind == 3 { 4 } else { 5 };
+    if fds.len() != want {
+        return Err(bad(&format!("{} descriptors instead of {want}", fds.len())));
+    }
+    let mut fds = fds.into_iter();
+    let mut next = || fds.next().expect("counted");
+    let (mem, ctrl, own_rx, own_tx) = (next(), next(), next(), next());
+    let door = if want == 5 { Some(next()) } else { None };
     sys::check_eventfd(own_rx.as_fd())?;
     sys::check_eventfd(own_tx.as_fd())?;
     let len = usize::try_from(c.mem_len).map_err(|_| bad("slot too large"))?;
@@ -112,7 +119,7 @@ fn conn(c: Channel, fds: Vec<OwnedFd>, spin: Duration) -> io::Result<Conn> {
     } else {
         (Direction::ToConnector, Direction::ToListener)
     };
-    let door2 = door.try_clone()?;
+    let door2 = door.as_ref().map(OwnedFd::try_clone).transpose()?;
     Conn::new(ConnParts {
         map,
         ctrl,

@@ -9,11 +9,13 @@
 //!   [`crate::Options::agent`] (or `IVCOM_AGENT`) names its socket.
 
 mod agent;
+mod ivshmem;
 pub(crate) mod local;
 mod port;
 mod wire;
 
 pub use agent::{Agent, AgentConfig};
+pub use ivshmem::{DaemonMember, GuestDevice};
 pub use port::{DoorbellShare, HostPort, Port};
 
 use std::io;

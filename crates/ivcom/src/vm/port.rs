@@ -38,6 +38,8 @@ pub enum DoorbellShare<'a> {
         /// The value to store: `peer << 16 | vector`.
         value: u32,
     },
+    /// Nothing to ring (ivshmem-plain): the peer's agent polls.
+    Nothing,
 }
 
 /// One member's view of a shared region.

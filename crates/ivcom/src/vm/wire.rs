@@ -7,9 +7,9 @@
 //! - `CONNECT`: u32 timeout in ms, u16 name length, name. Answer `CHANNEL` or `ERROR`.
 //! - `ERROR`: i32 errno, then a UTF-8 message.
 //! - `CHANNEL`: u8 role (0 connector, 1 listener), u8 doorbell kind (0 eventfd, 1 pwrite,
-//!   2 mmio), u16 zero, u32 doorbell value, u64 memory offset, u64 memory length, u64
+//!   2 mmio, 3 none), u16 zero, u32 doorbell value, u64 memory offset, u64 memory length, u64
 //!   doorbell offset, u64 doorbell mapping length, u32 peer id; descriptors: memory, liveness
-//!   socket, data eventfd, space eventfd, doorbell.
+//!   socket, data eventfd, space eventfd, and the doorbell's unless its kind is none.
 
 use std::io;
 
@@ -147,7 +147,7 @@ impl Packet {
                 let doorbell_offset = r.u64().ok_or_else(short)?;
                 let doorbell_map_len = r.u64().ok_or_else(short)?;
                 let peer = r.u32().ok_or_else(short)?;
-                if side > 1 || doorbell_kind > 2 {
+                if side > 1 || doorbell_kind > 3 {
                     return Err(bad("bad channel role or doorbell kind"));
                 }
                 Packet::Channel(Channel {
