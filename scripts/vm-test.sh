@@ -24,15 +24,12 @@ VM_START=${VM_START:-$(date +%s)}
 export VM_START
 
 if [ -z "${VM_IN_NETNS:-}" ]; then
-    [ "$(id -u)" = 0 ] || vm_die "run as root (apt-get, VFIO-free host side, network namespace)"
+    [ "$(id -u)" = 0 ] || vm_die "run as root (apt-get, network namespace, /dev/shm)"
     vm_prepare
-    export VM_IN_NETNS=1 VM_VMLINUX VM_INITRD VM_IVCOM VM_ACCEL VM_KVER
-    # The guests' only link is QEMU's UDP socket on loopback; a private network namespace
-    # keeps anything they send on this machine.
-    exec unshare --net -- bash "$0" "$@"
 fi
-
-ip link set lo up 2>/dev/null || /bin/busybox ip link set lo up
+# The guests' only link is QEMU's UDP socket on loopback; a private network namespace keeps
+# anything they send on this machine.
+vm_enter_netns "$@"
 rm -rf "$VM_RUN" && mkdir -p "$VM_RUN"
 VM_NONCE=$((RANDOM * 32768 + RANDOM + 1))
 SHM=/dev/shm/ivcom-vmtest-$$
