@@ -609,3 +609,110 @@ impl Ops {
         self.op(op).bytes(&[sel]).bytes(&arg.to_le_bytes())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// directory_ops
+// ---------------------------------------------------------------------------------------------
+
+/// The multi-channel directory (`ivcom_ring::directory`) against a hostile peer.
+///
+/// Input: one configuration byte (peers `1 + b % 4`, slot capacity `4096 << (b / 4 % 3)`),
+/// then operations, each an opcode byte (`% 8`) and its arguments:
+/// 0: the peer stores a u64 (offset u32, value u64) anywhere past the header;
+/// 1: the peer stores a u32 likewise; 2: we bind name `n<u8 % 4>`; 3: we look a name up and
+/// request a channel to it; 4: we answer the requests addressed to us (accept if the u8 is
+/// even) and acknowledge finished ones; 5: we release one of our channels (u8 picks);
+/// 6: we reclaim; 7: the peer rewrites a header field (offset u8 * 8, value u64) and we
+/// attach again.
+/// Errors are fine; a panic, an access outside the region, a slot we do not own, or a
+/// request or name outside the validated bounds are not.
+pub fn directory_ops(data: &[u8]) {
+    use ivcom_ring::directory::{self, Directory, ListenerAnswer, Owned, PeerState, Spec};
+
+    const SIZE: usize = 512 * 1024;
+    let mut inp = Input::new(data);
+    let cfg = inp.u8();
+    let spec = Spec {
+        peers: 1 + u32::from(cfg % 4),
+        listeners_per_peer: 4,
+        slot_capacity: 4096 << (cfg / 4 % 3),
+        managed: true,
+    };
+    let heap = HeapRegion::new(SIZE);
+    let shm = heap.region();
+    let Ok(geom) = directory::format(shm, &spec) else { return };
+    let dir = Directory::new(shm, geom).expect("formatted geometry");
+    for p in 0..geom.peers {
+        dir.set_peer(p, PeerState { epoch: 1, alive: true }).unwrap();
+    }
+    let alive = |p: u32| dir.peer(p).map(|s| s.alive).unwrap_or(false);
+    let gone = |p: u32, e: u64| dir.peer(p).map(|s| s.epoch != e || !s.alive).unwrap_or(true);
+    let mut me = Owned::claim(&dir, 0).unwrap();
+    let mut held: Vec<(u32, u32)> = Vec::new();
+    let mut steps = 0;
+    while !inp.is_empty() && steps < 256 {
+        steps += 1;
+        match inp.u8() % 8 {
+            0 => {
+                let o = 4096 + (inp.u32() as usize % (geom.slots_off - 4096)) / 8 * 8;
+                shm.store_u64(o, inp.u64(), Ordering::Relaxed).unwrap();
+            }
+            1 => {
+                let o = 4096 + (inp.u32() as usize % (geom.slots_off - 4096)) / 4 * 4;
+                shm.store_u32(o, inp.u32(), Ordering::Relaxed).unwrap();
+            }
+            2 => {
+                let _ = me.bind(&dir, &format!("n{}", inp.u8() % 4), &alive);
+            }
+            3 => {
+                let name = format!("n{}", inp.u8() % 4);
+                if let Ok(Some(l)) = dir.lookup(&name, &alive, None) {
+                    assert!(l.peer < geom.peers && l.index < geom.listeners_per_peer);
+                    let epoch = dir.peer(l.peer).map(|s| s.epoch).unwrap_or(0);
+                    if let Ok((slot, gen)) = me.request(&dir, l, epoch, &gone) {
+                        assert_eq!(geom.slot_owner(slot), 0, "allocated a slot we do not own");
+                        let (o, len) = geom.slot_range(slot);
+                        assert!(o + len <= SIZE);
+                        held.push((slot, gen));
+                    }
+                }
+            }
+            4 => {
+                let accept = inp.u8() % 2 == 0;
+                for slot in 0..geom.slots() + 2 {
+                    if let Ok(Some(r)) = dir.request(slot, 0) {
+                        assert!(r.slot < geom.slots() && r.index < geom.listeners_per_peer && r.from < geom.peers);
+                        let a = if accept && me.addresses_us(&r, 1) {
+                            ListenerAnswer::Accepted
+                        } else {
+                            ListenerAnswer::Refused
+                        };
+                        dir.set_answer(slot, r.gen, a).unwrap();
+                    }
+                    if let Ok(Some(gen)) = dir.finished_by_connector(slot, 0) {
+                        dir.set_answer(slot, gen, ListenerAnswer::Closed).unwrap();
+                    }
+                }
+            }
+            5 => {
+                if !held.is_empty() {
+                    let (slot, gen) = held.swap_remove(inp.u8() as usize % held.len());
+                    me.release(&dir, slot, gen, &gone).unwrap();
+                }
+            }
+            6 => me.reclaim(&dir, &gone).unwrap(),
+            _ => {
+                let o = (inp.u8() as usize % 12) * 8;
+                shm.store_u64(o, inp.u64(), Ordering::Relaxed).unwrap();
+                if let Ok(g) = directory::attach(shm) {
+                    // What attach accepts lies inside the region.
+                    let (o, len) = g.slot_range(g.slots() - 1);
+                    assert!(o + len <= SIZE);
+                    assert!(Directory::new(shm, g).is_ok());
+                }
+            }
+        }
+        let (busy, draining, free) = me.slot_counts();
+        assert_eq!(busy + draining + free, geom.slots_per_peer as usize);
+    }
+}

@@ -136,6 +136,32 @@ fn ring_ops_random_and_mutated() {
     }
 }
 
+#[test]
+fn directory_ops_corpus_replays() {
+    let seeds = corpus("directory_ops");
+    assert!(seeds.len() >= 8, "seed corpus missing: run regenerate_seed_corpus");
+    for (path, data) in &seeds {
+        eprintln!("{}", path.display());
+        fuzz_logic::directory_ops(data);
+    }
+}
+
+#[test]
+fn directory_ops_random_and_mutated() {
+    let seeds = corpus("directory_ops");
+    let mut rng = Rng(0x5eed_d1ec_7012_3456);
+    for i in 0..1500 {
+        let input = if i % 3 == 0 {
+            let n = rng.below(600);
+            rng.bytes(n)
+        } else {
+            let seed = &seeds[rng.below(seeds.len())].1;
+            mutate(&mut rng, seed, 0)
+        };
+        fuzz_logic::directory_ops(&input);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Seed generation
 // ---------------------------------------------------------------------------------------------
@@ -359,7 +385,11 @@ fn ring_ops_seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// input format).
 #[test]
 fn seed_corpus_is_up_to_date() {
-    for (target, seeds) in [("region_header", region_header_seeds()), ("ring_ops", ring_ops_seeds())] {
+    for (target, seeds) in [
+        ("region_header", region_header_seeds()),
+        ("ring_ops", ring_ops_seeds()),
+        ("directory_ops", directory_ops_seeds()),
+    ] {
         for (name, data) in seeds {
             let path = corpus_dir(target).join(name);
             let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -372,11 +402,41 @@ fn seed_corpus_is_up_to_date() {
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand after changing the input format"]
 fn regenerate_seed_corpus() {
-    for (target, seeds) in [("region_header", region_header_seeds()), ("ring_ops", ring_ops_seeds())] {
+    for (target, seeds) in [
+        ("region_header", region_header_seeds()),
+        ("ring_ops", ring_ops_seeds()),
+        ("directory_ops", directory_ops_seeds()),
+    ] {
         let dir = corpus_dir(target);
         std::fs::create_dir_all(&dir).unwrap();
         for (name, data) in seeds {
             std::fs::write(dir.join(name), data).unwrap();
         }
     }
+}
+
+/// directory_ops seeds: honest sequences (bind, connect, answer, release, reclaim) for each
+/// configuration, and the same with a hostile store or header rewrite in between.
+fn directory_ops_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let honest = |cfg: u8| {
+        vec![cfg, 2, 0, 3, 0, 4, 0, 3, 0, 4, 1, 5, 0, 6, 2, 1, 3, 1, 4, 0, 5, 0, 6]
+    };
+    let mut with_store = honest(1);
+    with_store.extend([0, 0x48, 0x10, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 3, 0, 4, 0]);
+    let mut with_header = honest(2);
+    with_header.extend([7, 3, 0, 0, 0, 1, 0, 0, 0, 0, 3, 0]);
+    let mut many = vec![0u8];
+    for _ in 0..40 {
+        many.extend([2, 0, 3, 0, 4, 0]);
+    }
+    vec![
+        ("honest-1-peer", honest(0)),
+        ("honest-2-peers", honest(1)),
+        ("honest-3-peers-8k", honest(6)),
+        ("honest-4-peers-16k", honest(11)),
+        ("hostile-store", with_store),
+        ("hostile-header", with_header),
+        ("many-connections", many),
+        ("empty", vec![]),
+    ]
 }
