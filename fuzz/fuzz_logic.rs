@@ -678,7 +678,7 @@ pub fn directory_ops(data: &[u8]) {
                 }
             }
             4 => {
-                let accept = inp.u8() % 2 == 0;
+                let accept = inp.u8().is_multiple_of(2);
                 for slot in 0..geom.slots() + 2 {
                     if let Ok(Some(r)) = dir.request(slot, 0) {
                         assert!(r.slot < geom.slots() && r.index < geom.listeners_per_peer && r.from < geom.peers);
