@@ -39,12 +39,76 @@ enum Command {
         #[command(flatten)]
         chan: ChannelArgs,
     },
+    /// Serve QEMU's ivshmem-server protocol for the regions of a configuration file, in the
+    /// foreground, until SIGINT or SIGTERM (see docs/daemon.md).
+    Daemon(DaemonArgs),
+    /// Print the QEMU options that attach MEMBER to REGION of a daemon configuration.
+    QemuArgs(QemuArgsArgs),
     /// Internal: one side of a benchmark cell, started by `ivcom bench`.
     #[command(hide = true)]
     BenchPeer(ivcom_bench::PeerArgs),
     /// Internal: guest-side commands of the VM test harness (scripts/vm-test.sh).
     #[command(hide = true, subcommand)]
     Vm(vmtest::VmCommand),
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    /// Configuration file (TOML: [[group]] and [[pairs]] tables).
+    #[arg(long)]
+    config: PathBuf,
+    /// Directory of the members' sockets; overrides the file's socket_dir.
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct QemuArgsArgs {
+    /// Configuration file the daemon runs with.
+    #[arg(long)]
+    config: PathBuf,
+    /// Region name (a group's name, or SET.A.B for a pair of a [[pairs]] set).
+    #[arg(long)]
+    region: String,
+    /// The member the QEMU is.
+    #[arg(long)]
+    member: String,
+    /// The ivshmem-plain form (for regions with plain = true).
+    #[arg(long)]
+    plain: bool,
+    /// Directory of the members' sockets, if the daemon runs with --socket-dir.
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; dropping it removes its sockets.
+fn daemon(args: &DaemonArgs) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let cfg = ivcom_daemon::Config::load(&args.config)?;
+    let opts = ivcom_daemon::DaemonOptions { socket_dir: args.socket_dir.clone(), ..Default::default() };
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let mut d = ivcom_daemon::Daemon::new(&cfg, &opts, None)?;
+    let (stop, sig) = (d.stop_handle(), signals.handle());
+    let waiter = std::thread::spawn(move || {
+        if let Some(s) = signals.forever().next() {
+            tracing::info!("signal {s}: stopping");
+            stop.stop();
+        }
+    });
+    let served = d.run();
+    drop(d);
+    sig.close();
+    let _ = waiter.join();
+    Ok(served?)
+}
+
+fn qemu_args(args: &QemuArgsArgs) -> Result<()> {
+    let cfg = ivcom_daemon::Config::load(&args.config)?;
+    let dir = cfg.socket_dir(args.socket_dir.as_deref());
+    let words = ivcom_daemon::qemu_args(&cfg, &dir, &args.region, &args.member, args.plain)?;
+    println!("{}", ivcom_daemon::shell_line(&words));
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +196,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(args) => ivcom_bench::run(&args),
         Command::BenchPeer(args) => ivcom_bench::peer_main(&args),
+        Command::Daemon(args) => daemon(&args),
+        Command::QemuArgs(args) => qemu_args(&args),
         Command::Vm(cmd) => vmtest::run(cmd),
         Command::Listen { name, chan, access } => {
             let opts = chan.options().access(access);
@@ -151,8 +217,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber_init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The daemon reports connections at info level; everything else only warns.
+    tracing_subscriber_init(if matches!(cli.command, Command::Daemon(_)) { "info" } else { "warn" });
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ivcom: {e:#}");
@@ -162,8 +230,8 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr, filtered by `IVCOM_LOG` (e.g. `IVCOM_LOG=debug`).
-fn tracing_subscriber_init() {
+fn tracing_subscriber_init(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IVCOM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).init();
 }

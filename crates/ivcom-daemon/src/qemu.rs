@@ -94,6 +94,19 @@ pub fn qemu_args(
     ])
 }
 
+/// Joins arguments into one line a POSIX shell splits back into the same arguments.
+pub fn shell_line(args: &[String]) -> String {
+    let quote = |a: &String| {
+        let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "_./,=:@%+-".contains(c));
+        if plain {
+            a.clone()
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    args.iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
 /// QEMU option values escape a comma by doubling it.
 fn qemu_escape(s: &str) -> String {
     s.replace(',', ",,")
@@ -102,6 +115,12 @@ fn qemu_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_quoting() {
+        let a = ["-chardev".to_string(), "socket,path=/a b/it's.sock,id=x".to_string()];
+        assert_eq!(shell_line(&a), r"-chardev 'socket,path=/a b/it'\''s.sock,id=x'");
+    }
 
     #[test]
     fn forms() {
