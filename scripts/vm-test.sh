@@ -75,11 +75,13 @@ vectors = 1
 TOML
     "$VM_IVCOM" daemon --config "$cfg" >"$VM_RUN/daemon.log" 2>&1 &
     DAEMON_PID=$!
+    # Sockets are SOCKET_DIR/REGION/MEMBER.sock; wait (bounded) until both are there.
     for _ in $(seq 100); do
-        [ -S "$VM_RUN/sock/vmtest.a.sock" ] || ls "$VM_RUN"/sock/*.sock >/dev/null 2>&1 && break
+        [ -S "$VM_RUN/sock/vmtest/a.sock" ] && [ -S "$VM_RUN/sock/vmtest/b.sock" ] && break
         kill -0 $DAEMON_PID 2>/dev/null || { cat "$VM_RUN/daemon.log" >&2; vm_die "ivcom daemon exited"; }
         sleep 0.1
     done
+    [ -S "$VM_RUN/sock/vmtest/b.sock" ] || vm_die "ivcom daemon did not create its sockets in 10 s"
     a_args="$a_args $("$VM_IVCOM" qemu-args --config "$cfg" --region vmtest --member a | tr '\n' ' ')"
     b_args="$b_args $("$VM_IVCOM" qemu-args --config "$cfg" --region vmtest --member b | tr '\n' ' ')"
 fi
