@@ -25,6 +25,10 @@ pub enum VmCommand {
         /// Also open doorbell devices through VFIO (binds them to vfio-pci).
         #[arg(long)]
         vfio: bool,
+        /// Which guest this is: a and b check different words of the memory, so that two
+        /// guests probing the same region at once do not disturb each other's check.
+        #[arg(long, value_enum)]
+        role: Option<Role>,
     },
     /// Raw ping-pong over the shared memory of one device between guests a and b.
     Pingpong(PingArgs),
@@ -69,7 +73,9 @@ pub struct PingArgs {
     /// Round trips.
     #[arg(long, default_value_t = 1000)]
     count: u32,
-    /// Which 64 KiB slot of the shared memory this run uses (one per test in a boot).
+    /// Which 64 KiB slot of the shared memory this run uses (one per test in a boot), counted
+    /// from the end of BAR2: the raw test overwrites it, and the start of a region served by
+    /// `ivcom daemon` holds the region's directory.
     #[arg(long, default_value_t = 0)]
     slot: usize,
     /// A number both guests share for this run; stale data from another run never matches it.
@@ -107,7 +113,7 @@ pub struct TcpArgs {
 
 pub fn run(cmd: VmCommand) -> Result<()> {
     match cmd {
-        VmCommand::Probe { vfio } => probe(vfio),
+        VmCommand::Probe { vfio, role } => probe(vfio, role),
         VmCommand::Pingpong(a) => pingpong(&a),
         VmCommand::Tcp(a) => tcp(&a),
     }
@@ -127,7 +133,8 @@ fn kind(d: &DeviceInfo) -> &'static str {
     }
 }
 
-fn probe(vfio: bool) -> Result<()> {
+fn probe(vfio: bool, role: Option<Role>) -> Result<()> {
+    let word = if role == Some(Role::B) { 2 } else { 1 };
     let devices = guest::find_devices().context("listing PCI devices")?;
     marker(format_args!("probe devices={}", devices.len()));
     ensure!(!devices.is_empty(), "no ivshmem device (1af4:1110) in /sys/bus/pci/devices");
@@ -149,7 +156,7 @@ fn probe(vfio: bool) -> Result<()> {
         }
         for access in accesses {
             let name = if access == Access::Vfio { "vfio" } else { "sysfs" };
-            match Device::open(d, access).and_then(|dev| self_check(&dev).map(|()| dev)) {
+            match Device::open(d, access).and_then(|dev| self_check(&dev, word).map(|()| dev)) {
                 Ok(dev) => {
                     let s = dev.share();
                     marker(format_args!(
@@ -178,13 +185,14 @@ fn probe(vfio: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes and reads back the last 8 bytes of the shared memory (restoring them), then checks
+/// Writes and reads back the `word`-th 8 bytes from the end of the shared memory (restoring
+/// them), then checks
 /// that what [`Device::share`] hands out reaches the same memory and registers: BAR2 mapped
 /// again from `memory_fd`, and a doorbell built from `doorbell_fd` (as another process would
 /// after receiving the fds).
-fn self_check(dev: &Device) -> io::Result<()> {
+fn self_check(dev: &Device, word: usize) -> io::Result<()> {
     let mem = Shm::of(dev);
-    let off = mem.len.checked_sub(8).ok_or_else(|| io::Error::other("tiny BAR2"))?;
+    let off = mem.len.checked_sub(8 * word).ok_or_else(|| io::Error::other("tiny BAR2"))?;
     let old = mem.load(off);
     mem.store(off, 0x1234_5678_9abc_def0);
     let back = mem.load(off);
@@ -306,8 +314,10 @@ fn pingpong(a: &PingArgs) -> Result<()> {
     );
     let dev = Device::open(&info, access).with_context(|| format!("opening {} ({access:?})", info.bdf))?;
     let mem = Shm::of(&dev);
-    let base =
-        a.slot.checked_mul(slot::SIZE).filter(|b| b + slot::SIZE <= mem.len).context("--slot beyond BAR2")?;
+    let base = (a.slot + 1)
+        .checked_mul(slot::SIZE)
+        .and_then(|end| mem.len.checked_sub(end))
+        .context("--slot beyond BAR2")?;
     let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
     let nonce = a.run | 1; // never 0, the value of fresh memory
     let (my_hello, their_hello, my_seq, their_seq, my_data, their_data, side) = match a.role {

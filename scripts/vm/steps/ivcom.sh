@@ -5,12 +5,12 @@
 
 # Lists the ivshmem devices and opens each one; doorbell devices also through VFIO.
 step_probe() {
-    ivcom vm probe --vfio
+    ivcom vm probe --vfio --role "$role"
 }
 
 # Lists and opens through sysfs only (for a guest without an IOMMU or VFIO modules).
 step_probe_sysfs() {
-    ivcom vm probe
+    ivcom vm probe --role "$role"
 }
 
 # Polled ping-pong over ivshmem-plain, BAR2 mapped through sysfs.
