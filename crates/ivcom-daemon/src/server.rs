@@ -430,6 +430,9 @@ impl Daemon {
                     r.cfg.name,
                     r.cfg.members[mi]
                 );
+                // An invalid version makes QEMU fail at once, where a bare close would leave it
+                // spinning in its setup read.
+                let _ = protocol::send_message(&sock, protocol::REFUSAL, None);
                 drop(sock);
                 continue;
             }

@@ -201,8 +201,8 @@ fn second_connection_for_a_member_is_refused_first_keeps_working() {
     let d = start(LAB, Recorder::default());
     let mut a = Client::connect(&d.sock("lab", "vm1"), T).unwrap();
     match Client::connect(&d.sock("lab", "vm1"), T) {
-        Err(ClientError::Closed) => {}
-        other => panic!("expected the second connection to be closed, got {other:?}"),
+        Err(ClientError::Refused) => {}
+        other => panic!("expected the second connection to be refused, got {other:?}"),
     }
     // Nothing was announced for it, and the first connection still serves.
     assert!(a.poll_events().unwrap().is_empty());

@@ -94,6 +94,19 @@ vectors = 1
     q1.assert_running();
     q2.assert_running();
 
+    // A second QEMU for vm1 is refused and fails at once (rather than hanging).
+    let mut dup = Qemu::start(&args("vm1"), d.dir.join("dup.err"));
+    let end = Instant::now() + T;
+    let st = loop {
+        if let Some(st) = dup.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "a refused QEMU kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!st.success());
+    assert!(dup.stderr().contains("server sent version -1, expecting 0"), "{}", dup.stderr());
+
     // The host joins as the third member and sees both QEMUs, one vector each.
     let mut host = Client::connect(&d.sock("vms", "host"), T).unwrap();
     assert_eq!(host.id(), 2);

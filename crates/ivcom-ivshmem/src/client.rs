@@ -17,7 +17,9 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-use crate::protocol::{Message, MessageReader, ReadError, ReadOutcome, PROTOCOL_VERSION, SHM_MESSAGE};
+use crate::protocol::{
+    Message, MessageReader, ReadError, ReadOutcome, PROTOCOL_VERSION, REFUSAL, SHM_MESSAGE,
+};
 
 /// How long [`Client::connect`] waits for more of its own vectors once they started coming and
 /// nothing tells it how many there are (no other peer was connected to count from).
@@ -54,6 +56,10 @@ pub enum ClientError {
     /// The server broke the protocol.
     #[error("ivshmem protocol violation by the server: {0}")]
     Protocol(String),
+    /// The server refused the connection (it sent [`REFUSAL`] instead of the version; the
+    /// ivcom daemon does this when the member is connected already).
+    #[error("the ivshmem server refused the connection (is this member connected already?)")]
+    Refused,
     /// The setup did not finish in time.
     #[error("the ivshmem server did not finish the setup within {0:?}")]
     Timeout(Duration),
@@ -139,6 +145,9 @@ impl Client {
 
         let mut reader = MessageReader::new();
         let version = next_message(&sock, &mut reader, deadline, timeout)?;
+        if version.value == REFUSAL && version.fd.is_none() {
+            return Err(ClientError::Refused);
+        }
         if version.value != PROTOCOL_VERSION {
             return Err(ClientError::Version { got: version.value });
         }

@@ -37,6 +37,12 @@ pub const PROTOCOL_VERSION: i64 = 0;
 /// The value of the message that carries the shared memory descriptor.
 pub const SHM_MESSAGE: i64 = -1;
 
+/// What a server sends instead of the version to refuse a connection, then closes it (an ivcom
+/// convention, not in QEMU's spec). Any version but 0 makes QEMU fail at once ("server sent
+/// version -1, expecting 0"); a bare close would not: QEMU 7.2 reads the setup with a loop that
+/// does not stop at end of file and spins until killed.
+pub const REFUSAL: i64 = -1;
+
 /// Largest peer id: the doorbell register has 16 bits for it.
 pub const MAX_PEER_ID: u16 = u16::MAX;
 
