@@ -144,8 +144,10 @@ pp_row() { # pp_row LABEL MODE ACCESS
     if [ -z "$line" ] || [ -z "$lb" ]; then fail "no pingpong result for $1"; row "$1" "-" "MISSING"; return; fi
     local e; e=$(( $(vm_field "$line" errors) + $(vm_field "$lb" errors) ))
     [ "$e" = 0 ] || fail "$1: $e corrupted messages"
+    local w=""
+    [ "$2" = Doorbell ] && w=", interrupts a/b $(vm_field "$line" wakeups)/$(vm_field "$lb" wakeups)"
     row "$1" "$(vm_field "$line" size) B x $(vm_field "$line" count)" \
-        "rtt mean $(vm_field "$line" rtt_us_mean) us, p50 $(vm_field "$line" rtt_us_p50), p99 $(vm_field "$line" rtt_us_p99)"
+        "rtt mean $(vm_field "$line" rtt_us_mean) us, p50 $(vm_field "$line" rtt_us_p50), p99 $(vm_field "$line" rtt_us_p99)$w"
 }
 pp_row "ivshmem-plain polled (sysfs)" Poll Sysfs
 if [ $doorbell = 1 ]; then
