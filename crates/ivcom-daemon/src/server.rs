@@ -266,6 +266,7 @@ impl Daemon {
             });
         }
         let socket_dir = config.socket_dir(opts.socket_dir.as_deref());
+        raise_fd_limit();
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(sys("creating an epoll set"))?;
         let stop =
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(sys("creating an eventfd"))?;
@@ -423,6 +424,12 @@ impl Daemon {
                     return;
                 }
             };
+            // The connection we have may have closed already, its event not yet handled (a
+            // member that reconnects at once): look before refusing.
+            if let Some(gen) = self.regions[ri].members[mi].conn.as_ref().map(|c| c.gen) {
+                self.conn_event(ri, mi, gen, epoll::EventFlags::IN);
+                self.reap();
+            }
             let r = &self.regions[ri];
             if r.members[mi].conn.is_some() {
                 tracing::error!(
@@ -633,6 +640,20 @@ impl Drop for Region {
         }
         if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir(d); // only if empty
+        }
+    }
+}
+
+/// Every member holds a socket and one eventfd per vector, and queued notices hold more: raise
+/// the soft descriptor limit to the hard one, so that a large configuration does not run out
+/// at the default 1024 (running out makes accepts and eventfd creation fail, which is logged).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::debug!("cannot raise the descriptor limit: {e}");
         }
     }
 }

@@ -239,6 +239,39 @@ fn client_that_sends_bytes_is_disconnected_others_keep_working() {
 }
 
 #[test]
+fn member_that_never_reads_is_disconnected_others_keep_working() {
+    let d = start(
+        "[[group]]\nname = 'busy'\nmembers = ['stuck', 'churn', 'ok']\nsize = '1M'\nvectors = 64\n",
+        Recorder::default(),
+    );
+    // Connected, never reads: every join and departure of `churn` queues 65 messages for it.
+    let stuck = UnixStream::connect(d.sock("busy", "stuck")).unwrap();
+    assert!(d.rec.wait_for("joined busy 0", T));
+    let mut ok = Client::connect_with_vectors(&d.sock("busy", "ok"), 64, T).unwrap();
+    let mut gone = false;
+    for _ in 0..1000 {
+        let c = Client::connect_with_vectors(&d.sock("busy", "churn"), 64, T).unwrap();
+        drop(c);
+        ok.poll_events().unwrap(); // this one keeps up
+        if d.rec.lines().iter().any(|l| l == "left busy 0") {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "a member that never reads was never disconnected");
+    drop(stuck);
+    // The reader is still served: it sees the churn and rings work.
+    let c = Client::connect_with_vectors(&d.sock("busy", "churn"), 64, T).unwrap();
+    let end = std::time::Instant::now() + T;
+    while ok.peers().get(&1).is_none_or(|v| v.len() < 64) {
+        assert!(std::time::Instant::now() < end, "the reading member stopped getting notices");
+        ok.wait_events(SHORT).unwrap();
+    }
+    ok.ring(1, 63).unwrap();
+    assert_eq!(c.wait_interrupt(63, T).unwrap(), Some(1));
+}
+
+#[test]
 fn socket_directory_in_use_by_another_daemon() {
     let d = start(LAB, Recorder::default());
     let cfg = config(LAB, &d.dir);

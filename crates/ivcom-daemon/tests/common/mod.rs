@@ -14,6 +14,10 @@ use ivcom_daemon::{Config, Daemon, DaemonOptions, RegionHooks, RegionView, StopH
 pub fn watchdog() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        // The daemon's log, shown for failing tests (`IVCOM_LOG=info` for more).
+        let filter = tracing_subscriber::EnvFilter::try_from_env("IVCOM_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         std::thread::spawn(|| {
             std::thread::sleep(Duration::from_secs(300));
             eprintln!("watchdog: tests still running after 300 s; aborting");
