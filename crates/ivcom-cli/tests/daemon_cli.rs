@@ -87,7 +87,7 @@ fn serve_then_stop_on(sig: rustix::process::Signal, tag: &str) {
     let sock = |m: &str| dir.join("vm").join("lab").join(format!("{m}.sock"));
     wait_for_path(&sock("host"));
 
-    let mut a = Client::connect(&sock("vm1"), T).unwrap();
+    let mut a = Client::connect_with_vectors(&sock("vm1"), 2, T).unwrap();
     let b = Client::connect(&sock("vm2"), T).unwrap();
     assert_eq!((a.id(), b.id(), b.vectors().len()), (0, 1, 2));
     assert!(matches!(a.wait_events(T).unwrap().as_slice(), [PeerEvent::Joined { id: 1, .. }]));
