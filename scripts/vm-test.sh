@@ -101,12 +101,13 @@ fi
 
 vm_log "booting a and b (accel $VM_ACCEL, steps $steps)"
 T_BOOT=$SECONDS
-rc=0
-vm_boot_pair "$steps" "$a_args" "$b_args" $tun || rc=1
+boot_ok=1
+vm_boot_pair "$steps" "$a_args" "$b_args" $tun || boot_ok=0
 vm_log "guests done in $((SECONDS - T_BOOT)) s; serial logs in $VM_RUN"
 
 # --- results ------------------------------------------------------------------------------
-fail() { vm_log "FAIL: $*"; rc=1; }
+nfail=0 npass=0 seen_fail=0 rc=0
+fail() { vm_log "FAIL: $*"; rc=1; nfail=$((nfail + 1)); }
 need() { # need NAME WORD FILTER...: the first marker line of NAME starting WORD and matching all FILTERs
     local line; line=$(vm_markers "$1" "$2")
     shift 2
@@ -115,7 +116,13 @@ need() { # need NAME WORD FILTER...: the first marker line of NAME starting WORD
     printf '%s\n' "$line" | head -1
 }
 rows=()
-row() { rows+=("$(printf '%-34s %-44s %s' "$1" "$2" "$3")"); }
+# row LABEL SHAPE RESULT: a table line; it counts as failed if a check failed since the last row.
+row() {
+    local ok=ok
+    if [ $nfail -gt $seen_fail ]; then ok=FAIL; else npass=$((npass + 1)); fi
+    seen_fail=$nfail
+    rows+=("$(printf '%-4s %-34s %-44s %s' "$ok" "$1" "$2" "$3")")
+}
 
 for g in a b; do
     for s in ${steps//,/ }; do
@@ -123,20 +130,24 @@ for g in a b; do
         [ -n "$line" ] || { fail "$g: no marker for step $s"; continue; }
         [ "$(vm_field "$line" rc)" = 0 ] || fail "$g: step $s failed ($line)"
     done
+done
+[ $boot_ok = 1 ] || fail "a guest failed a step or missed its done marker (see above)"
+row "guest steps (a and b)" "${steps//,/ }" "every step rc=0, done marker"
+for g in a b; do
     line=$(need $g probe-open kind=plain access=sysfs)
     [ "$(vm_field "$line" ok)" = 1 ] || fail "$g: plain device not opened through sysfs"
-    if [ $doorbell = 1 ]; then
+done
+row "probe (plain, sysfs)" "bar2=$(vm_field "$(need a probe-device kind=plain)" bar2)" "opened in a and b"
+if [ $doorbell = 1 ]; then
+    for g in a b; do
         line=$(need $g probe-open kind=doorbell access=vfio)
         [ "$(vm_field "$line" ok)" = 1 ] || fail "$g: doorbell device not opened through VFIO"
-    fi
-done
-if [ $doorbell = 1 ]; then
+    done
     pa=$(vm_field "$(need a probe-open kind=doorbell access=vfio)" peer_id)
     pb=$(vm_field "$(need b probe-open kind=doorbell access=vfio)" peer_id)
     [ -n "$pa" ] && [ "$pa" != "$pb" ] || fail "doorbell peer ids not distinct (a=$pa b=$pb)"
-    row "probe (doorbell, VFIO)" "peer ids a=$pa b=$pb" "ok"
+    row "probe (doorbell, VFIO)" "peer ids a=$pa b=$pb" "opened in a and b, MSI-X wired"
 fi
-row "probe (plain, sysfs)" "bar2=$(vm_field "$(need a probe-device kind=plain)" bar2)" "ok"
 
 pp_row() { # pp_row LABEL MODE ACCESS
     local line; line=$(need a pingpong " mode=$2 " " access=$3 ")
@@ -172,10 +183,15 @@ else
         "$(vm_field "$rcv" mb_per_s) MB/s (receiver, incl. hashing)"
 fi
 
-echo
-echo "VM harness results (accel $VM_ACCEL, kernel $VM_KVER, $(nproc) cores; one vCPU per guest)"
-printf '%-34s %-44s %s\n' "test" "shape" "result"
-printf '%s\n' "${rows[@]}"
-echo "total $(( $(date +%s) - VM_START )) s (guests $((SECONDS - T_BOOT)) s); logs: $VM_RUN/{a,b}.log"
+{
+    echo "VM harness results (accel $VM_ACCEL, kernel $VM_KVER, $(nproc) cores; one vCPU per guest)"
+    printf '%-4s %-34s %-44s %s\n' "" "test" "shape" "result"
+    printf '%s\n' "${rows[@]}"
+} >"$VM_RUN/results.txt"
+echo; cat "$VM_RUN/results.txt"
+echo "total $(( $(date +%s) - VM_START )) s (guests $((SECONDS - T_BOOT)) s); logs: $VM_RUN/{a,b}.log, table: $VM_RUN/results.txt"
 if [ $rc = 0 ]; then echo "vm-test: PASS"; else echo "vm-test: FAIL"; fi
+nbad=$((${#rows[@]} - npass))
+[ $rc != 0 ] && [ $nbad = 0 ] && nbad=1
+echo "vm-test: $npass passed, $nbad failed"
 exit $rc

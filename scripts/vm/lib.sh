@@ -52,7 +52,7 @@ vm_is_static() {
 }
 
 # Downloads (once) the kernel that linux-image-amd64 depends on and unpacks it into
-# target/vm/cache/kernel-VER; extracts the uncompressed vmlinux for QEMU's PVH entry.
+# target/vm/cache/linux-image-VER-amd64/; extracts the uncompressed vmlinux for QEMU's PVH entry.
 # Sets VM_KVER, VM_KDIR, VM_VMLINUX.
 vm_kernel() {
     mkdir -p "$VM_CACHE"
