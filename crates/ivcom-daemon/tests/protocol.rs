@@ -256,8 +256,10 @@ fn member_that_never_reads_is_disconnected_others_keep_working() {
     assert!(d.rec.wait_for("joined busy 0", T));
     let mut ok = Client::connect_with_vectors(&d.sock("busy", "ok"), 64, T).unwrap();
     let mut gone = false;
+    let mut cycles = 0;
     for _ in 0..1000 {
         let c = Client::connect_with_vectors(&d.sock("busy", "churn"), 64, T).unwrap();
+        cycles += 1;
         drop(c);
         ok.poll_events().unwrap(); // this one keeps up
         if d.rec.lines().iter().any(|l| l == "left busy 0") {
@@ -270,10 +272,22 @@ fn member_that_never_reads_is_disconnected_others_keep_working() {
     // The reader is still served: it sees the churn and rings work.
     let c = Client::connect_with_vectors(&d.sock("busy", "churn"), 64, T).unwrap();
     let end = std::time::Instant::now() + T;
-    while ok.peers().get(&1).is_none_or(|v| v.len() < 64) {
-        assert!(std::time::Instant::now() < end, "the reading member stopped getting notices");
-        ok.wait_events(SHORT).unwrap();
+    let joins = |r: &Recorder| r.lines().iter().filter(|l| *l == "joined busy 1").count();
+    while joins(&d.rec) < cycles + 1 {
+        assert!(std::time::Instant::now() < end, "the daemon never saw the last join");
+        std::thread::sleep(Duration::from_millis(5));
     }
+    // Everything for `ok` is sent now; read until it is all in (the last is c's join).
+    let mut last = None;
+    loop {
+        assert!(std::time::Instant::now() < end, "the reading member stopped getting notices");
+        let ev = ok.wait_events(SHORT).unwrap();
+        if ev.is_empty() && matches!(last, Some(PeerEvent::Joined { id: 1, .. })) {
+            break;
+        }
+        last = ev.into_iter().last().or(last);
+    }
+    assert_eq!(ok.peers()[&1].len(), 64);
     ok.ring(1, 63).unwrap();
     assert_eq!(c.wait_interrupt(63, T).unwrap(), Some(1));
 }
