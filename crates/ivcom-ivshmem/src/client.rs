@@ -486,3 +486,78 @@ impl Drop for ShmMapping {
         let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast(), self.region.len()) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::send_message_all;
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted server: accepts one connection and sends `script` (value, with a memfd?).
+    fn server(tag: &str, script: Vec<(i64, bool)>, hold: Duration) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("ivcom-client-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+            rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
+            for (v, with_fd) in script {
+                send_message_all(&s, v, with_fd.then(|| fd.as_fd())).unwrap();
+            }
+            std::thread::sleep(hold);
+            drop(s);
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+        (path, t)
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn setup_from_a_scripted_server() {
+        // Version, id 3, memory, peer 1 with two vectors, own two vectors, then later: peer 5
+        // joins, peer 1 leaves.
+        let script = vec![(0, false), (3, false), (-1, true), (1, true), (1, true), (3, true), (3, true)];
+        let late = vec![(5, true), (5, true), (1, false)];
+        let (path, t) = server("ok", script.into_iter().chain(late).collect(), Duration::from_millis(300));
+        let mut c = Client::connect(&path, T).unwrap();
+        assert_eq!((c.id(), c.vectors().len(), c.shm_size().unwrap()), (3, 2, 1 << 20));
+        let mut events = Vec::new();
+        while events.len() < 2 {
+            let ev = c.wait_events(T).unwrap();
+            assert!(!ev.is_empty(), "events did not come");
+            events.extend(ev);
+        }
+        assert!(matches!(&events[0], PeerEvent::Joined { id: 5, fds } if fds.len() == 2), "{events:?}");
+        assert!(matches!(&events[1], PeerEvent::Left { id: 1 }), "{events:?}");
+        assert_eq!(c.peers().keys().copied().collect::<Vec<_>>(), [5]);
+        t.join().unwrap();
+        assert!(matches!(c.wait_events(T), Err(ClientError::Closed)));
+    }
+
+    #[test]
+    fn bad_servers_are_clear_errors() {
+        let cases: Vec<(&str, Vec<(i64, bool)>, &str)> = vec![
+            ("version", vec![(1, false)], "speaks protocol version 1"),
+            ("refused", vec![(REFUSAL, false)], "refused the connection"),
+            ("idfd", vec![(0, false), (2, true)], "expected the own peer id"),
+            ("bigid", vec![(0, false), (70000, false)], "expected the own peer id"),
+            ("noshm", vec![(0, false), (2, false), (-1, false)], "expected the shared memory message"),
+            ("closed", vec![(0, false), (2, false)], "closed the connection"),
+        ];
+        for (tag, script, want) in cases {
+            let (path, t) = server(tag, script, Duration::ZERO);
+            let e = Client::connect(&path, T).unwrap_err().to_string();
+            assert!(e.contains(want), "{tag}: {e}");
+            t.join().unwrap();
+        }
+        // A server that says nothing: a timeout, not a hang.
+        let (path, t) = server("silent", vec![], Duration::from_millis(800));
+        let e = Client::connect(&path, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e}");
+        t.join().unwrap();
+    }
+}

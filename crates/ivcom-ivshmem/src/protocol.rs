@@ -273,6 +273,21 @@ mod tests {
     }
 
     #[test]
+    fn two_descriptors_with_one_message_is_an_error() {
+        let (a, b) = pair();
+        let e1 = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        let e2 = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [e1.as_fd(), e2.as_fd()];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        let bytes = encode(4);
+        rustix::net::sendmsg(&a, &[io::IoSlice::new(&bytes)], &mut control, SendFlags::NOSIGNAL).unwrap();
+        let mut r = MessageReader::new();
+        assert!(matches!(r.read(&b), Err(ReadError::TooManyFds)));
+    }
+
+    #[test]
     fn message_in_pieces_is_reassembled_and_truncation_detected() {
         let (a, b) = pair();
         let bytes = encode(0x1234);
