@@ -494,7 +494,7 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A scripted server: accepts one connection and sends `script` (value, with a memfd?).
-    fn server(tag: &str, script: Vec<(i64, bool)>, hold: Duration) -> (PathBuf, std::thread::JoinHandle<()>) {
+    fn server(tag: &str, script: Script, hold: Duration) -> (PathBuf, std::thread::JoinHandle<()>) {
         let dir = std::env::temp_dir().join(format!("ivcom-client-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -515,6 +515,9 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(10);
+
+    /// Messages a scripted server sends: the value, and whether a memfd goes with it.
+    type Script = Vec<(i64, bool)>;
 
     #[test]
     fn setup_from_a_scripted_server() {
@@ -540,7 +543,7 @@ mod tests {
 
     #[test]
     fn bad_servers_are_clear_errors() {
-        let cases: Vec<(&str, Vec<(i64, bool)>, &str)> = vec![
+        let cases: Vec<(&str, Script, &str)> = vec![
             ("version", vec![(1, false)], "speaks protocol version 1"),
             ("refused", vec![(REFUSAL, false)], "refused the connection"),
             ("idfd", vec![(0, false), (2, true)], "expected the own peer id"),
