@@ -375,8 +375,9 @@ impl Daemon {
         r.members[usize::from(m)].listener.as_ref().map(|l| l.path.clone())
     }
 
-    /// Serves until [`StopHandle::stop`] is called. Errors of one member never end it; only
-    /// a failing epoll set does.
+    /// Serves until [`StopHandle::stop`] is called (a stop requested before the call ends the
+    /// call at once). Members stay connected across calls; dropping the daemon disconnects
+    /// them. Errors of one member never end it; only a failing epoll set does.
     pub fn run(&mut self) -> Result<(), DaemonError> {
         tracing::info!(socket_dir = %self.socket_dir.display(), "serving");
         let mut events = Vec::with_capacity(64);
@@ -390,6 +391,9 @@ impl Daemon {
             for ev in &events {
                 let t = ev.data.u64();
                 if t == STOP_TOKEN {
+                    // Consume the request, so that `run` can be called again.
+                    let mut buf = [0u8; 8];
+                    let _ = rustix::io::read(&*self.stop, &mut buf);
                     tracing::info!("stopping");
                     return Ok(());
                 }

@@ -345,11 +345,21 @@ fn stale_socket_is_replaced_and_sockets_removed_on_stop() {
         daemon.run().unwrap();
         daemon
     });
-    let a = Client::connect(&path, T).unwrap();
+    let mut a = Client::connect_with_vectors(&path, 2, T).unwrap();
     assert_eq!(a.id(), 0);
+    stop.stop();
+    let mut daemon = t.join().unwrap();
+    // Stopped, not dropped: members stay; run again serves on.
+    let t = std::thread::spawn(move || {
+        daemon.run().unwrap();
+        daemon
+    });
+    let _b = Client::connect_with_vectors(&sock_dir.join("lab").join("vm2.sock"), 2, T).unwrap();
+    assert!(matches!(a.wait_events(T).unwrap().as_slice(), [PeerEvent::Joined { id: 1, .. }]));
     stop.stop();
     let daemon = t.join().unwrap();
     drop(daemon);
+    assert!(matches!(a.wait_events(T), Err(ClientError::Closed)));
     for m in ["vm1", "vm2", "host"] {
         assert!(!sock_dir.join("lab").join(format!("{m}.sock")).exists());
     }
