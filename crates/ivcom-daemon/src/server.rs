@@ -19,10 +19,17 @@ use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketT
 use crate::config::{socket_path, Config, RegionConfig};
 use crate::hooks::{RegionHooks, RegionView};
 
-/// Messages queued for one member before it counts as not reading and is disconnected. QEMU
-/// reads everything at once; a member that stops reading must not make the daemon hoard
-/// memory and descriptors.
-const MAX_QUEUED: usize = 16 * 1024;
+/// Messages queued for one member before it counts as not reading and is disconnected, at
+/// least (see [`max_queued`]). QEMU reads everything at once; a member that stops reading must
+/// not make the daemon hoard memory and descriptors.
+const MIN_MAX_QUEUED: usize = 16 * 1024;
+
+/// The queue limit of a region: room for two full setups (a newcomer's setup alone is
+/// `3 + members * vectors` messages), and never less than [`MIN_MAX_QUEUED`].
+fn max_queued(cfg: &RegionConfig) -> usize {
+    let setup = 3 + cfg.members.len() * usize::from(cfg.vectors);
+    MIN_MAX_QUEUED.max(2 * setup)
+}
 
 /// Errors that stop the daemon from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +191,7 @@ struct Listener {
 
 pub(crate) struct Region {
     pub(crate) cfg: RegionConfig,
+    max_queued: usize,
     pub(crate) memory: Memory,
     pub(crate) members: Vec<Member>,
     dir: Option<PathBuf>,
@@ -333,7 +341,8 @@ impl Daemon {
                 .map_err(sys(format!("region {}: sealing its memfd", cfg.name)))?;
             Memory::map(fd, len, &cfg.name)?
         };
-        let mut region = Region { cfg: cfg.clone(), memory, members: Vec::new(), dir: None };
+        let mut region =
+            Region { cfg: cfg.clone(), max_queued: max_queued(cfg), memory, members: Vec::new(), dir: None };
         if cfg.plain {
             region.members =
                 cfg.members.iter().map(|_| Member { listener: None, conn: None, gen: 0 }).collect();
@@ -541,6 +550,7 @@ impl Daemon {
 
     /// Sends what is queued for a member until done or its socket is full.
     fn flush(&mut self, ri: usize, mi: usize) {
+        let limit = self.regions[ri].max_queued;
         let Some(conn) = self.regions[ri].members[mi].conn.as_mut() else { return };
         while let Some(m) = conn.out.front_mut() {
             let res = if m.sent == 0 {
@@ -565,7 +575,7 @@ impl Daemon {
                 }
             }
         }
-        if conn.out.len() > MAX_QUEUED {
+        if conn.out.len() > limit {
             self.doomed.push((ri, mi, conn.gen, Reason::NotReading));
             return;
         }
@@ -599,7 +609,8 @@ impl Daemon {
                     "region {name} member {member} (peer {mi}): protocol violation: it sent {n} byte(s), but ivshmem clients never send; disconnecting it"
                 ),
                 Reason::NotReading => tracing::error!(
-                    "region {name} member {member} (peer {mi}): more than {MAX_QUEUED} messages unread; disconnecting it"
+                    "region {name} member {member} (peer {mi}): more than {} messages unread; disconnecting it",
+                    region.max_queued
                 ),
                 Reason::Io(e) => tracing::warn!("region {name} member {member} (peer {mi}): {e}; disconnecting it"),
             }
@@ -755,6 +766,17 @@ fn open_plain(path: &Path, cfg: &RegionConfig) -> Result<OwnedFd, DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_limit_fits_a_full_setup() {
+        let members: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+        let text = format!("[[group]]\nname='big'\nmembers={members:?}\nsize='1M'\nvectors=64\n");
+        let c = Config::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(max_queued(&c.regions[0]), 2 * (3 + 300 * 64));
+        let c =
+            Config::parse("[[group]]\nname='s'\nmembers=['a']\nsize='1M'\n", Path::new("t.toml")).unwrap();
+        assert_eq!(max_queued(&c.regions[0]), MIN_MAX_QUEUED);
+    }
 
     #[test]
     fn tokens_round_trip() {
