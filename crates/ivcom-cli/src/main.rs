@@ -60,6 +60,10 @@ struct DaemonArgs {
     /// Directory of the members' sockets; overrides the file's socket_dir.
     #[arg(long)]
     socket_dir: Option<PathBuf>,
+    /// Leave the regions as they are (zeroed) instead of formatting ivcom's directory in each
+    /// and keeping its peer table (docs/vm-region-layout.md).
+    #[arg(long)]
+    no_directory: bool,
 }
 
 #[derive(Args, Debug)]
@@ -88,7 +92,9 @@ fn daemon(args: &DaemonArgs) -> Result<()> {
     let opts = ivcom_daemon::DaemonOptions { socket_dir: args.socket_dir.clone(), ..Default::default() };
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let mut d = ivcom_daemon::Daemon::new(&cfg, &opts, None)?;
+    let hooks: Option<Box<dyn ivcom_daemon::RegionHooks>> =
+        (!args.no_directory).then(|| Box::new(ivcom_daemon::DirectoryHooks::new()) as _);
+    let mut d = ivcom_daemon::Daemon::new(&cfg, &opts, hooks)?;
     let (stop, sig) = (d.stop_handle(), signals.handle());
     let waiter = std::thread::spawn(move || {
         if let Some(s) = signals.forever().next() {

@@ -59,11 +59,12 @@ fn wait_for_path(p: &Path) {
     }
 }
 
-fn spawn_daemon(dir: &Path, config: &Path) -> Guard {
+fn spawn_daemon(dir: &Path, config: &Path, extra: &[&str]) -> Guard {
     Guard(Some(
         Command::new(BIN)
             .args(["daemon", "--config"])
             .arg(config)
+            .args(extra)
             .arg("--socket-dir")
             .arg(dir.join("vm"))
             .env("IVCOM_LOG", "info")
@@ -83,11 +84,15 @@ fn serve_then_stop_on(sig: rustix::process::Signal, tag: &str) {
     let dir = temp_dir(tag);
     let cfg = dir.join("ivcom.toml");
     std::fs::write(&cfg, LAB).unwrap();
-    let mut g = spawn_daemon(&dir, &cfg);
+    let mut g = spawn_daemon(&dir, &cfg, &[]);
     let sock = |m: &str| dir.join("vm").join("lab").join(format!("{m}.sock"));
     wait_for_path(&sock("host"));
 
     let mut a = Client::connect_with_vectors(&sock("vm1"), 2, T).unwrap();
+    // The daemon formatted ivcom's directory into the region before anyone connected.
+    let mut magic = [0u8; 8];
+    a.map_shm().unwrap().region().read_bytes(0, &mut magic).unwrap();
+    assert_eq!(&magic, b"IVCOMDIR");
     let b = Client::connect(&sock("vm2"), T).unwrap();
     assert_eq!((a.id(), b.id(), b.vectors().len()), (0, 1, 2));
     assert!(matches!(a.wait_events(T).unwrap().as_slice(), [PeerEvent::Joined { id: 1, .. }]));
@@ -140,6 +145,24 @@ fn daemon_stops_on_sigint() {
 }
 
 #[test]
+fn no_directory_leaves_regions_zeroed() {
+    let dir = temp_dir("nodir");
+    let cfg = dir.join("ivcom.toml");
+    std::fs::write(&cfg, LAB).unwrap();
+    let mut g = spawn_daemon(&dir, &cfg, &["--no-directory"]);
+    let sock = dir.join("vm").join("lab").join("vm1.sock");
+    wait_for_path(&dir.join("vm").join("lab").join("host.sock"));
+    let a = Client::connect_with_vectors(&sock, 2, T).unwrap();
+    let mut head = [0xffu8; 4096];
+    a.map_shm().unwrap().region().read_bytes(0, &mut head).unwrap();
+    assert!(head.iter().all(|&b| b == 0));
+    let child = g.0.as_mut().unwrap();
+    signal(child, rustix::process::Signal::TERM);
+    assert!(wait_bounded(child, T).success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn daemon_rejects_a_bad_config_by_name() {
     let dir = temp_dir("bad");
     let cfg = dir.join("bad.toml");
@@ -159,7 +182,7 @@ fn second_daemon_on_the_same_sockets_fails() {
     let dir = temp_dir("twice");
     let cfg = dir.join("ivcom.toml");
     std::fs::write(&cfg, LAB).unwrap();
-    let mut first = spawn_daemon(&dir, &cfg);
+    let mut first = spawn_daemon(&dir, &cfg, &[]);
     wait_for_path(&dir.join("vm").join("lab").join("host.sock"));
     let out = Command::new(BIN)
         .args(["daemon", "--config"])
