@@ -240,6 +240,32 @@ fn qemu_args_prints_both_forms() {
         out.trim(),
         "-object memory-backend-file,size=4194304,share=on,mem-path=/dev/shm/ivcom.flat,id=ivcom-flat -device ivshmem-plain,memdev=ivcom-flat"
     );
+    // Without socket_dir in the file: the environment decides.
+    let bare = dir.join("bare.toml");
+    std::fs::write(&bare, LAB).unwrap();
+    let with_env = |vars: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["qemu-args", "--region", "lab", "--member", "host", "--config"]).arg(&bare);
+        cmd.env_remove("IVCOM_RUNTIME_DIR").env_remove("XDG_RUNTIME_DIR");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_owned()
+    };
+    assert_eq!(
+        with_env(&[("IVCOM_RUNTIME_DIR", "/r"), ("XDG_RUNTIME_DIR", "/x")]),
+        "socket,path=/r/vm/lab/host.sock,id=ivcom-lab"
+    );
+    assert_eq!(with_env(&[("XDG_RUNTIME_DIR", "/x")]), "socket,path=/x/ivcom/vm/lab/host.sock,id=ivcom-lab");
+    let uid = rustix::process::geteuid().as_raw();
+    let fallback = if uid == 0 {
+        "/run/ivcom/vm".to_string()
+    } else {
+        std::env::temp_dir().join(format!("ivcom-{uid}/vm")).display().to_string()
+    };
+    assert_eq!(with_env(&[]), format!("socket,path={fallback}/lab/host.sock,id=ivcom-lab"));
     let (ok, _, err) = run(&["--region", "lab", "--member", "vm1", "--plain"]);
     assert!(!ok && err.contains("served through doorbell sockets"), "{err}");
     let (ok, _, err) = run(&["--region", "mesh.a.b", "--member", "c"]);

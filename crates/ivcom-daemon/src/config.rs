@@ -289,7 +289,8 @@ impl Config {
     }
 }
 
-/// `$IVCOM_RUNTIME_DIR/vm`, else `$XDG_RUNTIME_DIR/ivcom/vm`, else `/run/ivcom/vm`.
+/// `$IVCOM_RUNTIME_DIR/vm`, else `$XDG_RUNTIME_DIR/ivcom/vm`, else `/run/ivcom/vm` for root,
+/// else `<temp dir>/ivcom-UID/vm` (the `vm` directory of ivcom's runtime directory).
 pub fn default_socket_dir() -> PathBuf {
     let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(d) = env("IVCOM_RUNTIME_DIR") {
@@ -297,7 +298,12 @@ pub fn default_socket_dir() -> PathBuf {
     } else if let Some(d) = env("XDG_RUNTIME_DIR") {
         d.join("ivcom").join("vm")
     } else {
-        PathBuf::from("/run/ivcom/vm")
+        let uid = rustix::process::geteuid().as_raw();
+        if uid == 0 {
+            PathBuf::from("/run/ivcom/vm")
+        } else {
+            std::env::temp_dir().join(format!("ivcom-{uid}")).join("vm")
+        }
     }
 }
 
