@@ -161,7 +161,8 @@ vm_initramfs() {
         order+=("$n")
     done < <(vm_resolve_modules "${VM_MODULES[@]}")
     vm_log "guest modules: ${order[*]}"
-    cp "$VM_IVCOM" "$root/bin/ivcom"
+    # Debug info stays on the host (the guest decompresses every byte of the initramfs).
+    strip -o "$root/bin/ivcom" "$VM_IVCOM" 2>/dev/null || cp "$VM_IVCOM" "$root/bin/ivcom"
     cp "$VM_REPO/scripts/vm/init" "$root/init"
     cp "$VM_REPO"/scripts/vm/steps/*.sh "$root/steps/"
     chmod +x "$root/init"
