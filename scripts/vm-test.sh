@@ -180,7 +180,7 @@ else
     sa=$(vm_field "$snd" sha256); sb=$(vm_field "$rcv" sha256)
     [ -n "$sa" ] && [ "$sa" = "$sb" ] || fail "TCP bulk SHA-256 differs: a=$sa b=$sb"
     row "TCP bulk a->b (virtio-net)" "$(( $(vm_field "$snd" bytes) >> 20 )) MiB, sha256 ${sa:0:12}.. $([ "$sa" = "$sb" ] && echo equal || echo DIFFERENT)" \
-        "$(vm_field "$rcv" mb_per_s) MB/s (receiver, incl. hashing)"
+        "$(vm_field "$rcv" mb_per_s) MB/s (receiver spent $(vm_field "$rcv" hash_secs) of $(vm_field "$rcv" secs) s hashing)"
 fi
 
 {

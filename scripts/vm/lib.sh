@@ -20,6 +20,7 @@ VM_CARGO_TARGET_DIR=${VM_CARGO_TARGET_DIR:-${CARGO_TARGET_DIR:-$VM_REPO/target}}
 # kernel), kvm, or auto (kvm when /dev/kvm is usable, tried with a probe boot).
 VM_ACCEL=${VM_ACCEL:-tcg}
 VM_MEM=${VM_MEM:-256}
+# Guest CPU model under TCG (KVM uses host).
 VM_GUEST_TIMEOUT=${VM_GUEST_TIMEOUT:-240}
 
 # The kernel modules the guests load, by name; their dependencies are added and ordered.
@@ -222,7 +223,7 @@ vm_boot() {
     local name=$1 params=$2; shift 2
     local log=$VM_RUN/$name.log
     : >"$log"
-    local cpu=qemu64 machine=q35
+    local cpu=${VM_CPU:-qemu64} machine=q35
     # Under KVM the emulated IOMMU wants the split irqchip (untested here: no usable KVM).
     [ "$VM_ACCEL" = kvm ] && cpu=host machine=q35,kernel-irqchip=split
     timeout -k 5 "$VM_GUEST_TIMEOUT" qemu-system-x86_64 \

@@ -538,10 +538,13 @@ fn tcp_client(s: &mut TcpStream, a: &TcpArgs) -> Result<()> {
         let mut hash = Sha256::new();
         let t0 = Instant::now();
         let mut left = total;
+        let mut making = Duration::ZERO;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
+            let tm = Instant::now();
             pat.fill(&mut buf[..n]);
             hash.update(&buf[..n]);
+            making += tm.elapsed();
             s.write_all(&buf[..n])?;
             left -= n as u64;
         }
@@ -551,8 +554,9 @@ fn tcp_client(s: &mut TcpStream, a: &TcpArgs) -> Result<()> {
         let ours: [u8; 32] = hash.finalize().into();
         let matched = ours == theirs;
         marker(format_args!(
-            "tcp-bulk-send bytes={total} secs={secs:.3} mb_per_s={:.1} sha256={} peer_sha256={} match={}",
+            "tcp-bulk-send bytes={total} secs={secs:.3} mb_per_s={:.1} gen_hash_secs={:.3} sha256={} peer_sha256={} match={}",
             total as f64 / secs / 1e6,
+            making.as_secs_f64(),
             hex(&ours),
             hex(&theirs),
             u8::from(matched)
@@ -588,20 +592,24 @@ fn tcp_server(s: &mut TcpStream) -> Result<()> {
                 let mut buf = vec![0u8; 256 * 1024];
                 let mut hash = Sha256::new();
                 let mut left = total;
+                let mut hashing = Duration::ZERO;
                 let t0 = Instant::now();
                 while left > 0 {
                     let want = left.min(buf.len() as u64) as usize;
                     let n = s.read(&mut buf[..want])?;
                     ensure!(n > 0, "connection closed with {left} bulk bytes to go");
+                    let th = Instant::now();
                     hash.update(&buf[..n]);
+                    hashing += th.elapsed();
                     left -= n as u64;
                 }
                 let secs = t0.elapsed().as_secs_f64();
                 let ours: [u8; 32] = hash.finalize().into();
                 s.write_all(&ours)?;
                 marker(format_args!(
-                    "tcp-bulk-recv bytes={total} secs={secs:.3} mb_per_s={:.1} sha256={}",
+                    "tcp-bulk-recv bytes={total} secs={secs:.3} mb_per_s={:.1} hash_secs={:.3} sha256={}",
                     total as f64 / secs / 1e6,
+                    hashing.as_secs_f64(),
                     hex(&ours)
                 ));
             }
