@@ -36,6 +36,7 @@ SHM=/dev/shm/ivcom-vmtest-$$
 DAEMON_PID=
 
 cleanup() {
+    if [ -n "${HOST_PID:-}" ]; then kill "$HOST_PID" 2>/dev/null || true; fi
     if [ -n "$DAEMON_PID" ]; then kill "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" 2>/dev/null || true; fi
     local n
     for n in "${!VM_PID[@]}"; do kill "${VM_PID[$n]}" 2>/dev/null || true; done
@@ -91,19 +92,30 @@ if [ $doorbell = 2 ]; then
     doorbell=1
 fi
 [ $doorbell = 1 ] && steps=$steps,poll_doorbell,doorbell
-steps=$steps,tcp
+steps=$steps,tcp,poll_host
 
 if [ "${VM_QUICK:-0}" = 1 ]; then
-    tun="pp_count=2000 db_count=200 tcp_count=200 tcp_bulk_mib=32"
+    pp_count=2000 tun="db_count=200 tcp_count=200 tcp_bulk_mib=32"
 else
-    tun="pp_count=20000 db_count=1000 tcp_count=1000 tcp_bulk_mib=256"
+    pp_count=20000 tun="db_count=1000 tcp_count=1000 tcp_bulk_mib=256"
 fi
+tun="pp_count=$pp_count $tun"
+
+# The host side of step poll_host: a process on the file behind ivshmem-plain, as guest b.
+timeout -k 5 "$VM_GUEST_TIMEOUT" "$VM_IVCOM" vm pingpong --role b --shm-file "$SHM" --mode poll \
+    --slot 3 --run "$VM_NONCE" --count "$pp_count" --timeout-secs $((VM_GUEST_TIMEOUT - 10)) \
+    >"$VM_RUN/host.log" 2>&1 &
+HOST_PID=$!
 
 vm_log "booting a and b (accel $VM_ACCEL, steps $steps)"
 T_BOOT=$SECONDS
 boot_ok=1
 vm_boot_pair "$steps" "$a_args" "$b_args" $tun || boot_ok=0
 vm_log "guests done in $((SECONDS - T_BOOT)) s; serial logs in $VM_RUN"
+host_ok=1
+# Bounded: the host side gives up by itself before VM_GUEST_TIMEOUT, and timeout kills it after.
+wait $HOST_PID || host_ok=0
+HOST_PID=
 
 # --- results ------------------------------------------------------------------------------
 nfail=0 npass=0 seen_fail=0 rc=0
@@ -132,7 +144,7 @@ for g in a b; do
     done
 done
 [ $boot_ok = 1 ] || fail "a guest failed a step or missed its done marker (see above)"
-row "guest steps (a and b)" "${steps//,/ }" "every step rc=0, done marker"
+row "guest steps (a and b)" "$(echo "${steps//,/ }" | wc -w) steps in each guest" "rc=0 and done marker: ${steps//,/ }"
 for g in a b; do
     line=$(need $g probe-open kind=plain access=sysfs)
     [ "$(vm_field "$line" ok)" = 1 ] || fail "$g: plain device not opened through sysfs"
@@ -149,22 +161,26 @@ if [ $doorbell = 1 ]; then
     row "probe (doorbell, VFIO)" "peer ids a=$pa b=$pb" "opened in a and b, MSI-X wired"
 fi
 
-pp_row() { # pp_row LABEL MODE ACCESS
-    local line; line=$(need a pingpong " mode=$2 " " access=$3 ")
-    local lb; lb=$(need b pingpong " mode=$2 " " access=$3 ")
+pp_row() { # pp_row LABEL SLOT B_LOG: a's result in that slot; b's from guest b or the host
+    local line; line=$(need a pingpong " slot=$2 ")
+    local lb
+    if [ "$3" = host ]; then lb=$(tr -d '\r' <"$VM_RUN/host.log" | sed -n 's/^@@ivcom //p' | grep "^pingpong " || true)
+    else lb=$(need b pingpong " slot=$2 "); fi
     if [ -z "$line" ] || [ -z "$lb" ]; then fail "no pingpong result for $1"; row "$1" "-" "MISSING"; return; fi
     local e; e=$(( $(vm_field "$line" errors) + $(vm_field "$lb" errors) ))
     [ "$e" = 0 ] || fail "$1: $e corrupted messages"
     local w=""
-    [ "$2" = Doorbell ] && w=", interrupts a/b $(vm_field "$line" wakeups)/$(vm_field "$lb" wakeups)"
+    [ "$(vm_field "$line" mode)" = Doorbell ] && w=", interrupts a/b $(vm_field "$line" wakeups)/$(vm_field "$lb" wakeups)"
     row "$1" "$(vm_field "$line" size) B x $(vm_field "$line" count)" \
         "rtt mean $(vm_field "$line" rtt_us_mean) us, p50 $(vm_field "$line" rtt_us_p50), p99 $(vm_field "$line" rtt_us_p99)$w"
 }
-pp_row "ivshmem-plain polled (sysfs)" Poll Sysfs
+pp_row "ivshmem-plain polled (sysfs)" 0 b
 if [ $doorbell = 1 ]; then
-    pp_row "ivshmem-doorbell polled (VFIO)" Poll Vfio
-    pp_row "ivshmem-doorbell doorbells (VFIO)" Doorbell Vfio
+    pp_row "ivshmem-doorbell polled (VFIO)" 1 b
+    pp_row "ivshmem-doorbell doorbells (VFIO)" 2 b
 fi
+[ $host_ok = 1 ] || fail "host side of poll_host failed: $(tail -3 "$VM_RUN/host.log" | tr '\n' ' ')"
+pp_row "ivshmem-plain polled guest<->host" 3 host
 
 for size in 64 4096; do
     line=$(need a tcp-rtt "size=$size ")

@@ -63,6 +63,10 @@ pub struct PingArgs {
     /// Which device: `plain`, `doorbell` (the first of that kind) or a PCI address.
     #[arg(long, default_value = "plain")]
     device: String,
+    /// On the host: the file behind the guests' ivshmem-plain device (`mem-path=`) instead of
+    /// a device; the host takes part in the polled ping-pong like a guest.
+    #[arg(long, conflicts_with = "device")]
+    shm_file: Option<std::path::PathBuf>,
     #[arg(long, value_enum, default_value = "sysfs")]
     access: AccessArg,
     #[arg(long, value_enum, default_value = "poll")]
@@ -301,19 +305,84 @@ fn fill(buf: &mut [u8], seq: u64, side: u8) {
     }
 }
 
+/// Where a ping-pong side runs: a guest's ivshmem device, or on the host the file that backs
+/// an ivshmem-plain device.
+enum Endpoint {
+    Device(Device),
+    File { path: String, map: guest::Mapping },
+}
+
+impl Endpoint {
+    fn open(a: &PingArgs) -> Result<Endpoint> {
+        if let Some(path) = &a.shm_file {
+            ensure!(a.mode == Mode::Poll, "--shm-file has no doorbells: use --mode poll");
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let len = usize::try_from(f.metadata()?.len())?;
+            let map = guest::Mapping::map(std::os::fd::AsFd::as_fd(&f), 0, len)
+                .with_context(|| format!("mapping {}", path.display()))?;
+            return Ok(Endpoint::File { path: path.display().to_string(), map });
+        }
+        let info = pick_device(&a.device)?;
+        let access = match a.access {
+            AccessArg::Sysfs => Access::Sysfs,
+            AccessArg::Vfio => Access::Vfio,
+        };
+        ensure!(
+            a.mode == Mode::Poll || (access == Access::Vfio && info.doorbell),
+            "doorbell mode needs a doorbell device opened with --access vfio"
+        );
+        let dev =
+            Device::open(&info, access).with_context(|| format!("opening {} ({access:?})", info.bdf))?;
+        Ok(Endpoint::Device(dev))
+    }
+
+    fn shm(&self) -> Shm {
+        let (ptr, len) = match self {
+            Endpoint::Device(d) => d.memory(),
+            Endpoint::File { map, .. } => map.as_ptr(),
+        };
+        Shm { ptr, len }
+    }
+
+    fn peer_id(&self) -> u16 {
+        match self {
+            Endpoint::Device(d) => d.peer_id(),
+            Endpoint::File { .. } => 0,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Endpoint::Device(d) => &d.info().bdf,
+            Endpoint::File { path, .. } => path,
+        }
+    }
+
+    fn access(&self) -> &'static str {
+        match self {
+            Endpoint::Device(d) if d.access() == Access::Vfio => "Vfio",
+            Endpoint::Device(_) => "Sysfs",
+            Endpoint::File { .. } => "File",
+        }
+    }
+
+    fn device(&self) -> Result<&Device> {
+        match self {
+            Endpoint::Device(d) => Ok(d),
+            Endpoint::File { .. } => bail!("a file has no doorbells"),
+        }
+    }
+}
+
 fn pingpong(a: &PingArgs) -> Result<()> {
     ensure!((8..=slot::MAX_MSG).contains(&a.size), "--size must be 8..={}", slot::MAX_MSG);
-    let info = pick_device(&a.device)?;
-    let access = match a.access {
-        AccessArg::Sysfs => Access::Sysfs,
-        AccessArg::Vfio => Access::Vfio,
-    };
-    ensure!(
-        a.mode == Mode::Poll || (access == Access::Vfio && info.doorbell),
-        "doorbell mode needs a doorbell device opened with --access vfio"
-    );
-    let dev = Device::open(&info, access).with_context(|| format!("opening {} ({access:?})", info.bdf))?;
-    let mem = Shm::of(&dev);
+    let end = Endpoint::open(a)?;
+    let mem = end.shm();
+    let access = end.access();
     let base = (a.slot + 1)
         .checked_mul(slot::SIZE)
         .and_then(|end| mem.len.checked_sub(end))
@@ -326,20 +395,25 @@ fn pingpong(a: &PingArgs) -> Result<()> {
     };
     // Hello: our counters at zero, our peer id, then the nonce (release orders the rest).
     mem.store(base + my_seq, 0);
-    mem.store(base + my_hello + 8, u64::from(dev.peer_id()));
+    mem.store(base + my_hello + 8, u64::from(end.peer_id()));
     mem.store(base + my_hello, nonce);
-    wait_until(deadline, || mem.load(base + their_hello) == nonce).context("waiting for the peer's hello")?;
+    // The peer may be seconds away (still booting, or in an earlier step): sleep between
+    // checks so that waiting burns no core the others need.
+    while mem.load(base + their_hello) != nonce {
+        ensure!(Instant::now() < deadline, "timed out waiting for the peer's hello");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let peer = u16::try_from(mem.load(base + their_hello + 8)).context("peer id out of range")?;
     if a.mode == Mode::Doorbell {
-        ensure!(peer != dev.peer_id(), "peer reports our own peer id {peer}");
+        ensure!(peer != end.peer_id(), "peer reports our own peer id {peer}");
         // Drain wakeups left from the handshake or a previous run.
-        while dev.wait(0, Some(Duration::ZERO))? > 0 {}
+        while end.device()?.wait(0, Some(Duration::ZERO))? > 0 {}
     }
     marker(format_args!(
-        "pingpong-start role={:?} bdf={} self={} peer={peer} mode={:?} access={:?}",
+        "pingpong-start role={:?} at={} self={} peer={peer} mode={:?} access={}",
         a.role,
-        info.bdf,
-        dev.peer_id(),
+        end.name(),
+        end.peer_id(),
         a.mode,
         access
     ));
@@ -359,7 +433,7 @@ fn pingpong(a: &PingArgs) -> Result<()> {
                 }
                 let left =
                     deadline.checked_duration_since(Instant::now()).ok_or_else(|| anyhow!("timed out"))?;
-                *wakeups += dev.wait(0, Some(left))?;
+                *wakeups += end.device()?.wait(0, Some(left))?;
             },
         }
     };
@@ -372,7 +446,7 @@ fn pingpong(a: &PingArgs) -> Result<()> {
             fence(Ordering::Release);
             mem.store(base + my_seq, seq);
             if a.mode == Mode::Doorbell {
-                dev.ring(peer, 0)?;
+                end.device()?.ring(peer, 0)?;
             }
         }
         wait_seq(seq, &mut wakeups).with_context(|| format!("waiting for message {seq}"))?;
@@ -386,7 +460,7 @@ fn pingpong(a: &PingArgs) -> Result<()> {
             mem.write(base + my_data, &out);
             mem.store(base + my_seq, seq);
             if a.mode == Mode::Doorbell {
-                dev.ring(peer, 0)?;
+                end.device()?.ring(peer, 0)?;
             }
         } else {
             rtts.push(t0.elapsed());
@@ -395,10 +469,10 @@ fn pingpong(a: &PingArgs) -> Result<()> {
     let total = start.elapsed();
     let stats = if rtts.is_empty() { String::new() } else { latency_fields(&mut rtts) };
     marker(format_args!(
-        "pingpong role={:?} mode={:?} access={:?} size={} count={} errors={errors} wakeups={wakeups} secs={:.3} {stats}",
+        "pingpong role={:?} mode={:?} access={access} slot={} size={} count={} errors={errors} wakeups={wakeups} secs={:.3} {stats}",
         a.role,
         a.mode,
-        access,
+        a.slot,
         a.size,
         a.count,
         total.as_secs_f64()

@@ -31,6 +31,15 @@ step_doorbell() {
         --size "${pp_size:-64}" --count "${db_count:-1000}" --slot 2 --run "$run" --timeout-secs 60
 }
 
+# Polled ping-pong between guest a and a host process mapping the plain device's file
+# (vm-test.sh starts the host side: `ivcom vm pingpong --role b --shm-file ... --slot 3`).
+# Guest b has nothing to do here: run it after b's other steps so it is powered off.
+step_poll_host() {
+    [ "$role" = a ] || return 0
+    ivcom vm pingpong --role a --device plain --access sysfs --mode poll \
+        --size "${pp_size:-64}" --count "${pp_count:-20000}" --slot 3 --run "$run" --timeout-secs 60
+}
+
 # TCP over virtio-net: 64 B and 4 KiB round trips, then a bulk transfer with SHA-256.
 step_tcp() {
     ivcom vm tcp --role "$role" --peer 10.0.2.2 --port 7070 --sizes 64,4096 \
