@@ -123,10 +123,9 @@ pub fn run(cmd: VmCommand) -> Result<()> {
     }
 }
 
+/// One marker line on stdout (line-buffered: each line goes out whole, at once).
 fn marker(line: std::fmt::Arguments<'_>) {
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "@@ivcom {line}");
-    let _ = out.flush();
+    println!("@@ivcom {line}");
 }
 
 fn kind(d: &DeviceInfo) -> &'static str {
@@ -696,4 +695,64 @@ fn tcp_server(s: &mut TcpStream) -> Result<()> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(role: Role, file: &std::path::Path, slot: usize) -> PingArgs {
+        PingArgs {
+            role,
+            device: "plain".into(),
+            shm_file: Some(file.to_path_buf()),
+            access: AccessArg::Sysfs,
+            mode: Mode::Poll,
+            size: 4096,
+            count: 500,
+            slot,
+            run: 7,
+            timeout_secs: 30,
+        }
+    }
+
+    /// The polled ping-pong between two threads on one file, as between two guests on one
+    /// ivshmem-plain region: the handshake, sequence numbers and payload checks.
+    #[test]
+    fn pingpong_over_a_file() {
+        let path = std::env::temp_dir().join(format!("ivcom-vmtest-{}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(256 * 1024).unwrap();
+        let p = path.clone();
+        let b = std::thread::spawn(move || pingpong(&args(Role::B, &p, 2)));
+        let a = pingpong(&args(Role::A, &path, 2));
+        let b = b.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        a.unwrap();
+        b.unwrap();
+    }
+
+    #[test]
+    fn doorbell_mode_needs_a_device() {
+        let mut a = args(Role::A, std::path::Path::new("/nonexistent"), 0);
+        a.mode = Mode::Doorbell;
+        assert!(Endpoint::open(&a).is_err());
+    }
+
+    #[test]
+    fn pattern_is_deterministic() {
+        let (mut x, mut y) = (vec![0u8; 1001], vec![0u8; 1001]);
+        Pattern(5).fill(&mut x);
+        Pattern(5).fill(&mut y);
+        assert_eq!(x, y);
+        Pattern(6).fill(&mut y);
+        assert_ne!(x, y);
+    }
+
+    #[test]
+    fn latency_percentiles() {
+        let mut v: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let s = latency_fields(&mut v);
+        assert!(s.contains("rtt_us_min=6.0"), "{s}"); // the first 5% are warm-up
+        assert!(s.contains("rtt_us_p99=99.0"), "{s}");
+    }
 }
