@@ -681,7 +681,9 @@ pub fn directory_ops(data: &[u8]) {
                 let accept = inp.u8().is_multiple_of(2);
                 for slot in 0..geom.slots() + 2 {
                     if let Ok(Some(r)) = dir.request(slot, 0) {
-                        assert!(r.slot < geom.slots() && r.index < geom.listeners_per_peer && r.from < geom.peers);
+                        assert!(
+                            r.slot < geom.slots() && r.index < geom.listeners_per_peer && r.from < geom.peers
+                        );
                         let a = if accept && me.addresses_us(&r, 1) {
                             ListenerAnswer::Accepted
                         } else {

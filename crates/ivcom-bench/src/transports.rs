@@ -41,7 +41,7 @@ pub fn ivcom_options(kind: Kind, dir: &Path) -> ivcom::Options {
 /// A bound server endpoint, before its one connection is accepted.
 pub enum Server {
     /// ivcom listener.
-    Ivcom(ivcom::Listener),
+    Ivcom(Box<ivcom::Listener>),
     /// TCP listener on 127.0.0.1.
     Tcp(TcpListener),
     /// Unix listener and its socket path (removed once accepted).
@@ -57,7 +57,7 @@ pub fn bind(kind: Kind, dir: &Path) -> Result<(Server, String)> {
             let opts = ivcom_options(kind, dir);
             let l =
                 ivcom::Listener::bind_with(&name, &opts).with_context(|| format!("ivcom bind {name:?}"))?;
-            Ok((Server::Ivcom(l), name))
+            Ok((Server::Ivcom(Box::new(l)), name))
         }
         Kind::Tcp => {
             let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("tcp bind")?;

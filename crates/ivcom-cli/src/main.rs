@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod agent;
 mod vmtest;
 
 /// Shared-memory channels between co-resident processes, containers and VMs.
@@ -44,6 +45,9 @@ enum Command {
     Daemon(DaemonArgs),
     /// Print the QEMU options that attach MEMBER to REGION of a daemon configuration.
     QemuArgs(QemuArgsArgs),
+    /// Serve local processes' channels over a shared VM region: in a guest for its ivshmem
+    /// device, on the host for a membership through the daemon (see docs/vm.md).
+    Agent(agent::AgentArgs),
     /// Internal: one side of a benchmark cell, started by `ivcom bench`.
     #[command(hide = true)]
     BenchPeer(ivcom_bench::PeerArgs),
@@ -128,6 +132,9 @@ struct ChannelArgs {
     /// Polling budget in microseconds before sleeping; 0 sleeps at once [env: IVCOM_SPIN_US].
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Reach the listener through this VM agent's socket (another VM or the host) [env: IVCOM_AGENT].
+    #[arg(long)]
+    agent: Option<PathBuf>,
 }
 
 impl ChannelArgs {
@@ -135,6 +142,9 @@ impl ChannelArgs {
         let mut o = ivcom::Options::new();
         if let Some(d) = &self.runtime_dir {
             o = o.runtime_dir(d);
+        }
+        if let Some(a) = &self.agent {
+            o = o.agent(a);
         }
         if let Some(c) = self.capacity {
             o = o.capacity(c);
@@ -205,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Daemon(args) => daemon(&args),
         Command::QemuArgs(args) => qemu_args(&args),
         Command::Vm(cmd) => vmtest::run(cmd),
+        Command::Agent(args) => agent::run(&args),
         Command::Listen { name, chan, access } => {
             let opts = chan.options().access(access);
             let listener = ivcom::Listener::bind_with(&name, &opts)
@@ -225,7 +236,11 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon reports connections at info level; everything else only warns.
-    tracing_subscriber_init(if matches!(cli.command, Command::Daemon(_)) { "info" } else { "warn" });
+    tracing_subscriber_init(if matches!(cli.command, Command::Daemon(_) | Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

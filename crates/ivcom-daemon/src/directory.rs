@@ -69,7 +69,10 @@ impl RegionHooks for DirectoryHooks {
         if region.is_plain() {
             if let (Ok(g), Ok(p)) = (directory::attach(mem), &planned) {
                 if g == *p {
-                    tracing::info!(region = region.name(), "keeping the existing directory of the plain region");
+                    tracing::info!(
+                        region = region.name(),
+                        "keeping the existing directory of the plain region"
+                    );
                     self.regions.insert(region.name().to_owned(), (g, vec![0; peers as usize]));
                     return;
                 }

@@ -418,9 +418,7 @@ fn regenerate_seed_corpus() {
 /// directory_ops seeds: honest sequences (bind, connect, answer, release, reclaim) for each
 /// configuration, and the same with a hostile store or header rewrite in between.
 fn directory_ops_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let honest = |cfg: u8| {
-        vec![cfg, 2, 0, 3, 0, 4, 0, 3, 0, 4, 1, 5, 0, 6, 2, 1, 3, 1, 4, 0, 5, 0, 6]
-    };
+    let honest = |cfg: u8| vec![cfg, 2, 0, 3, 0, 4, 0, 3, 0, 4, 1, 5, 0, 6, 2, 1, 3, 1, 4, 0, 5, 0, 6];
     let mut with_store = honest(1);
     with_store.extend([0, 0x48, 0x10, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 3, 0, 4, 0]);
     let mut with_header = honest(2);

@@ -224,3 +224,38 @@ fn a_member_that_leaves_breaks_its_channels_in_bounded_time() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     drop(b);
 }
+
+#[test]
+fn half_close_keeps_the_other_direction_open() {
+    let r = region("half", 2, 16 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    let listener = Listener::bind_with("half", &opts(&b.socket)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        // Reply only when told: the client must still be waiting, not at end of stream.
+        rx.recv().unwrap();
+        s.write_all(b"late reply").unwrap();
+        got
+    });
+    let mut c = Stream::connect_with("half", &opts(&a.socket)).unwrap();
+    c.write_all(b"request").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let mut buf = [0u8; 32];
+    let early = c.read(&mut buf);
+    assert!(
+        early.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "read before the reply must time out, got {early:?}"
+    );
+    tx.send(()).unwrap();
+    c.set_read_timeout(None).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"late reply");
+    assert_eq!(server.join().unwrap(), b"request");
+    drop((a, b));
+}

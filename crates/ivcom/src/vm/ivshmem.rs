@@ -72,7 +72,9 @@ impl Port for DaemonMember {
         // The client keeps the peers' eventfds current itself; the directory's peer table
         // tells the agent who is there.
         self.client.poll_events().map(drop).map_err(|e| match e {
-            ClientError::Closed => io::Error::new(io::ErrorKind::ConnectionAborted, "the daemon closed our membership"),
+            ClientError::Closed => {
+                io::Error::new(io::ErrorKind::ConnectionAborted, "the daemon closed our membership")
+            }
             e => client_err(e),
         })
     }
