@@ -42,6 +42,8 @@ pub const MAX_LISTENERS: u32 = 64;
 pub const MAX_SLOTS: u32 = 256;
 /// Longest listener name.
 pub const MAX_NAME: usize = 64;
+/// The addressed peer of a slot descriptor that addresses nobody.
+pub const NOBODY: u32 = u32::MAX;
 /// Header flag: a daemon maintains the peer table (otherwise liveness is by heartbeat).
 pub const FLAG_MANAGED: u32 = 1;
 
@@ -719,7 +721,15 @@ impl Owned {
                 index: dir.region.load_u32(d + off::C_INDEX, Ordering::Acquire)?,
                 gen: dir.region.load_u32(d + off::C_LGEN, Ordering::Acquire)?,
             };
-            let held = state == ConnectorState::Request as u32 && to.peer < g.peers;
+            // In use (requesting or open), or closed by us but not yet let go by its listener.
+            let finished = matches!(dir.answer(slot)?, Some((a, ListenerAnswer::Closed | ListenerAnswer::Refused)) if a == gen);
+            let held = (state == ConnectorState::Request as u32 || state == ConnectorState::Closed as u32)
+                && to.peer < g.peers
+                && !finished;
+            if !held {
+                // Addressed to nobody, so no listener mistakes it for one of its channels.
+                dir.region.store_u32(d + off::C_PEER, NOBODY, Ordering::Relaxed)?;
+            }
             dir.region.store_u64(
                 d + off::C_WORD,
                 pack(gen, ConnectorState::Closed as u8),
