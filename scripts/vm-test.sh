@@ -63,7 +63,7 @@ elif [ "$VM_DOORBELL" != off ]; then
     fi
 fi
 a_args=$(plain_args); b_args=$(plain_args)
-steps=probe,poll_plain
+steps=probe,poll_plain,poll_plain_4k
 if [ $doorbell = 1 ]; then
     cfg=$VM_RUN/daemon.toml
     cat >"$cfg" <<TOML
@@ -177,6 +177,7 @@ pp_row() { # pp_row LABEL SLOT B_LOG: a's result in that slot; b's from guest b 
         "rtt mean $(vm_field "$line" rtt_us_mean) us, p50 $(vm_field "$line" rtt_us_p50), p99 $(vm_field "$line" rtt_us_p99)$w"
 }
 pp_row "ivshmem-plain polled (sysfs)" 0 b
+pp_row "ivshmem-plain polled (sysfs)" 4 b
 if [ $doorbell = 1 ]; then
     pp_row "ivshmem-doorbell polled (VFIO)" 1 b
     pp_row "ivshmem-doorbell doorbells (VFIO)" 2 b

@@ -19,6 +19,12 @@ step_poll_plain() {
         --size "${pp_size:-64}" --count "${pp_count:-20000}" --slot 0 --run "$run" --timeout-secs 60
 }
 
+# The same with 4 KiB messages (the size of the TCP baseline's second round trip).
+step_poll_plain_4k() {
+    ivcom vm pingpong --role "$role" --device plain --access sysfs --mode poll \
+        --size 4096 --count "${pp_count:-20000}" --slot 4 --run "$run" --timeout-secs 60
+}
+
 # Polled ping-pong over ivshmem-doorbell's memory, owned through VFIO.
 step_poll_doorbell() {
     ivcom vm pingpong --role "$role" --device doorbell --access vfio --mode poll \
