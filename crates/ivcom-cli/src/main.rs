@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod agent;
+mod vmchan;
 mod vmtest;
 
 /// Shared-memory channels between co-resident processes, containers and VMs.
@@ -54,6 +55,9 @@ enum Command {
     /// Internal: guest-side commands of the VM test harness (scripts/vm-test.sh).
     #[command(hide = true, subcommand)]
     Vm(vmtest::VmCommand),
+    /// Internal: measure channels through a VM agent (scripts/vm-test.sh).
+    #[command(hide = true, subcommand)]
+    VmChan(vmchan::VmChanCommand),
 }
 
 #[derive(Args, Debug)]
@@ -216,6 +220,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::QemuArgs(args) => qemu_args(&args),
         Command::Vm(cmd) => vmtest::run(cmd),
         Command::Agent(args) => agent::run(&args),
+        Command::VmChan(cmd) => vmchan::run(cmd),
         Command::Listen { name, chan, access } => {
             let opts = chan.options().access(access);
             let listener = ivcom::Listener::bind_with(&name, &opts)
