@@ -62,7 +62,7 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct DaemonArgs {
-    /// Configuration file (TOML: [[group]] and [[pairs]] tables).
+    /// Configuration file (TOML: `[[group]]` and `[[pairs]]` tables).
     #[arg(long)]
     config: PathBuf,
     /// Directory of the members' sockets; overrides the file's socket_dir.
@@ -79,7 +79,7 @@ struct QemuArgsArgs {
     /// Configuration file the daemon runs with.
     #[arg(long)]
     config: PathBuf,
-    /// Region name (a group's name, or SET.A.B for a pair of a [[pairs]] set).
+    /// Region name (a group's name, or SET.A.B for a pair of a `[[pairs]]` set).
     #[arg(long)]
     region: String,
     /// The member the QEMU is.

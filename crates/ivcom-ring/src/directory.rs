@@ -452,7 +452,7 @@ pub struct Directory<'a> {
 }
 
 impl<'a> Directory<'a> {
-    /// Wraps a region whose geometry [`attach`] or [`format`] produced.
+    /// Wraps a region whose geometry [`attach`] or [`format()`] produced.
     pub fn new(region: &'a ShmRegion, geom: Geometry) -> Result<Self, DirError> {
         if region.len() != geom.region_size {
             return Err(bad("region_size", region.len() as u64, geom.region_size));
