@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test tier of ivcom: unit, API and multi-process tests (debug and release),
-# the loom model of the wait/wake handshake, and a short fuzz run when a nightly toolchain
-# is available (the fuzz corpus is replayed by the normal tests in any case).
+# the loom model of the wait/wake handshake, a short fuzz run when a nightly toolchain
+# is available (the fuzz corpus is replayed by the normal tests in any case), and, as root,
+# the VM harness (two QEMU guests; scripts/vm-test.sh, docs/vm-harness.md).
 #
-#   scripts/test.sh            everything
+#   scripts/test.sh                  everything
 #   FUZZ_SECONDS=0 scripts/test.sh   skip the live fuzz run
+#   VM_TEST=0 scripts/test.sh        skip the VM harness
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,14 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
         scripts/fuzz-smoke.sh "$FUZZ_SECONDS"
     else
         echo "note: no nightly toolchain, live fuzzing skipped (the corpus replay test ran above)"
+    fi
+fi
+if [ "${VM_TEST:-1}" != 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        step "VM harness: two QEMU guests, ivcom channels beside TCP"
+        scripts/vm-test.sh
+    else
+        echo "note: the VM harness needs root (it installs QEMU and boots guests); skipped"
     fi
 fi
 echo; echo "all tests passed"
