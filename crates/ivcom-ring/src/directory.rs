@@ -820,7 +820,9 @@ impl Owned {
         let (o, len) = g.slot_range(slot);
         let d = g.desc(slot);
         let r = dir.region;
-        r.store_u64(d + off::C_WORD, pack(gen, ConnectorState::Closed as u8), Ordering::SeqCst)?;
+        // The word keeps the previous generation (closed, and let go by its listener) until
+        // the new request is complete: a listener never sees the new generation half-made,
+        // nor the new generation as closed.
         r.zero(o, layout::HEADER_SIZE)?;
         init_slot_header(r, o, len, g.slot_capacity)?;
         r.store_u32(d + off::C_PEER, to.peer, Ordering::Relaxed)?;
