@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ivcom_ivshmem::protocol::{self, MESSAGE_LEN, PROTOCOL_VERSION, SHM_MESSAGE};
-use ivcom_ring::ShmRegion;
+use ivcom_ring::{MappedRegion, ShmRegion};
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
@@ -113,49 +113,27 @@ impl Default for DaemonOptions {
 }
 
 /// A region's memory: a sealed memfd (doorbell regions) or a file (plain regions), mapped.
+/// The mapping outlives every user: hooks are dropped first (see `Daemon`'s field order).
 pub(crate) struct Memory {
     fd: Arc<OwnedFd>,
-    region: ShmRegion,
+    map: MappedRegion,
 }
 
 impl Memory {
+    /// Maps the `len`-byte file `fd`, which cannot shrink under us: memfds are sealed
+    /// against it; plain files are ours, created or size-checked just before.
     fn map(fd: OwnedFd, len: usize, what: &str) -> Result<Self, DaemonError> {
-        use rustix::mm::{MapFlags, ProtFlags};
-        // SAFETY: a new shared mapping at an address the kernel chooses, overlapping nothing
-        // Rust owns. The file is `len` bytes and cannot shrink under us: memfds are sealed
-        // against it; plain files are ours, created or size-checked just before.
-        let base = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(sys(format!("mapping {what}")))?;
-        // SAFETY: `base..base+len` is the mapping just made; it stays mapped until `Drop`, which
-        // runs after every user (hooks are dropped first, see `Daemon`'s field order); mmap
-        // returns page-aligned addresses; no references into it are ever made.
-        let region = unsafe { ShmRegion::new(base.cast(), len) };
-        Ok(Self { fd: Arc::new(fd), region })
+        let map = MappedRegion::map(fd.as_fd(), 0, len)
+            .map_err(|e| DaemonError::Sys { what: format!("mapping {what}"), source: e })?;
+        Ok(Self { fd: Arc::new(fd), map })
     }
 
     pub(crate) fn region(&self) -> &ShmRegion {
-        &self.region
+        self.map.region()
     }
 
     pub(crate) fn fd(&self) -> &OwnedFd {
         &self.fd
-    }
-}
-
-impl Drop for Memory {
-    fn drop(&mut self) {
-        // SAFETY: this base and length are exactly the mapping made in `map`; nothing derived
-        // from it outlives `self` (see the field order of `Daemon`).
-        let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast(), self.region.len()) };
     }
 }
 

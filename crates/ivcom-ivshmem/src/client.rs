@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ivcom_ring::ShmRegion;
+use ivcom_ring::MappedRegion;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
@@ -243,8 +243,10 @@ impl Client {
     }
 
     /// Maps the whole shared memory read-write.
-    pub fn map_shm(&self) -> io::Result<ShmMapping> {
-        ShmMapping::new(self.shm.as_fd())
+    pub fn map_shm(&self) -> io::Result<MappedRegion> {
+        let len = usize::try_from(self.shm_size()?)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "shared memory size out of range"))?;
+        MappedRegion::map(self.shm.as_fd(), 0, len)
     }
 
     /// The eventfds this client is interrupted on, vector 0 first.
@@ -436,55 +438,6 @@ fn next_message(
     timeout: Duration,
 ) -> Result<Message, ClientError> {
     next_message_until(sock, reader, deadline)?.ok_or(ClientError::Timeout(timeout))
-}
-
-/// A read-write shared mapping of a whole shared memory file; unmapped on drop.
-#[derive(Debug)]
-pub struct ShmMapping {
-    region: ShmRegion,
-}
-
-impl ShmMapping {
-    /// Maps all of `fd` (its size from `fstat`).
-    pub fn new(fd: BorrowedFd<'_>) -> io::Result<Self> {
-        use rustix::mm::{MapFlags, ProtFlags};
-        let len = usize::try_from(rustix::fs::fstat(fd)?.st_size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "shared memory size out of range"))?;
-        if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "shared memory is empty"));
-        }
-        // SAFETY: a fresh shared mapping at an address the kernel picks; it overlaps nothing
-        // Rust owns. The file may be resized by others only if it is not sealed; callers that
-        // need that guarantee check the seals (our daemon seals its memfds).
-        let base = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )?
-        };
-        // SAFETY: `base..base+len` is the mapping just made, valid until `Drop` unmaps it;
-        // mmap returns page-aligned addresses; nothing holds references into it (the region
-        // API copies and uses atomics only).
-        let region = unsafe { ShmRegion::new(base.cast(), len) };
-        Ok(Self { region })
-    }
-
-    /// The mapped memory, through the bounds-checked shared-memory door.
-    pub fn region(&self) -> &ShmRegion {
-        &self.region
-    }
-}
-
-impl Drop for ShmMapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `new` with this base and length and nothing derived
-        // from `self.region` outlives `self` (it borrows from it).
-        let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast(), self.region.len()) };
-    }
 }
 
 #[cfg(test)]

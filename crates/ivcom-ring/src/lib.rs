@@ -1,6 +1,7 @@
-//! ivcom's shared region: the byte layout (version 1) and the single-producer
-//! single-consumer rings that live in it. No I/O: the region backends, kernel wakeup objects
-//! and the socket-like API are in the `ivcom` crate.
+//! ivcom's shared region: the byte layout (version 1), the single-producer single-consumer
+//! rings that live in it, and the directory of regions many members share. No I/O beyond
+//! mapping a file ([`MappedRegion`]): kernel wakeup objects, rendezvous and the socket-like
+//! API are in the `ivcom` crate.
 //!
 //! Everything a peer can write is read through [`shm::ShmRegion`] (bounds-checked offsets,
 //! atomics or copies, never references) and validated where it is read.
@@ -18,4 +19,4 @@ pub use ring::{
     ConsumerState, Ctrl, MessageReader, MessageWriter, ProducerState, RingError, ShmCtrl, StreamReader,
     StreamWriter,
 };
-pub use shm::{HeapRegion, OutOfBounds, ShmRegion, SubRegion};
+pub use shm::{HeapRegion, MappedRegion, OutOfBounds, ShmRegion, SubRegion};

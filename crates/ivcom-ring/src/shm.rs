@@ -217,6 +217,59 @@ impl<'a, const N: usize> Block<'a, N> {
     }
 }
 
+/// A shared, read-write mapping of (part of) a file: a memfd, a `/dev/shm` file, a PCI BAR
+/// through sysfs or VFIO. Unmapped on drop. The one place that maps shared memory.
+#[derive(Debug)]
+pub struct MappedRegion {
+    region: ShmRegion,
+}
+
+impl MappedRegion {
+    /// Maps `len` bytes of `fd` from `offset` (a multiple of the page size) shared,
+    /// read-write. The caller makes sure the file cannot shrink under the mapping while it
+    /// lives (a sealed memfd, a device BAR, a file it owns), or accepts `SIGBUS` if it does.
+    pub fn map(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: usize) -> std::io::Result<Self> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        if len == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        if !offset.is_multiple_of(4096) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "mapping offset is not page-aligned",
+            ));
+        }
+        // SAFETY: a fresh mapping at an address the kernel picks (null hint) overlaps nothing
+        // Rust owns; the kernel checks that `fd` can be mapped at `offset` for `len` bytes.
+        let base = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                offset,
+            )
+        }?;
+        // SAFETY: `base..base + len` is the mapping just made, page-aligned, valid until `drop`
+        // unmaps it; everything that uses it borrows `self`, and no reference into it is made.
+        let region = unsafe { ShmRegion::new(base.cast(), len) };
+        Ok(Self { region })
+    }
+
+    /// The mapped bytes.
+    pub fn region(&self) -> &ShmRegion {
+        &self.region
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map`; nothing derived from it outlives `self`.
+        let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast(), self.region.len()) };
+    }
+}
+
 /// Page-aligned, zeroed heap memory used as a region by tests, fuzzing and in-process channels.
 #[derive(Debug)]
 pub struct HeapRegion {

@@ -390,7 +390,7 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
     let size = sys::check_memfd(memfd.as_fd(), max_size).map_err(region_fail)?;
     sys::check_eventfd(c_rx.as_fd()).map_err(region_fail)?;
     sys::check_eventfd(c_tx.as_fd()).map_err(region_fail)?;
-    let map = Mapping::map(memfd.as_fd(), size).map_err(region_fail)?;
+    let map = Mapping::map(memfd.as_fd(), 0, size).map_err(region_fail)?;
     let params = layout::validate(map.region(), messages).map_err(|e| {
         let status = if matches!(e, layout::LayoutError::ModeMismatch { .. }) {
             Status::Mode
@@ -510,7 +510,7 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
     let size =
         params.region_size().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let memfd = sys::create_memfd(size)?;
-    let map = Mapping::map(memfd.as_fd(), size)?;
+    let map = Mapping::map(memfd.as_fd(), 0, size)?;
     layout::init(map.region(), &params).map_err(|e| io::Error::other(e.to_string()))?;
     let c_rx = sys::new_eventfd()?;
     let c_tx = sys::new_eventfd()?;

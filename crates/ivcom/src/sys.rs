@@ -1,17 +1,14 @@
 //! Platform calls, in one place: memfd regions, mappings, eventfds, waiting, Unix seqpacket
 //! sockets with descriptor passing, peer credentials, directory locks.
 
-use std::ffi::c_void;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use ivcom_ring::ShmRegion;
 use rustix::event::{eventfd, EventfdFlags, Timespec};
 use rustix::fs::{MemfdFlags, SealFlags};
-use rustix::mm::{MapFlags, ProtFlags};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
@@ -51,59 +48,8 @@ pub fn check_memfd(fd: BorrowedFd<'_>, max: u64) -> io::Result<usize> {
     Ok(size as usize)
 }
 
-/// A shared mapping of a whole file; unmapped on drop.
-#[derive(Debug)]
-pub struct Mapping {
-    region: ShmRegion,
-}
-
-impl Mapping {
-    /// Maps `len` bytes of `fd` shared, read-write.
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        Self::map_at(fd, 0, len)
-    }
-
-    /// Maps `len` bytes of `fd` from `offset` (page-aligned), shared, read-write.
-    pub fn map_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty region"));
-        }
-        if !offset.is_multiple_of(4096) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "mapping offset is not page-aligned"));
-        }
-        // SAFETY: a fresh mapping chosen by the kernel (null hint) overlaps nothing of ours;
-        // `fd` is a valid open file (or device region) covering `offset..offset + len`, which
-        // the caller checked (memfd seals, or the device's fixed BAR size, keep it from
-        // shrinking).
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                offset,
-            )
-        }?;
-        // SAFETY: the mapping is `len` bytes, page-aligned, lives until `drop` unmaps it, and we
-        // never create references into it.
-        let region = unsafe { ShmRegion::new(ptr.cast(), len) };
-        Ok(Self { region })
-    }
-
-    /// The mapped bytes.
-    pub fn region(&self) -> &ShmRegion {
-        &self.region
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `region` describes exactly the mapping made in `map`, which nothing uses
-        // any more (every user borrows the `Mapping`).
-        let _ = unsafe { rustix::mm::munmap(self.region.as_ptr().cast::<c_void>(), self.region.len()) };
-    }
-}
+/// A shared mapping of (part of) a file; unmapped on drop.
+pub use ivcom_ring::MappedRegion as Mapping;
 
 /// A new non-blocking eventfd.
 pub fn new_eventfd() -> io::Result<OwnedFd> {

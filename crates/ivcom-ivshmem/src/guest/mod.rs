@@ -26,11 +26,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::time::Duration;
 
+use ivcom_ring::MappedRegion;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
-use rustix::mm::{MapFlags, ProtFlags};
 
 /// PCI vendor id of ivshmem (Red Hat / virtio).
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -175,72 +174,37 @@ pub enum Access {
 /// A shared read/write mapping of part of a file (a BAR). Unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
+    map: MappedRegion,
 }
-
-// SAFETY: the mapping is plain shared memory (or MMIO) with no thread affinity; it is only
-// ever accessed through raw pointers, whose users synchronise as they would across processes.
-unsafe impl Send for Mapping {}
-// SAFETY: as for Send: `&Mapping` only hands out the raw pointer.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Maps `len` bytes of `fd` at `offset` (a multiple of the page size) shared, read/write.
     /// This is how another process maps what [`Device::share`] handed it.
     pub fn map(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
-        if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
-        }
-        // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
-        // The pointer is only used through raw accesses while `Mapping` lives.
-        let p = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                offset,
-            )
-        }?;
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Mapping { ptr, len })
+        Ok(Mapping { map: MappedRegion::map(fd, offset, len)? })
     }
 
     /// Start and length of the mapping. The pointer is valid for `len` bytes while `self`
     /// lives; the memory may change at any time (another guest writes it).
     pub fn as_ptr(&self) -> (*mut u8, usize) {
-        (self.ptr.as_ptr(), self.len)
+        (self.map.region().as_ptr(), self.map.region().len())
     }
 
     fn read_u32(&self, offset: u64) -> u32 {
+        let (ptr, len) = self.as_ptr();
         let off = usize::try_from(offset).unwrap_or(usize::MAX);
-        assert!(
-            off % 4 == 0 && off.checked_add(4).is_some_and(|end| end <= self.len),
-            "register out of range"
-        );
+        assert!(off % 4 == 0 && off.checked_add(4).is_some_and(|end| end <= len), "register out of range");
         // SAFETY: in bounds and 4-aligned (checked above; the mapping is page-aligned); MMIO
         // registers are read with one volatile 32-bit access.
-        unsafe { self.ptr.as_ptr().add(off).cast::<u32>().read_volatile() }
+        unsafe { ptr.add(off).cast::<u32>().read_volatile() }
     }
 
     fn write_u32(&self, offset: u64, value: u32) {
+        let (ptr, len) = self.as_ptr();
         let off = usize::try_from(offset).unwrap_or(usize::MAX);
-        assert!(
-            off % 4 == 0 && off.checked_add(4).is_some_and(|end| end <= self.len),
-            "register out of range"
-        );
+        assert!(off % 4 == 0 && off.checked_add(4).is_some_and(|end| end <= len), "register out of range");
         // SAFETY: in bounds and 4-aligned (checked above); one volatile 32-bit MMIO store.
-        unsafe { self.ptr.as_ptr().add(off).cast::<u32>().write_volatile(value) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned, and no pointer handed out by
-        // `as_ptr` may outlive `self` (documented there).
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unsafe { ptr.add(off).cast::<u32>().write_volatile(value) }
     }
 }
 
@@ -564,7 +528,7 @@ impl Device {
         Shared {
             memory_fd: self.memory_file.as_fd(),
             memory_offset: self.memory_offset,
-            memory_len: self.memory.len,
+            memory_len: self.memory.as_ptr().1,
             doorbell_fd: self.doorbell_file.as_fd(),
             doorbell_offset: self.doorbell_offset,
             doorbell_is_mmap: self.doorbell_is_mmap,

@@ -34,7 +34,7 @@ impl DaemonMember {
             return Err(io::Error::other("the daemon gave us no interrupt vector"));
         }
         let len = usize::try_from(client.shm_size()?).map_err(|_| io::Error::other("region too large"))?;
-        let map = Mapping::map(client.shm(), len)?;
+        let map = Mapping::map(client.shm(), 0, len)?;
         for fd in client.vectors() {
             sys::check_eventfd(fd.as_fd())?;
         }

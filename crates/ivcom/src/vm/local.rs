@@ -87,7 +87,7 @@ fn doorbell(c: &Channel, fd: Option<OwnedFd>) -> io::Result<Signal> {
         _ => {
             let map_offset = c.doorbell_offset & !4095;
             let len = usize::try_from(c.doorbell_map_len).map_err(|_| bad("doorbell mapping too large"))?;
-            let map = Mapping::map_at(fd.as_fd(), map_offset, len)?;
+            let map = Mapping::map(fd.as_fd(), map_offset, len)?;
             Signal::Mmio { map, reg: (c.doorbell_offset - map_offset) as usize, value: c.doorbell_value }
         }
     };
@@ -111,7 +111,7 @@ fn conn(c: Channel, fds: Vec<OwnedFd>, spin: Duration) -> io::Result<Conn> {
     sys::check_eventfd(own_rx.as_fd())?;
     sys::check_eventfd(own_tx.as_fd())?;
     let len = usize::try_from(c.mem_len).map_err(|_| bad("slot too large"))?;
-    let map = Mapping::map_at(mem.as_fd(), c.mem_offset, len)?;
+    let map = Mapping::map(mem.as_fd(), c.mem_offset, len)?;
     let params = layout::validate_shape(map.region(), false)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("channel slot: {e}")))?;
     let (rx, tx) = if c.listener_side {

@@ -26,7 +26,7 @@ use ivcom_ring::directory::{self, Geometry, Spec};
 /// Writes a fresh, empty directory for `spec` into the first `len` bytes of the file `fd`
 /// (a memfd or a `/dev/shm` file that backs an ivshmem region), before any member maps it.
 pub fn format_region(fd: BorrowedFd<'_>, len: usize, spec: &Spec) -> io::Result<Geometry> {
-    let map = crate::sys::Mapping::map(fd, len)?;
+    let map = crate::sys::Mapping::map(fd, 0, len)?;
     directory::format(map.region(), spec)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
 }
@@ -34,7 +34,7 @@ pub fn format_region(fd: BorrowedFd<'_>, len: usize, spec: &Spec) -> io::Result<
 /// Records `peer`'s state in the region's peer table, as the daemon does when members join
 /// and leave.
 pub fn set_peer_state(fd: BorrowedFd<'_>, len: usize, peer: u32, epoch: u64, alive: bool) -> io::Result<()> {
-    let map = crate::sys::Mapping::map(fd, len)?;
+    let map = crate::sys::Mapping::map(fd, 0, len)?;
     let geom = directory::attach(map.region())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let dir = directory::Directory::new(map.region(), geom).map_err(|e| io::Error::other(e.to_string()))?;

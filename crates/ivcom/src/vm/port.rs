@@ -100,7 +100,7 @@ impl HostPort {
         for fd in peers.values() {
             sys::check_eventfd(fd.as_fd())?;
         }
-        let map = Mapping::map(memory.as_fd(), len)?;
+        let map = Mapping::map(memory.as_fd(), 0, len)?;
         Ok(Self { me, memory, map, own, peers })
     }
 
