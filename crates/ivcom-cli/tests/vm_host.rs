@@ -77,35 +77,28 @@ fn setup(dir: &Path) -> (Proc, Proc, Proc, PathBuf, PathBuf) {
     (daemon, a, b, sa, sb)
 }
 
+/// `ivcom listen|connect NAME --agent AGENT` with all three standard streams piped.
+fn nc(verb: &str, agent: &Path, name: &str) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args([verb, name, "--agent"])
+            .arg(agent)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn listen(agent: &Path, name: &str) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(["listen", name, "--agent"])
-            .arg(agent)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    nc("listen", agent, name)
 }
 
-/// Connects, retrying while the listener is not bound yet.
 fn connect(agent: &Path, name: &str) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(["connect", name, "--agent"])
-            .arg(agent)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    nc("connect", agent, name)
 }
 
-/// Waits until `ivcom listen` says on stderr that it is bound; the rest of its stderr is
-/// drained by a thread (a closed pipe would fail its later messages).
 fn wait_listening(l: &mut Proc) {
     let mut err = l.0.stderr.take().unwrap();
     let mut seen = Vec::new();

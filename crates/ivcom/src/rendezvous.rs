@@ -250,15 +250,21 @@ impl Drop for Listener {
     }
 }
 
+/// What a name and mode must be to go through a VM agent.
+fn check_agent_request(name: &str, messages: bool) -> io::Result<()> {
+    config::check_name(name)?;
+    if messages {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "message channels through a VM agent are not supported",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Listener> {
     if let Some(agent) = opts.agent_socket() {
-        config::check_name(name)?;
-        if messages {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "message channels through a VM agent are not supported",
-            ));
-        }
+        check_agent_request(name, messages)?;
         opts.spin_budget()?;
         let fd = crate::vm::local::bind(&agent, name, opts.handshake())?;
         return Ok(Listener {
@@ -431,13 +437,7 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
 /// The connecting side of the handshake.
 pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<Conn> {
     if let Some(agent) = opts.agent_socket() {
-        config::check_name(name)?;
-        if messages {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "message channels through a VM agent are not supported",
-            ));
-        }
+        check_agent_request(name, messages)?;
         return crate::vm::local::connect(&agent, name, opts.handshake(), opts.spin_budget()?);
     }
     let (dir, path) = socket_path(name, opts)?;
