@@ -314,6 +314,11 @@ impl<P: Port> Agent<P> {
 
     fn accept_client(&mut self) {
         let Ok(sock) = sys::accept(self.listen.as_fd()) else { return };
+        // Never block on a local process: one that does not take its connections (a full
+        // socket buffer) gets them refused instead of stalling every member's channels.
+        if rustix::io::ioctl_fionbio(&sock, true).is_err() {
+            return;
+        }
         let fd = sock.as_raw_fd();
         if epoll::add(
             &self.epoll,
