@@ -1,0 +1,96 @@
+# Guest steps of scripts/vm-test.sh that measure ivcom channels (sourced by /init): each guest
+# runs `ivcom agent` on its ivshmem-doorbell device (VFIO: doorbells wake it) and the
+# `ivcom vm-chan` commands talk through it. Listener names: poll (default spin), irq
+# (--spin-us 0: every wait sleeps until a doorbell), hostpoll/hostirq (guest a, for the host),
+# cut (guest b, the power-off test).
+# Tunables (kernel command line): chan_poll_count, chan_irq_count, chan_bulk_mib,
+# chan_host_count, chan_host_irq_count.
+
+IVCOM_AGENT=/tmp/agent.sock
+export IVCOM_AGENT
+
+# The PCI address of the ivshmem-doorbell device: the 1af4:1110 device with a BAR1 (MSI-X).
+chan_doorbell_bdf() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1110 ] || continue
+        set -- $(sed -n 2p "$d/resource")
+        [ "${1:-0}" != 0x0000000000000000 ] && [ "${1:-0}" != 0 ] && { basename "$d"; return 0; }
+    done
+    return 1
+}
+
+# Starts this guest's agent once (it outlives the step: later steps use it too).
+chan_agent() {
+    [ -S "$IVCOM_AGENT" ] && return 0
+    bdf=$(chan_doorbell_bdf) || { echo "no ivshmem-doorbell device"; return 1; }
+    ivcom agent --device "$bdf" --access vfio --socket "$IVCOM_AGENT" >/tmp/agent.log 2>&1 &
+    chan_agent_pid=$!
+    i=0
+    while [ ! -S "$IVCOM_AGENT" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ ! -S "$IVCOM_AGENT" ]; then
+        echo "agent did not start:"; cat /tmp/agent.log
+        return 1
+    fi
+    marker chan-agent bdf=$bdf pid=$chan_agent_pid
+}
+
+# a <-> b: round trips polled and interrupt-driven, a 256 MiB transfer, then the idle test.
+step_chan() {
+    chan_agent || return 1
+    pc=${chan_poll_count:-20000} ic=${chan_irq_count:-2000} mib=${chan_bulk_mib:-256}
+    if [ "$role" = b ]; then
+        # One server per spin policy: accepted streams take the listener's.
+        timeout 200 ivcom vm-chan serve poll --connections 4 &
+        p1=$!
+        timeout 200 ivcom vm-chan serve irq --connections 2 --spin-us 0 &
+        p2=$!
+        wait $p1; r1=$?
+        wait $p2; r2=$?
+        [ $r1 = 0 ] && [ $r2 = 0 ]
+        return
+    fi
+    rc=0
+    ivcom vm-chan rtt poll --size 64 --count "$pc" --label poll64 || rc=1
+    ivcom vm-chan rtt poll --size 4096 --count "$pc" --label poll4k || rc=1
+    ivcom vm-chan rtt irq --size 64 --count "$ic" --spin-us 0 --label irq64 || rc=1
+    ivcom vm-chan rtt irq --size 4096 --count "$ic" --spin-us 0 --label irq4k || rc=1
+    ivcom vm-chan transfer poll --bytes $((mib << 20)) --label bulk || rc=1
+    # Both ends blocked in a read, agents running: how busy is each guest?
+    ivcom vm-chan idle poll --secs 3 || rc=1
+    return $rc
+}
+
+# Guest a serves the host (scripts/vm-test.sh runs the clients through its own agent, which
+# joined the daemon's group as member "host"). Guest b has nothing to do here.
+step_chan_host() {
+    [ "$role" = a ] || return 0
+    chan_agent || return 1
+    timeout 120 ivcom vm-chan serve hostpoll --connections 2 &
+    p1=$!
+    timeout 120 ivcom vm-chan serve hostirq --connections 1 --spin-us 0 &
+    p2=$!
+    wait $p1; r1=$?
+    wait $p2; r2=$?
+    [ $r1 = 0 ] && [ $r2 = 0 ]
+}
+
+# Guest b powers off in the middle of a long transfer from a; a's transfer must end with an
+# error, and says how long after its last progress (the harness bounds it). b's step returns
+# 200, which /init takes as "passed, power off now" (the server is still reading).
+step_chan_poweroff() {
+    chan_agent || return 1
+    if [ "$role" = b ]; then
+        rm -f /tmp/cut.out
+        (timeout 200 ivcom vm-chan serve cut --connections 1 2>&1 | tee /tmp/cut.out) &
+        i=0
+        while ! grep -q chan-sink-progress /tmp/cut.out 2>/dev/null; do
+            [ $i -lt 900 ] || { echo "no transfer arrived in 180 s"; return 1; }
+            sleep 0.2
+            i=$((i + 1))
+        done
+        marker chan-poweroff uptime=$(cut -d' ' -f1 /proc/uptime)
+        return 200
+    fi
+    ivcom vm-chan transfer cut --cut --bytes $((64 << 30)) --progress-bytes $((32 << 20)) \
+        --write-timeout 20 --label cut
+}
