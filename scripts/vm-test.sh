@@ -44,6 +44,7 @@ DAEMON_PID=
 cleanup() {
     if [ -n "${HOST_PID:-}" ]; then kill "$HOST_PID" 2>/dev/null || true; fi
     if [ -n "${HOSTCHAN_PID:-}" ]; then kill "$HOSTCHAN_PID" 2>/dev/null || true; fi
+    if [ -n "${WATCH_PID:-}" ]; then kill "$WATCH_PID" 2>/dev/null || true; fi
     if [ -n "${HOSTAGENT_PID:-}" ]; then kill "$HOSTAGENT_PID" 2>/dev/null || true; wait "$HOSTAGENT_PID" 2>/dev/null || true; fi
     if [ -n "$DAEMON_PID" ]; then kill "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" 2>/dev/null || true; fi
     local n
@@ -156,12 +157,31 @@ host_chan() {
     return $rc
 }
 
+# Host clock for the power-off test: from guest b's last marker before `poweroff -f` to guest
+# a's marker saying its transfer broke, both seen in the serial logs (polled every 20 ms).
+poweroff_watch() {
+    local deadline=$((SECONDS + VM_GUEST_TIMEOUT)) t_off= t_cut=
+    until grep -q 'chan-listening name=cut' "$VM_RUN/b.log" 2>/dev/null; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.5
+    done
+    while [ $SECONDS -lt $deadline ]; do
+        [ -z "$t_off" ] && grep -q '@@ivcom chan-poweroff' "$VM_RUN/b.log" && t_off=$(date +%s.%N)
+        [ -n "$t_off" ] && grep -q '@@ivcom chan-transfer-cut label' "$VM_RUN/a.log" && t_cut=$(date +%s.%N) && break
+        sleep 0.02
+    done
+    [ -n "$t_cut" ] || return 1
+    echo "@@ivcom host-poweroff-watch secs=$(awk -v a="$t_off" -v b="$t_cut" 'BEGIN { printf "%.2f", b - a }')"
+}
+
 vm_log "booting a and b (accel $VM_ACCEL, steps $steps)"
 T_BOOT=$SECONDS
 boot_ok=1
 if [ $chan = 1 ]; then
     host_chan >"$VM_RUN/host-chan.log" 2>&1 &
     HOSTCHAN_PID=$!
+    poweroff_watch >"$VM_RUN/poweroff-watch.log" 2>&1 &
+    WATCH_PID=$!
 fi
 vm_boot_pair "$steps" "$a_args" "$b_args" $tun || boot_ok=0
 vm_log "guests done in $((SECONDS - T_BOOT)) s; serial logs in $VM_RUN"
@@ -177,6 +197,12 @@ if [ -n "${HOSTCHAN_PID:-}" ]; then
     kill $HOSTCHAN_PID 2>/dev/null || true
     wait $HOSTCHAN_PID || hostchan_ok=0
     HOSTCHAN_PID=
+fi
+if [ -n "${WATCH_PID:-}" ]; then
+    for _ in $(seq 20); do kill -0 $WATCH_PID 2>/dev/null || break; sleep 0.1; done
+    kill $WATCH_PID 2>/dev/null || true
+    wait $WATCH_PID 2>/dev/null || true
+    WATCH_PID=
 fi
 
 # --- results ------------------------------------------------------------------------------
@@ -195,7 +221,7 @@ row() {
     local ok=ok
     if [ $nfail -gt $seen_fail ]; then ok=FAIL; else npass=$((npass + 1)); fi
     seen_fail=$nfail
-    rows+=("$(printf '%-4s %-34s %-44s %s' "$ok" "$1" "$2" "$3")")
+    rows+=("$(printf '%-4s %-40s %-40s %s' "$ok" "$1" "$2" "$3")")
 }
 
 for g in a b; do
@@ -280,7 +306,8 @@ chan_rtt_row() { # chan_rtt_row TEST LINE LABEL
 }
 chan_mbs= chan_sig=
 if [ $chan = 1 ]; then
-    for l in poll64:polled poll4k:polled irq64:interrupt-driven irq4k:interrupt-driven; do
+    for l in poll64:polled poll4k:polled "spin64:polled, 1 ms spin" "spin4k:polled, 1 ms spin" \
+        irq64:interrupt-driven irq4k:interrupt-driven; do
         chan_rtt_row "ivcom channel a<->b, ${l#*:}" "$(need a chan-rtt "label=${l%%:*} ")" "${l%%:*}"
     done
     snd=$(need a chan-transfer "label=bulk "); rcv=$(need b chan-sink "name=poll " "sha256=")
@@ -330,14 +357,15 @@ if [ $chan = 1 ]; then
         st=$(vm_field "$cut" stalled_secs)
         [ "$(vm_field "$cut" broke)" = yes ] || fail "a's transfer did not end with an error after b powered off ($cut)"
         awk -v s="$st" 'BEGIN { exit !(s != "" && s + 0 <= 5) }' || fail "a's transfer took $st s (> 5 s) to fail after b powered off"
+        hw=$(vm_field "$(sed -n 's/^@@ivcom //p' "$VM_RUN/poweroff-watch.log" 2>/dev/null)" secs)
         row "guest b powers off mid-transfer" "a->b stream, b: poweroff -f" \
-            "a's write failed ($(vm_field "$cut" error)) $st s after its last progress (bound 5 s); $(( $(vm_field "$cut" bytes_sent) >> 20 )) MiB sent"
+            "a's write failed ($(vm_field "$cut" error)) $st s after its last progress (bound 5 s); host clock, b's last marker to a's: ${hw:-?} s; $(( $(vm_field "$cut" bytes_sent) >> 20 )) MiB sent"
     fi
 fi
 
 {
     echo "VM harness results (accel $VM_ACCEL, kernel $VM_KVER, $(nproc) cores; one vCPU per guest)"
-    printf '%-4s %-34s %-44s %s\n' "" "test" "shape" "result"
+    printf '%-4s %-40s %-40s %s\n' "" "test" "shape" "result"
     printf '%s\n' "${rows[@]}"
     if [ $chan = 1 ]; then
         tcp64=$(vm_field "$(need a tcp-rtt "size=64 ")" rtt_us_p50); tcp4k=$(vm_field "$(need a tcp-rtt "size=4096 ")" rtt_us_p50)
@@ -351,6 +379,8 @@ fi
         }
         cmp_row "64 B round trip, polled (us)" "$(us "${chan_p50[poll64]:-}")" "$tcp64" "$(ratio "$(ns "$tcp64")" "${chan_p50[poll64]:-}")" 50
         cmp_row "4 KiB round trip, polled (us)" "$(us "${chan_p50[poll4k]:-}")" "$tcp4k" "$(ratio "$(ns "$tcp4k")" "${chan_p50[poll4k]:-}")" 50
+        cmp_row "64 B round trip, polled, 1 ms spin (us)" "$(us "${chan_p50[spin64]:-}")" "$tcp64" "$(ratio "$(ns "$tcp64")" "${chan_p50[spin64]:-}")" 50
+        cmp_row "4 KiB round trip, polled, 1 ms spin (us)" "$(us "${chan_p50[spin4k]:-}")" "$tcp4k" "$(ratio "$(ns "$tcp4k")" "${chan_p50[spin4k]:-}")" 50
         cmp_row "64 B round trip, interrupt-driven (us)" "$(us "${chan_p50[irq64]:-}")" "$tcp64" "$(ratio "$(ns "$tcp64")" "${chan_p50[irq64]:-}")" 2
         cmp_row "4 KiB round trip, interrupt-driven (us)" "$(us "${chan_p50[irq4k]:-}")" "$tcp4k" "$(ratio "$(ns "$tcp4k")" "${chan_p50[irq4k]:-}")" 2
         cmp_row "$bulk_mib MiB transfer (MB/s)" "${chan_mbs:--}" "${tcp_mbs:--}" "$(ratio "$chan_mbs" "$tcp_mbs")" 5

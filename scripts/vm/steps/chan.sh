@@ -1,10 +1,10 @@
 # Guest steps of scripts/vm-test.sh that measure ivcom channels (sourced by /init): each guest
 # runs `ivcom agent` on its ivshmem-doorbell device (VFIO: doorbells wake it) and the
-# `ivcom vm-chan` commands talk through it. Listener names: poll (default spin), irq
-# (--spin-us 0: every wait sleeps until a doorbell), hostpoll/hostirq (guest a, for the host),
-# cut (guest b, the power-off test).
-# Tunables (kernel command line): chan_poll_count, chan_irq_count, chan_bulk_mib,
-# chan_host_count, chan_host_irq_count.
+# `ivcom vm-chan` commands talk through it. Listener names: poll (default spin), spin (1 ms
+# spin), irq (--spin-us 0: every wait sleeps until a doorbell), hostpoll/hostirq (guest a, for
+# the host), cut (guest b, the power-off test).
+# Tunables (kernel command line): chan_poll_count, chan_irq_count, chan_bulk_mib (the host
+# side's counts are vm-test.sh's).
 
 IVCOM_AGENT=/tmp/agent.sock
 export IVCOM_AGENT
@@ -44,14 +44,20 @@ step_chan() {
         p1=$!
         timeout 200 ivcom vm-chan serve irq --connections 2 --spin-us 0 &
         p2=$!
+        timeout 200 ivcom vm-chan serve spin --connections 2 --spin-us 1000 &
+        p3=$!
         wait $p1; r1=$?
         wait $p2; r2=$?
-        [ $r1 = 0 ] && [ $r2 = 0 ]
+        wait $p3; r3=$?
+        [ $r1 = 0 ] && [ $r2 = 0 ] && [ $r3 = 0 ]
         return
     fi
     rc=0
     ivcom vm-chan rtt poll --size 64 --count "$pc" --label poll64 || rc=1
     ivcom vm-chan rtt poll --size 4096 --count "$pc" --label poll4k || rc=1
+    # The same with a spin budget longer than a doorbell wakeup takes here (see vm-harness.md).
+    ivcom vm-chan rtt spin --size 64 --count "$pc" --spin-us 1000 --label spin64 || rc=1
+    ivcom vm-chan rtt spin --size 4096 --count "$pc" --spin-us 1000 --label spin4k || rc=1
     ivcom vm-chan rtt irq --size 64 --count "$ic" --spin-us 0 --label irq64 || rc=1
     ivcom vm-chan rtt irq --size 4096 --count "$ic" --spin-us 0 --label irq4k || rc=1
     ivcom vm-chan transfer poll --bytes $((mib << 20)) --label bulk || rc=1
@@ -93,4 +99,8 @@ step_chan_poweroff() {
     fi
     ivcom vm-chan transfer cut --cut --bytes $((64 << 30)) --progress-bytes $((32 << 20)) \
         --write-timeout 20 --label cut
+    rc=$?
+    # What the agent saw (its log has the peer table changes).
+    tail -n 4 /tmp/agent.log | tr -d '\033' | sed 's/\[[0-9;]*m//g; s/^/agent-log: /'
+    return $rc
 }
