@@ -873,6 +873,69 @@ impl Owned {
         Ok(())
     }
 
+    /// Writes again whatever of ours in the region differs from what we know it to be (a
+    /// hostile member may have overwritten it): listener entries and slot descriptors. Cheap
+    /// when nothing changed (reads only), so an agent calls it periodically.
+    pub fn republish(&self, dir: &Directory<'_>) -> Result<(), DirError> {
+        let g = dir.geom;
+        let r = dir.region;
+        for (i, entry) in self.listeners.iter().enumerate() {
+            let index = i as u32;
+            let e = g.listener_entry(self.me, index);
+            let gen = self.listener_gens[i];
+            let ok = match entry {
+                Some((lgen, name)) => dir.listener(self.me, index)? == Some((*lgen, name.clone())),
+                None => {
+                    r.load_u64(e + off::L_WORD, Ordering::Acquire)? == pack(gen, ListenerState::Free as u8)
+                }
+            };
+            if !ok {
+                match entry {
+                    Some((lgen, name)) => dir.publish_listener(self.me, index, *lgen, Some(name))?,
+                    None => dir.publish_listener(self.me, index, gen, None)?,
+                }
+            }
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let slot = self.me * g.slots_per_peer + i as u32;
+            let d = g.desc(slot);
+            let (word, to, epoch) = match *s {
+                SlotUse::Busy { gen, to, epoch } => {
+                    (pack(gen, ConnectorState::Request as u8), Some(to), epoch)
+                }
+                SlotUse::Draining { gen, to, epoch } => {
+                    (pack(gen, ConnectorState::Closed as u8), Some(to), epoch)
+                }
+                SlotUse::Free { gen } => (pack(gen.wrapping_sub(1), ConnectorState::Closed as u8), None, 0),
+            };
+            let fields_ok = match to {
+                Some(t) => {
+                    r.load_u32(d + off::C_PEER, Ordering::Acquire)? == t.peer
+                        && r.load_u32(d + off::C_INDEX, Ordering::Acquire)? == t.index
+                        && r.load_u32(d + off::C_LGEN, Ordering::Acquire)? == t.gen
+                        && r.load_u32(d + off::C_FLAGS, Ordering::Acquire)? == 0
+                        && r.load_u64(d + off::C_EPOCH, Ordering::Acquire)? == epoch
+                }
+                None => r.load_u32(d + off::C_PEER, Ordering::Acquire)? == NOBODY,
+            };
+            if fields_ok && r.load_u64(d + off::C_WORD, Ordering::Acquire)? == word {
+                continue;
+            }
+            match to {
+                Some(t) => {
+                    r.store_u32(d + off::C_PEER, t.peer, Ordering::Relaxed)?;
+                    r.store_u32(d + off::C_INDEX, t.index, Ordering::Relaxed)?;
+                    r.store_u32(d + off::C_LGEN, t.gen, Ordering::Relaxed)?;
+                    r.store_u32(d + off::C_FLAGS, 0, Ordering::Relaxed)?;
+                    r.store_u64(d + off::C_EPOCH, epoch, Ordering::Relaxed)?;
+                }
+                None => r.store_u32(d + off::C_PEER, NOBODY, Ordering::Relaxed)?,
+            }
+            r.store_u64(d + off::C_WORD, word, Ordering::SeqCst)?;
+        }
+        Ok(())
+    }
+
     /// Slots in use, draining or free: `(busy, draining, free)`.
     pub fn slot_counts(&self) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);

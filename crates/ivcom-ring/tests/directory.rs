@@ -222,6 +222,7 @@ enum Op {
     CloseConnector { n: usize },
     CloseListener { n: usize },
     Restart { peer: u32 },
+    Republish { peer: u32, scribble: u64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -233,6 +234,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..8usize).prop_map(|n| Op::CloseConnector { n }),
         (0..8usize).prop_map(|n| Op::CloseListener { n }),
         (0..3u32).prop_map(|peer| Op::Restart { peer }),
+        (0..3u32, any::<u64>()).prop_map(|(peer, scribble)| Op::Republish { peer, scribble }),
     ]
 }
 
@@ -313,6 +315,21 @@ proptest! {
                         let (slot, gen, _) = open_listen.remove(n % open_listen.len());
                         dir.set_answer(slot, gen, ListenerAnswer::Closed).unwrap();
                     }
+                }
+                Op::Republish { peer, scribble } => {
+                    // Someone overwrites a word of this peer's entries or descriptors; the
+                    // owner writes back what it knows.
+                    let g = *dir.geometry();
+                    let lo = g.listeners_off + peer as usize * g.listeners_per_peer as usize * 128;
+                    let o = if scribble % 2 == 0 {
+                        lo + (scribble as usize / 2 % (g.listeners_per_peer as usize * 16)) * 8
+                    } else {
+                        // Only the connector half: the answer word is the listener's.
+                        let w = scribble as usize / 2 % (g.slots_per_peer as usize * 8);
+                        g.descs_off + ((peer * g.slots_per_peer) as usize + w / 8) * 128 + (w % 8) * 8
+                    };
+                    r.store_u64(o, scribble, Ordering::Relaxed).unwrap();
+                    owned[peer as usize].republish(&dir).unwrap();
                 }
                 Op::Restart { peer } => {
                     epochs[peer as usize] += 1;

@@ -259,3 +259,79 @@ fn half_close_keeps_the_other_direction_open() {
     assert_eq!(server.join().unwrap(), b"request");
     drop((a, b));
 }
+
+/// A third member scribbles over the directory and the channel slots while two honest
+/// members keep connecting and echoing: calls may fail, but with errors, in bounded time; the
+/// agents neither panic nor hang, and once the scribbling stops new channels work again.
+#[test]
+fn a_hostile_member_cannot_crash_or_hang_the_others() {
+    let r = region("hostile", 3, 16 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    set_peer_state(r.memfd.as_fd(), REGION, 2, 1, true).unwrap();
+    let map = ivcom_ring::MappedRegion::map(r.memfd.as_fd(), 0, REGION).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = Listener::bind_with("victim", &opts(&b.socket)).unwrap();
+    let server_stop = stop.clone();
+    let server = std::thread::spawn(move || {
+        while !server_stop.load(Ordering::Relaxed) {
+            if let Ok(mut s) = listener.accept() {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
+                let mut buf = [0u8; 8];
+                if s.read_exact(&mut buf).is_ok() {
+                    let _ = s.write_all(&buf);
+                }
+            }
+        }
+    });
+    let region = map.region();
+    let slots_end = REGION;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let start = Instant::now();
+    let mut outcomes = (0, 0);
+    while start.elapsed() < Duration::from_secs(2) {
+        // Scribble: 64 random words past the header, anywhere in the region.
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = 4096 + (x as usize % (slots_end - 4096)) / 8 * 8;
+            region.store_u64(off, x.rotate_left(17), Ordering::Relaxed).unwrap();
+        }
+        let t = Instant::now();
+        let res = (|| -> std::io::Result<()> {
+            let mut c = Stream::connect_with(
+                "victim",
+                &opts(&a.socket).handshake_timeout(Duration::from_millis(500)),
+            )?;
+            c.set_read_timeout(Some(Duration::from_millis(500)))?;
+            c.write_all(&x.to_le_bytes())?;
+            let mut back = [0u8; 8];
+            c.read_exact(&mut back)?;
+            Ok(())
+        })();
+        assert!(t.elapsed() < Duration::from_secs(5), "a call took {:?}", t.elapsed());
+        match res {
+            Ok(()) => outcomes.0 += 1,
+            Err(_) => outcomes.1 += 1,
+        }
+    }
+    eprintln!("under scribbling: {} round trips worked, {} failed with errors", outcomes.0, outcomes.1);
+    drop(map);
+    // Honest again: the agents must still be alive and serving. They rewrite what they own
+    // as they use it; the scribbled peer table is the daemon's to restore.
+    for p in 0..3 {
+        set_peer_state(r.memfd.as_fd(), REGION, p, 1, true).unwrap();
+    }
+    let mut c = Stream::connect_with("victim", &opts(&a.socket)).expect("a new channel after the scribbling");
+    c.write_all(b"8 bytes!").unwrap();
+    let mut back = [0u8; 8];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"8 bytes!");
+    stop.store(true, Ordering::Relaxed);
+    // Stopping b's agent ends the server's accept with an error. Dropping a member joins its
+    // agent thread, which must not have panicked or failed.
+    drop(b);
+    server.join().unwrap();
+    drop(a);
+}

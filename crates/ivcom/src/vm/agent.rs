@@ -302,6 +302,11 @@ impl<P: Port> Agent<P> {
         self.heartbeat += 1;
         let dir = Directory::new(self.port.region(), self.geom).expect("validated");
         let _ = dir.set_heartbeat(self.me, self.heartbeat);
+        // Repair what a hostile member may have overwritten of ours.
+        let _ = self.owned.republish(&dir);
+        if !self.managed {
+            let _ = dir.set_peer(self.me, directory::PeerState { epoch: self.epoch, alive: true });
+        }
         let now = Instant::now();
         for p in 0..self.geom.peers {
             let v = dir.heartbeat(p).unwrap_or(0);
