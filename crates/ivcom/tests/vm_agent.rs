@@ -323,7 +323,18 @@ fn a_hostile_member_cannot_crash_or_hang_the_others() {
     for p in 0..3 {
         set_peer_state(r.memfd.as_fd(), REGION, p, 1, true).unwrap();
     }
-    let mut c = Stream::connect_with("victim", &opts(&a.socket)).expect("a new channel after the scribbling");
+    // Members repair their entries every 100 ms: within a second the name is back.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut c = loop {
+        match Stream::connect_with("victim", &opts(&a.socket)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("no new channel after the scribbling: {e}"),
+        }
+    };
     c.write_all(b"8 bytes!").unwrap();
     let mut back = [0u8; 8];
     c.read_exact(&mut back).unwrap();

@@ -278,7 +278,12 @@ impl<P: Port> Agent<P> {
                 busy = true;
                 match t & T_MASK {
                     T_LISTEN => self.accept_client(),
-                    T_WAKE => self.port.drain_wake(),
+                    T_WAKE => {
+                        // A doorbell: first wake the local sleepers it is most likely for, so
+                        // their wakeup does not wait for the rest of the scan.
+                        self.port.drain_wake();
+                        self.wake_all();
+                    }
                     T_EVENTS => self.port.on_events()?,
                     T_CLIENT => self.client_readable((t & !T_MASK) as RawFd),
                     T_CHAN => self.chan_closed((t & !T_MASK) as RawFd),
@@ -557,6 +562,14 @@ impl<P: Port> Agent<P> {
             let _ = self.owned.release(&dir, ch.slot, ch.gen, &gone);
         }
         self.port.ring(ch.peer);
+    }
+
+    /// Wakes the local processes that sleep with data or space ready.
+    fn wake_all(&mut self) {
+        let region = self.port.region();
+        for c in self.chans.values_mut() {
+            wake_sleepers(region, c);
+        }
     }
 
     /// One pass over everything shared: peers, requests to us, answers to our requests,
