@@ -80,6 +80,9 @@ pub struct RegionConfig {
     pub vectors: u16,
     /// Served as a `/dev/shm` file for ivshmem-plain rather than through doorbell sockets.
     pub plain: bool,
+    /// Ring capacity per direction of each channel in the region (a power of two, 16 KiB to
+    /// 1/8 of the region); `None`: chosen from the size and the member count.
+    pub ring: Option<u64>,
     /// Where it comes from.
     pub kind: RegionKind,
 }
@@ -125,6 +128,7 @@ struct RawSet {
     size: RawSize,
     vectors: Option<i64>,
     plain: Option<bool>,
+    ring: Option<RawSize>,
 }
 
 #[derive(Deserialize)]
@@ -234,12 +238,30 @@ impl Config {
                         return Err(invalid(format!("{at}: vectors = {v}; must be 1 to {MAX_VECTORS}")))
                     }
                 };
+                let ring = match &set.ring {
+                    None => None,
+                    Some(raw) => {
+                        let (n, shown) = match raw {
+                            RawSize::Number(n) => (u64::try_from(*n).ok(), n.to_string()),
+                            RawSize::Text(t) => (parse_size(t).ok(), format!("{t:?}")),
+                        };
+                        match n {
+                            Some(n) if n.is_power_of_two() && (16 << 10..=size / 8).contains(&n) => Some(n),
+                            _ => {
+                                return Err(invalid(format!(
+                                    "{at}: ring {shown} must be a power of two from 16K to 1/8 of the size"
+                                )))
+                            }
+                        }
+                    }
+                };
                 let mk = |name: String, members: Vec<String>, kind| RegionConfig {
                     name,
                     members,
                     size,
                     vectors,
                     plain,
+                    ring,
                     kind,
                 };
                 if table == "group" {

@@ -18,11 +18,13 @@ const TARGET_SLOTS: usize = 8;
 const MIN_SLOT_CAPACITY: u64 = 16 * 1024;
 const MAX_SLOT_CAPACITY: u64 = 1 << 20;
 
-/// The directory layout for a region of `size` bytes shared by `peers` members.
-pub fn spec_for(size: u64, peers: u32, managed: bool) -> Spec {
+/// The directory layout for a region of `size` bytes shared by `peers` members: rings of
+/// `ring` bytes per direction if given, else as large as lets each member have 8 channels
+/// (16 KiB to 1 MiB).
+pub fn spec_for(size: u64, peers: u32, managed: bool, ring: Option<u64>) -> Spec {
     let per_ring = size / (u64::from(peers.max(1)) * TARGET_SLOTS as u64 * 2 + 2);
     let cap = if per_ring.is_power_of_two() { per_ring } else { per_ring.next_power_of_two() / 2 };
-    let slot_capacity = cap.clamp(MIN_SLOT_CAPACITY, MAX_SLOT_CAPACITY);
+    let slot_capacity = ring.unwrap_or_else(|| cap.clamp(MIN_SLOT_CAPACITY, MAX_SLOT_CAPACITY));
     Spec { peers, listeners_per_peer: LISTENERS_PER_PEER, slot_capacity, managed }
 }
 
@@ -61,7 +63,7 @@ impl DirectoryHooks {
 impl RegionHooks for DirectoryHooks {
     fn created(&mut self, region: &RegionView<'_>) {
         let peers = region.members().count() as u32;
-        let spec = spec_for(region.size(), peers, !region.is_plain());
+        let spec = spec_for(region.size(), peers, !region.is_plain(), region.ring_capacity());
         let mem = region.memory();
         // A plain region's file may outlive us, with guests still using it: keep a directory
         // that is already there and has the shape we would give it.
@@ -109,7 +111,7 @@ mod tests {
     fn specs_fit_their_regions() {
         for size in [1u64 << 20, 4 << 20, 16 << 20, 256 << 20] {
             for peers in [1, 2, 3, 8, 64] {
-                let spec = spec_for(size, peers, true);
+                let spec = spec_for(size, peers, true, None);
                 match Geometry::plan(size as usize, &spec) {
                     Ok(g) => assert!(g.slots_per_peer >= 1),
                     // Tiny regions for many peers cannot hold a slot each: a clear error.
@@ -117,6 +119,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(spec_for(16 << 20, 2, true).slot_capacity, 256 * 1024);
+        assert_eq!(spec_for(16 << 20, 2, true, None).slot_capacity, 256 * 1024);
+        assert_eq!(spec_for(64 << 20, 3, true, Some(1 << 20)).slot_capacity, 1 << 20);
     }
 }

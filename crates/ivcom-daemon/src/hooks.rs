@@ -97,6 +97,11 @@ impl RegionView<'_> {
         self.region.cfg.vectors
     }
 
+    /// The configured ring capacity of the region's channels, if any (`ring` in the file).
+    pub fn ring_capacity(&self) -> Option<u64> {
+        self.region.cfg.ring
+    }
+
     /// Whether the region is a plain `/dev/shm` file (no doorbells, no sockets).
     pub fn is_plain(&self) -> bool {
         self.region.cfg.plain

@@ -424,6 +424,9 @@ fn bad_configs_are_clear_errors() {
         ("[[group]]\nname='a'\nmembers=['x']\nsize='1M'\nplain=true\nvectors=2\n", "vectors has no meaning for a plain region"),
         ("socket_dir='relative/dir'\n", "must be an absolute path"),
         ("[[group]\n", "TOML parse error"),
+        ("[[group]]\nname='a'\nmembers=['x']\nsize='1M'\nring='3K'\n", "ring \"3K\" must be a power of two from 16K"),
+        ("[[group]]\nname='a'\nmembers=['x']\nsize='1M'\nring='256K'\n", "to 1/8 of the size"),
+        ("[[group]]\nname='a'\nmembers=['x']\nsize='1M'\nring=1024\n", "ring 1024 must be"),
     ];
     for (text, want) in cases {
         let path = std::path::Path::new("/etc/ivcom/bad.toml");
