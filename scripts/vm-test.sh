@@ -375,7 +375,7 @@ fi
         cmp_row() { # cmp_row MEASURE IVCOM TCP RATIO TARGET_MIN
             local met=missed
             awk -v r="$4" -v t="$5" 'BEGIN { exit !(r != "-" && r + 0 >= t) }' && met=met
-            printf '  %-40s %12s %12s %10s %10s  %s\n' "$1" "$2" "$3" "${4}x" ">= ${5}x" "$met"
+            printf '  %-40s %12s %12s %10s %10s  %s\n' "$1" "$2" "$3" "$([ "$4" = - ] && echo - || echo "${4}x")" ">= ${5}x" "$met"
         }
         cmp_row "64 B round trip, polled (us)" "$(us "${chan_p50[poll64]:-}")" "$tcp64" "$(ratio "$(ns "$tcp64")" "${chan_p50[poll64]:-}")" 50
         cmp_row "4 KiB round trip, polled (us)" "$(us "${chan_p50[poll4k]:-}")" "$tcp4k" "$(ratio "$(ns "$tcp4k")" "${chan_p50[poll4k]:-}")" 50
