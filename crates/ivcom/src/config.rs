@@ -23,6 +23,11 @@ pub const DEFAULT_CAPACITY: usize = 1 << 20;
 /// the hosts we measured (docs/performance.md); polling somewhat longer than that catches
 /// replies of request-response peers and keeps streaming free of signals.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// Default polling budget of channels through a VM agent. Waking a sleeping peer there
+/// takes a doorbell (an interrupt into the guest, then its agent's wakeup of the process):
+/// about 5-20 µs on KVM and 100-300 µs under software emulation (docs/vm-harness.md). A
+/// budget shorter than that lets a busy pair fall into alternating sleeps.
+pub const DEFAULT_VM_SPIN: Duration = Duration::from_micros(500);
 /// Default maximum message size of message channels.
 pub const DEFAULT_MAX_MESSAGE: u32 = 64 * 1024;
 /// Default time a handshake step may take before it is abandoned.
@@ -101,8 +106,8 @@ impl Options {
         self
     }
 
-    /// Polling budget before a wait sleeps (default 50 µs, or `$IVCOM_SPIN_US`); zero sleeps
-    /// at once on every wait.
+    /// Polling budget before a wait sleeps (default 50 µs, 500 µs through a VM agent, or
+    /// `$IVCOM_SPIN_US`); zero sleeps at once on every wait.
     pub fn spin(mut self, budget: Duration) -> Self {
         self.spin = Some(budget);
         self
@@ -161,9 +166,14 @@ impl Options {
     }
 
     pub(crate) fn spin_budget(&self) -> io::Result<Duration> {
+        self.spin_budget_or(DEFAULT_SPIN)
+    }
+
+    /// The polling budget chosen explicitly or by environment, else `default`.
+    pub(crate) fn spin_budget_or(&self, default: Duration) -> io::Result<Duration> {
         Ok(match self.spin {
             Some(s) => s,
-            None => env_parse::<u64>(ENV_SPIN_US)?.map(Duration::from_micros).unwrap_or(DEFAULT_SPIN),
+            None => env_parse::<u64>(ENV_SPIN_US)?.map(Duration::from_micros).unwrap_or(default),
         })
     }
 

@@ -212,7 +212,10 @@ impl Listener {
 
     pub(crate) fn accept_conn(&self) -> io::Result<Conn> {
         if self.via_agent {
-            return crate::vm::local::accept(self.fd.as_fd(), self.opts.spin_budget()?);
+            return crate::vm::local::accept(
+                self.fd.as_fd(),
+                self.opts.spin_budget_or(config::DEFAULT_VM_SPIN)?,
+            );
         }
         loop {
             let sock = sys::accept(self.fd.as_fd())?;
@@ -438,7 +441,8 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
 pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<Conn> {
     if let Some(agent) = opts.agent_socket() {
         check_agent_request(name, messages)?;
-        return crate::vm::local::connect(&agent, name, opts.handshake(), opts.spin_budget()?);
+        let spin = opts.spin_budget_or(config::DEFAULT_VM_SPIN)?;
+        return crate::vm::local::connect(&agent, name, opts.handshake(), spin);
     }
     let (dir, path) = socket_path(name, opts)?;
     let chosen = opts.chosen_capacity()?;
