@@ -77,6 +77,7 @@ chan=0
 if [ $doorbell = 1 ]; then
     # Members a and b are the guests, "host" a process on this machine (ivcom agent --join).
     # 64 MiB: the daemon's directory then gives each channel 1 MiB rings per direction.
+    # 8 vectors: each channel gets its own interrupt vector (the process sleeps on it).
     cfg=$VM_RUN/daemon.toml
     cat >"$cfg" <<TOML
 socket_dir = "$VM_RUN/sock"
@@ -84,7 +85,7 @@ socket_dir = "$VM_RUN/sock"
 name = "vmtest"
 members = ["a", "b", "host"]
 size = "64M"
-vectors = 1
+vectors = 8
 TOML
     "$VM_IVCOM" daemon --config "$cfg" >"$VM_RUN/daemon.log" 2>&1 &
     DAEMON_PID=$!

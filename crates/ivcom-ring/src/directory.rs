@@ -44,6 +44,9 @@ pub const MAX_SLOTS: u32 = 256;
 pub const MAX_NAME: usize = 64;
 /// The addressed peer of a slot descriptor that addresses nobody.
 pub const NOBODY: u32 = u32::MAX;
+/// Largest interrupt vector a descriptor may name (ivshmem allows 64 per peer); larger values
+/// read as 0.
+pub const MAX_VECTOR: u32 = 63;
 /// Header flag: a daemon maintains the peer table (otherwise liveness is by heartbeat).
 pub const FLAG_MANAGED: u32 = 1;
 
@@ -86,8 +89,14 @@ pub mod off {
     pub const C_FLAGS: usize = 20;
     /// Descriptor, connector half: the listener peer's epoch when the request was made.
     pub const C_EPOCH: usize = 24;
+    /// Descriptor, connector half: the interrupt vector the connector receives this
+    /// channel's doorbells on (0: its agent's shared vector).
+    pub const C_VECTOR: usize = 32;
     /// Descriptor, listener half: `generation << 32 | state`.
     pub const A_WORD: usize = 64;
+    /// Descriptor, listener half: the interrupt vector the listener receives this channel's
+    /// doorbells on, written before it answers `accepted`.
+    pub const A_VECTOR: usize = 72;
 }
 
 /// State of a listener entry.
@@ -441,6 +450,8 @@ pub struct Request {
     pub lgen: u32,
     /// Our epoch as the connector saw it.
     pub epoch: u64,
+    /// The vector the connector receives this channel's doorbells on.
+    pub vector: u32,
 }
 
 /// A view of a validated directory. Reads of peer-written words validate each value; writes
@@ -626,6 +637,7 @@ impl<'a> Directory<'a> {
         let lgen = self.region.load_u32(d + off::C_LGEN, a)?;
         let flags = self.region.load_u32(d + off::C_FLAGS, a)?;
         let epoch = self.region.load_u64(d + off::C_EPOCH, a)?;
+        let vector = self.region.load_u32(d + off::C_VECTOR, a)?;
         fence(Ordering::Acquire);
         if self.connector_word(slot)? != (gen, state) {
             return Ok(None);
@@ -633,7 +645,8 @@ impl<'a> Directory<'a> {
         if peer != me || index >= self.geom.listeners_per_peer || flags != 0 {
             return Ok(None);
         }
-        Ok(Some(Request { slot, gen, from: self.geom.slot_owner(slot), index, lgen, epoch }))
+        let vector = if vector <= MAX_VECTOR { vector } else { 0 };
+        Ok(Some(Request { slot, gen, from: self.geom.slot_owner(slot), index, lgen, epoch, vector }))
     }
 
     /// If `slot`'s connector has finished with a generation addressed to `me` that `me` has
@@ -661,6 +674,24 @@ impl<'a> Directory<'a> {
     /// channel (not closed or reused).
     pub fn connector_holds(&self, slot: u32, gen: u32) -> Result<bool, DirError> {
         Ok(self.connector_word(slot)? == (gen, ConnectorState::Request as u32))
+    }
+
+    /// Listener: publishes the vector we receive `slot`'s doorbells on (before answering).
+    pub fn set_listener_vector(&self, slot: u32, vector: u32) -> Result<(), DirError> {
+        if slot >= self.geom.slots() {
+            return Err(bad("slot", slot.into(), format!("< {}", self.geom.slots())));
+        }
+        self.region.store_u32(self.geom.desc(slot) + off::A_VECTOR, vector, Ordering::Release)?;
+        Ok(())
+    }
+
+    /// The vector the listener of `slot` receives its doorbells on (0 if out of range).
+    pub fn listener_vector(&self, slot: u32) -> Result<u32, DirError> {
+        if slot >= self.geom.slots() {
+            return Ok(0);
+        }
+        let v = self.region.load_u32(self.geom.desc(slot) + off::A_VECTOR, Ordering::Acquire)?;
+        Ok(if v <= MAX_VECTOR { v } else { 0 })
     }
 
     /// Listener: publishes our answer for `slot` generation `gen`.
@@ -692,6 +723,8 @@ pub struct Owned {
     listeners: Vec<Option<(u32, String)>>,
     listener_gens: Vec<u32>,
     slots: Vec<SlotUse>,
+    /// The vector we published with each slot's current request.
+    vectors: Vec<u32>,
 }
 
 impl Owned {
@@ -741,7 +774,8 @@ impl Owned {
                 SlotUse::Free { gen: gen.wrapping_add(1) }
             });
         }
-        Ok(Self { me, listeners: vec![None; g.listeners_per_peer as usize], listener_gens, slots })
+        let vectors = vec![0; slots.len()];
+        Ok(Self { me, listeners: vec![None; g.listeners_per_peer as usize], listener_gens, slots, vectors })
     }
 
     /// Our peer id.
@@ -807,6 +841,19 @@ impl Owned {
         epoch: u64,
         gone: &dyn Fn(u32, u64) -> bool,
     ) -> Result<(u32, u32), DirError> {
+        self.request_with_vector(dir, to, epoch, 0, gone)
+    }
+
+    /// [`Owned::request`], telling the listener to ring us on interrupt `vector` for this
+    /// channel (0: the agent's shared vector).
+    pub fn request_with_vector(
+        &mut self,
+        dir: &Directory<'_>,
+        to: ListenerRef,
+        epoch: u64,
+        vector: u32,
+        gone: &dyn Fn(u32, u64) -> bool,
+    ) -> Result<(u32, u32), DirError> {
         dir.check_peer(to.peer)?;
         self.reclaim(dir, gone)?;
         let i = self
@@ -830,8 +877,10 @@ impl Owned {
         r.store_u32(d + off::C_LGEN, to.gen, Ordering::Relaxed)?;
         r.store_u32(d + off::C_FLAGS, 0, Ordering::Relaxed)?;
         r.store_u64(d + off::C_EPOCH, epoch, Ordering::Relaxed)?;
+        r.store_u32(d + off::C_VECTOR, vector, Ordering::Relaxed)?;
         r.store_u64(d + off::C_WORD, pack(gen, ConnectorState::Request as u8), Ordering::SeqCst)?;
         self.slots[i] = SlotUse::Busy { gen, to, epoch };
+        self.vectors[i] = vector;
         Ok((slot, gen))
     }
 
@@ -915,6 +964,7 @@ impl Owned {
                         && r.load_u32(d + off::C_LGEN, Ordering::Acquire)? == t.gen
                         && r.load_u32(d + off::C_FLAGS, Ordering::Acquire)? == 0
                         && r.load_u64(d + off::C_EPOCH, Ordering::Acquire)? == epoch
+                        && r.load_u32(d + off::C_VECTOR, Ordering::Acquire)? == self.vectors[i]
                 }
                 None => r.load_u32(d + off::C_PEER, Ordering::Acquire)? == NOBODY,
             };
@@ -928,6 +978,7 @@ impl Owned {
                     r.store_u32(d + off::C_LGEN, t.gen, Ordering::Relaxed)?;
                     r.store_u32(d + off::C_FLAGS, 0, Ordering::Relaxed)?;
                     r.store_u64(d + off::C_EPOCH, epoch, Ordering::Relaxed)?;
+                    r.store_u32(d + off::C_VECTOR, self.vectors[i], Ordering::Relaxed)?;
                 }
                 None => r.store_u32(d + off::C_PEER, NOBODY, Ordering::Relaxed)?,
             }

@@ -81,6 +81,8 @@ struct Pending {
     to: ListenerRef,
     epoch: u64,
     deadline: Instant,
+    /// Our interrupt vector for this channel (0: the shared one).
+    vector: u16,
 }
 
 /// One open channel of a local process.
@@ -98,6 +100,8 @@ struct Chan {
     tx: usize,
     /// The peer finished or went away; the process has been told.
     peer_done: bool,
+    /// Our interrupt vector for this channel (0: the shared one, demultiplexed by us).
+    vector: u16,
     /// (sleep sequence, index) at the last wakeup we gave the reader and the writer.
     rx_woken: (u32, u64),
     tx_woken: (u32, u64),
@@ -156,6 +160,9 @@ pub struct Agent<P: Port> {
     heartbeat: u64,
     /// Peers' epochs as we last saw them, to notice joins and departures.
     epochs: Vec<(u64, bool)>,
+    /// Interrupt vectors not given to a channel: a channel with its own vector has its
+    /// process woken by the interrupt itself, without us in between.
+    free_vectors: Vec<u16>,
 }
 
 impl<P: Port> std::fmt::Debug for Agent<P> {
@@ -217,6 +224,7 @@ impl<P: Port> Agent<P> {
 
         let heartbeat_timeout = cfg.heartbeat_timeout;
         let listen = bind_socket(&cfg.socket, cfg.mode)?;
+        let port_vectors = port.vectors();
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let ev = epoll::EventFlags::IN;
         epoll::add(&epoll, &listen, epoll::EventData::new_u64(T_LISTEN), ev)?;
@@ -250,6 +258,7 @@ impl<P: Port> Agent<P> {
             live: Live { me, managed, beats, timeout: heartbeat_timeout },
             heartbeat: 0,
             epochs,
+            free_vectors: (1..port_vectors).rev().collect(),
         })
     }
 
@@ -425,7 +434,11 @@ impl<P: Port> Agent<P> {
         };
         let epoch = dir.peer(target.peer).map(|s| s.epoch).unwrap_or(0);
         let gone = |p, e| self.live.gone(&dir, p, e);
-        let res = self.owned.request(&dir, target, epoch, &gone);
+        let vector = self.free_vectors.pop().unwrap_or(0);
+        let res = self.owned.request_with_vector(&dir, target, epoch, vector.into(), &gone);
+        if res.is_err() && vector != 0 {
+            self.free_vectors.push(vector);
+        }
         match res {
             Ok((slot, gen)) => {
                 let c = self.clients.remove(&fd).expect("client");
@@ -438,10 +451,12 @@ impl<P: Port> Agent<P> {
                 )
                 .is_err()
                 {
+                    self.abandon(slot, gen, target.peer, vector);
                     return;
                 }
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1).into());
-                self.pending.insert(fd, Pending { sock: c.sock, slot, gen, to: target, epoch, deadline });
+                self.pending
+                    .insert(fd, Pending { sock: c.sock, slot, gen, to: target, epoch, deadline, vector });
                 self.port.ring(target.peer);
             }
             Err(e) => {
@@ -455,13 +470,14 @@ impl<P: Port> Agent<P> {
     fn pending_closed(&mut self, fd: RawFd) {
         if let Some(p) = self.pending.remove(&fd) {
             let _ = epoll::delete(&self.epoll, &p.sock);
-            self.abandon(p.slot, p.gen, p.to.peer);
+            self.abandon(p.slot, p.gen, p.to.peer, p.vector);
         }
     }
 
     /// Gives up our (connector) end of a slot: closes both rings from our side, so a
     /// listener that accepted sees the end, and releases the slot.
-    fn abandon(&mut self, slot: u32, gen: u32, peer: u32) {
+    fn abandon(&mut self, slot: u32, gen: u32, peer: u32, vector: u16) {
+        self.free_vector(vector);
         let (o, _) = self.geom.slot_range(slot);
         let params = slot_params(&self.geom);
         let region = self.port.region();
@@ -476,7 +492,24 @@ impl<P: Port> Agent<P> {
         self.port.ring(peer);
     }
 
+    fn free_vector(&mut self, vector: u16) {
+        if vector != 0 && !self.free_vectors.contains(&vector) {
+            self.free_vectors.push(vector);
+        }
+    }
+
+    /// Our eventfd for a channel: the interrupt vector's own, when the channel has one,
+    /// else a new one we signal when the shared vector rings.
+    fn wakeup_fd(&self, vector: u16) -> io::Result<OwnedFd> {
+        match self.port.vector_fd(vector).filter(|_| vector != 0) {
+            Some(fd) => Ok(fd.try_clone_to_owned()?),
+            None => sys::new_eventfd(),
+        }
+    }
+
     /// Makes the descriptors for a new channel and sends them to the process on `sock`.
+    /// `vector` is ours for this channel, `peer_vector` the peer's.
+    #[allow(clippy::too_many_arguments)]
     fn open_chan(
         &mut self,
         sock: BorrowedFd<'_>,
@@ -485,6 +518,8 @@ impl<P: Port> Agent<P> {
         listener_side: bool,
         peer: u32,
         peer_epoch: u64,
+        vector: u16,
+        peer_vector: u16,
     ) -> io::Result<()> {
         let (o, len) = self.geom.slot_range(slot);
         let params = slot_params(&self.geom);
@@ -494,11 +529,15 @@ impl<P: Port> Agent<P> {
             (Direction::ToConnector, Direction::ToListener)
         };
         let (ctrl_ours, ctrl_theirs) = sys::seqpacket_pair()?;
-        let own_rx = sys::new_eventfd()?;
-        let own_tx = sys::new_eventfd()?;
+        // With a vector of our own, reader and writer share its eventfd: the peer rings one
+        // vector for data and for space.
+        let own_rx = self.wakeup_fd(vector)?;
+        let own_tx = if vector != 0 { own_rx.try_clone()? } else { sys::new_eventfd()? };
         let (mem_fd, mem_base) = self.port.share_memory();
-        let door =
-            self.port.share_doorbell(peer).ok_or_else(|| other(format!("peer {peer} has no doorbell")))?;
+        let door = self
+            .port
+            .share_doorbell(peer, peer_vector)
+            .ok_or_else(|| other(format!("peer {peer} has no doorbell")))?;
         let (kind, value, d_off, d_len, d_fd) = match door {
             DoorbellShare::EventFd(fd) => (0u8, 0, 0, 0, Some(fd)),
             DoorbellShare::Pwrite { fd, offset, value } => (1, value, offset, 0, Some(fd)),
@@ -541,6 +580,7 @@ impl<P: Port> Agent<P> {
                 rx: o + params.ring(rx_dir).ctrl,
                 tx: o + params.ring(tx_dir).ctrl,
                 peer_done: false,
+                vector,
                 rx_woken: (0, 0),
                 tx_woken: (0, 0),
             },
@@ -552,6 +592,7 @@ impl<P: Port> Agent<P> {
     fn chan_closed(&mut self, fd: RawFd) {
         let Some(ch) = self.chans.remove(&fd) else { return };
         let _ = epoll::delete(&self.epoll, &ch.ctrl);
+        self.free_vector(ch.vector);
         let region = self.port.region();
         close_side(region, ch.tx, ch.rx);
         let dir = Directory::new(region, self.geom).expect("validated");
@@ -646,13 +687,30 @@ impl<P: Port> Agent<P> {
             let (o, len) = self.geom.slot_range(req.slot);
             let fresh =
                 self.port.region().sub(o, len).map(|r| layout::validate(&r, false).is_ok()).unwrap_or(false);
+            let vector = self.free_vectors.pop().unwrap_or(0);
+            let peer_vector = u16::try_from(req.vector).unwrap_or(0);
             let ok = match sock {
-                Some(Ok(sock)) if fresh => {
-                    self.open_chan(sock.as_fd(), req.slot, req.gen, true, req.from, peer_epoch).is_ok()
-                }
+                Some(Ok(sock)) if fresh => self
+                    .open_chan(
+                        sock.as_fd(),
+                        req.slot,
+                        req.gen,
+                        true,
+                        req.from,
+                        peer_epoch,
+                        vector,
+                        peer_vector,
+                    )
+                    .is_ok(),
                 _ => false,
             };
+            if !ok {
+                self.free_vector(vector);
+            }
             let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            if ok {
+                let _ = dir.set_listener_vector(req.slot, vector.into());
+            }
             let answer = if ok { ListenerAnswer::Accepted } else { ListenerAnswer::Refused };
             let _ = dir.set_answer(req.slot, req.gen, answer);
             self.port.ring(req.from);
@@ -684,13 +742,28 @@ impl<P: Port> Agent<P> {
             busy = true;
             let p = self.pending.remove(&fd).expect("pending");
             let _ = epoll::delete(&self.epoll, &p.sock);
+            let peer_vector = Directory::new(self.port.region(), self.geom)
+                .expect("validated")
+                .listener_vector(p.slot)
+                .ok()
+                .and_then(|v| u16::try_from(v).ok())
+                .unwrap_or(0);
             let res = outcome.and_then(|()| {
-                self.open_chan(p.sock.as_fd(), p.slot, p.gen, false, p.to.peer, p.epoch)
-                    .map_err(|e| (libc_errno::EIO, e.to_string()))
+                self.open_chan(
+                    p.sock.as_fd(),
+                    p.slot,
+                    p.gen,
+                    false,
+                    p.to.peer,
+                    p.epoch,
+                    p.vector,
+                    peer_vector,
+                )
+                .map_err(|e| (libc_errno::EIO, e.to_string()))
             });
             if let Err((errno, message)) = res {
                 let _ = sys::send_packet(p.sock.as_fd(), &Packet::Error { errno, message }.encode(), &[]);
-                self.abandon(p.slot, p.gen, p.to.peer);
+                self.abandon(p.slot, p.gen, p.to.peer, p.vector);
             }
         }
 

@@ -57,13 +57,16 @@ impl Port for DaemonMember {
             let _ = self.client.ring(p, 0);
         }
     }
-    fn share_doorbell(&self, peer: u32) -> Option<DoorbellShare<'_>> {
+    fn share_doorbell(&self, peer: u32, vector: u16) -> Option<DoorbellShare<'_>> {
         let p = u16::try_from(peer).ok()?;
         let fds = if p == self.client.id() { self.client.vectors() } else { self.client.peers().get(&p)? };
-        fds.first().map(|fd| DoorbellShare::EventFd(fd.as_fd()))
+        fds.get(usize::from(vector)).or(fds.first()).map(|fd| DoorbellShare::EventFd(fd.as_fd()))
     }
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.client.vectors().first().map(|fd| fd.as_fd())
+    fn vectors(&self) -> u16 {
+        u16::try_from(self.client.vectors().len()).unwrap_or(u16::MAX)
+    }
+    fn vector_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        self.client.vectors().get(usize::from(vector)).map(|fd| fd.as_fd())
     }
     fn events_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.client.as_fd())
@@ -133,13 +136,13 @@ impl Port for GuestDevice {
             let _ = self.dev.ring(p, 0);
         }
     }
-    fn share_doorbell(&self, peer: u32) -> Option<DoorbellShare<'_>> {
+    fn share_doorbell(&self, peer: u32, vector: u16) -> Option<DoorbellShare<'_>> {
         if !self.dev.info().doorbell {
             return Some(DoorbellShare::Nothing);
         }
         let p = u16::try_from(peer).ok()?;
         let s = self.dev.share();
-        let value = u32::from(p) << 16;
+        let value = u32::from(p) << 16 | u32::from(vector);
         Some(if s.doorbell_is_mmap {
             let page = rustix::param::page_size() as u64;
             let map_offset = s.doorbell_offset & !(page - 1);
@@ -154,7 +157,10 @@ impl Port for GuestDevice {
             DoorbellShare::Pwrite { fd: s.doorbell_fd, offset: s.doorbell_offset, value }
         })
     }
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.dev.vector_fd(0)
+    fn vectors(&self) -> u16 {
+        self.dev.vectors()
+    }
+    fn vector_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        self.dev.vector_fd(vector)
     }
 }

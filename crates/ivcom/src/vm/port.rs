@@ -53,11 +53,19 @@ pub trait Port: Send {
     fn share_memory(&self) -> (BorrowedFd<'_>, u64);
     /// Rings `peer`'s doorbell. Unknown or departed peers are ignored.
     fn ring(&self, peer: u32);
-    /// How a local process rings `peer` itself; `None` if the peer has no doorbell now.
-    fn share_doorbell(&self, peer: u32) -> Option<DoorbellShare<'_>>;
-    /// Readable when one of our doorbells rang; `None` if doorbells cannot be received and
-    /// the agent must poll.
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// How a local process rings `peer` on the peer's interrupt `vector` itself; `None` if
+    /// the peer has no doorbell now. A port that cannot address that vector rings vector 0
+    /// (the peer's agent then wakes the process).
+    fn share_doorbell(&self, peer: u32, vector: u16) -> Option<DoorbellShare<'_>>;
+    /// How many interrupt vectors we receive doorbells on (each readable through
+    /// [`Port::vector_fd`]); 0 if doorbells cannot be received and the agent must poll.
+    fn vectors(&self) -> u16;
+    /// Readable when our doorbell `vector` rang.
+    fn vector_fd(&self, vector: u16) -> Option<BorrowedFd<'_>>;
+    /// Readable when our shared doorbell (vector 0) rang; `None` if the agent must poll.
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.vector_fd(0)
+    }
     /// Clears the doorbell readiness after a wakeup.
     fn drain_wake(&self) {
         if let Some(fd) = self.wake_fd() {
@@ -136,13 +144,16 @@ impl Port for HostPort {
             sys::signal(fd.as_fd());
         }
     }
-    fn share_doorbell(&self, peer: u32) -> Option<DoorbellShare<'_>> {
+    fn share_doorbell(&self, peer: u32, _vector: u16) -> Option<DoorbellShare<'_>> {
         if peer == self.me {
             return Some(DoorbellShare::EventFd(self.own.as_fd()));
         }
         self.peers.get(&peer).map(|fd| DoorbellShare::EventFd(fd.as_fd()))
     }
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.own.as_fd())
+    fn vectors(&self) -> u16 {
+        1
+    }
+    fn vector_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        (vector == 0).then(|| self.own.as_fd())
     }
 }
