@@ -684,6 +684,8 @@ pub fn directory_ops(data: &[u8]) {
                         assert!(
                             r.slot < geom.slots() && r.index < geom.listeners_per_peer && r.from < geom.peers
                         );
+                        assert!(r.vector <= directory::MAX_VECTOR);
+                        assert!(dir.listener_vector(slot).unwrap() <= directory::MAX_VECTOR);
                         let a = if accept && me.addresses_us(&r, 1) {
                             ListenerAnswer::Accepted
                         } else {
