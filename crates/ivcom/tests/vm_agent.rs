@@ -346,3 +346,99 @@ fn a_hostile_member_cannot_crash_or_hang_the_others() {
     server.join().unwrap();
     drop(a);
 }
+
+/// A member that cannot receive doorbells (an ivshmem-plain device, or a doorbell device
+/// without VFIO): its agent polls the region, backing off when idle.
+#[derive(Debug)]
+struct Polling(HostPort);
+
+impl ivcom::vm::Port for Polling {
+    fn me(&self) -> u32 {
+        self.0.me()
+    }
+    fn region(&self) -> &ivcom_ring::ShmRegion {
+        self.0.region()
+    }
+    fn share_memory(&self) -> (std::os::fd::BorrowedFd<'_>, u64) {
+        self.0.share_memory()
+    }
+    fn ring(&self, _peer: u32) {}
+    fn share_doorbell(&self, _peer: u32, _vector: u16) -> Option<ivcom::vm::DoorbellShare<'_>> {
+        Some(ivcom::vm::DoorbellShare::Nothing)
+    }
+    fn vectors(&self) -> u16 {
+        0
+    }
+    fn vector_fd(&self, _vector: u16) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// No daemon and no doorbells, as with ivshmem-plain: members keep their own peer entries and
+/// heartbeats, agents poll. Channels still work both ways and sleeping processes are woken;
+/// a member whose heartbeat stops counts as gone.
+#[test]
+fn unmanaged_polling_members_work_and_notice_a_silent_peer() {
+    let memfd = rustix::fs::memfd_create("ivcom-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&memfd, REGION as u64).unwrap();
+    let spec = Spec { peers: 2, listeners_per_peer: 4, slot_capacity: 16 * 1024, managed: false };
+    format_region(memfd.as_fd(), REGION, &spec).unwrap();
+    let dir = tempfile_dir::Dir::new("polling");
+    let start_member = |me: u32| {
+        let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+        let port =
+            Polling(HostPort::new(memfd.try_clone().unwrap(), REGION, me, efd, HashMap::new()).unwrap());
+        let socket = dir.0.join(format!("poll{me}.sock"));
+        let mut cfg = AgentConfig::new(&socket);
+        cfg.heartbeat_timeout = Duration::from_millis(500);
+        let mut agent = Agent::new(port, cfg).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || agent.run(&|| s.load(Ordering::Relaxed)));
+        Member { stop, thread: Some(thread), socket }
+    };
+    let a = start_member(0);
+    let b = start_member(1);
+    // Peers see each other only once heartbeats moved: retry (bounded) until the name is found.
+    let listener = Listener::bind_with("plain", &opts(&b.socket).spin(Duration::ZERO)).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        rest.len()
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut c = loop {
+        match Stream::connect_with("plain", &opts(&a.socket).spin(Duration::ZERO)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    c.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    assert!(c.stats().sleeps >= 1, "the reply was waited for asleep: the polling agent woke us");
+    c.write_all(&[7u8; 100_000]).unwrap();
+    drop(c);
+    assert_eq!(server.join().unwrap(), 100_000);
+    // b stops without saying so (its agent thread ends; its heartbeat stands still): a's
+    // agent must stop counting it as present.
+    drop(b);
+    let dir_map = ivcom_ring::MappedRegion::map(memfd.as_fd(), 0, REGION).unwrap();
+    let geom = ivcom_ring::directory::attach(dir_map.region()).unwrap();
+    let d = ivcom_ring::directory::Directory::new(dir_map.region(), geom).unwrap();
+    // An agent that stops cleanly marks itself gone; the heartbeat rule covers one that dies.
+    assert!(!d.peer(1).unwrap().alive, "a stopped member's entry says so");
+    let e = Stream::connect_with("plain", &opts(&a.socket).handshake_timeout(Duration::from_millis(500)))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    drop(a);
+}
