@@ -39,7 +39,8 @@ fn wait_for(p: &Path) {
 /// A daemon serving group `lab` of members a and b, and an agent for each.
 fn setup(dir: &Path) -> (Proc, Proc, Proc, PathBuf, PathBuf) {
     let cfg = dir.join("ivcom.toml");
-    std::fs::write(&cfg, "[[group]]\nname = \"lab\"\nmembers = [\"a\", \"b\"]\nsize = \"4M\"\nvectors = 4\n").unwrap();
+    std::fs::write(&cfg, "[[group]]\nname = \"lab\"\nmembers = [\"a\", \"b\"]\nsize = \"4M\"\nvectors = 4\n")
+        .unwrap();
     let socks = dir.join("vm");
     let daemon = Proc(
         Command::new(BIN)
