@@ -314,7 +314,7 @@ impl<P: Port> Agent<P> {
 
     fn beat(&mut self) {
         self.heartbeat += 1;
-        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         let _ = dir.set_heartbeat(self.me, self.heartbeat);
         // Repair what a hostile member may have overwritten of ours.
         let _ = self.owned.republish(&dir);
@@ -355,7 +355,7 @@ impl<P: Port> Agent<P> {
     fn drop_client(&mut self, fd: RawFd) {
         if let Some(c) = self.clients.remove(&fd) {
             let _ = epoll::delete(&self.epoll, &c.sock);
-            let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            let dir = view(&self.port, self.geom);
             for l in c.listeners {
                 let _ = self.owned.unbind(&dir, l);
             }
@@ -391,7 +391,7 @@ impl<P: Port> Agent<P> {
     }
 
     fn bind(&mut self, fd: RawFd, name: &str) {
-        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         let alive = |p| self.live.alive(&dir, p);
         let res = self.owned.bind(&dir, name, &alive);
         match res {
@@ -415,7 +415,7 @@ impl<P: Port> Agent<P> {
     }
 
     fn connect(&mut self, fd: RawFd, timeout_ms: u32, name: &str) {
-        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         let alive = |p| self.live.alive(&dir, p);
         let target = match dir.lookup(name, &alive, None) {
             Ok(Some(l)) => l,
@@ -486,7 +486,7 @@ impl<P: Port> Agent<P> {
             o + params.ring(Direction::ToListener).ctrl,
             o + params.ring(Direction::ToConnector).ctrl,
         );
-        let dir = Directory::new(region, self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         let gone = |p, e| self.live.gone(&dir, p, e);
         let _ = self.owned.release(&dir, slot, gen, &gone);
         self.port.ring(peer);
@@ -595,7 +595,7 @@ impl<P: Port> Agent<P> {
         self.free_vector(ch.vector);
         let region = self.port.region();
         close_side(region, ch.tx, ch.rx);
-        let dir = Directory::new(region, self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         if ch.listener_side {
             let _ = dir.set_answer(ch.slot, ch.gen, ListenerAnswer::Closed);
         } else {
@@ -617,8 +617,7 @@ impl<P: Port> Agent<P> {
     /// channels whose peer finished, sleepers to wake. Returns whether anything happened.
     fn scan(&mut self) -> bool {
         let mut busy = false;
-        let region = self.port.region();
-        let dir = Directory::new(region, self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
 
         // Peers that joined or left.
         for p in 0..self.geom.peers {
@@ -677,11 +676,7 @@ impl<P: Port> Agent<P> {
             }
         }
         for (cfd, req) in to_open {
-            let peer_epoch = Directory::new(self.port.region(), self.geom)
-                .expect("validated")
-                .peer(req.from)
-                .map(|s| s.epoch)
-                .unwrap_or(0);
+            let peer_epoch = view(&self.port, self.geom).peer(req.from).map(|s| s.epoch).unwrap_or(0);
             let sock = self.clients.get(&cfd).map(|c| c.sock.try_clone());
             // The slot's header must be a fresh channel before we hand it out.
             let (o, len) = self.geom.slot_range(req.slot);
@@ -707,7 +702,7 @@ impl<P: Port> Agent<P> {
             if !ok {
                 self.free_vector(vector);
             }
-            let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            let dir = view(&self.port, self.geom);
             if ok {
                 let _ = dir.set_listener_vector(req.slot, vector.into());
             }
@@ -718,7 +713,7 @@ impl<P: Port> Agent<P> {
 
         // Answers to our requests.
         let mut done = Vec::new();
-        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         for (&fd, p) in &self.pending {
             let answer = dir.answer(p.slot).ok().flatten();
             let outcome = match answer {
@@ -742,8 +737,7 @@ impl<P: Port> Agent<P> {
             busy = true;
             let p = self.pending.remove(&fd).expect("pending");
             let _ = epoll::delete(&self.epoll, &p.sock);
-            let peer_vector = Directory::new(self.port.region(), self.geom)
-                .expect("validated")
+            let peer_vector = view(&self.port, self.geom)
                 .listener_vector(p.slot)
                 .ok()
                 .and_then(|v| u16::try_from(v).ok())
@@ -768,7 +762,7 @@ impl<P: Port> Agent<P> {
         }
 
         // Open channels: peers that finished or went away, sleepers to wake.
-        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         let region = self.port.region();
         for c in self.chans.values_mut() {
             if !c.peer_done {
@@ -790,7 +784,7 @@ impl<P: Port> Agent<P> {
             busy |= wake_sleepers(region, c);
         }
 
-        let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+        let dir = view(&self.port, self.geom);
         let gone = |p, e| self.live.gone(&dir, p, e);
         let _ = self.owned.reclaim(&dir, &gone);
         busy
@@ -812,11 +806,16 @@ impl<P: Port> Drop for Agent<P> {
             self.drop_client(fd);
         }
         if !self.managed {
-            let dir = Directory::new(self.port.region(), self.geom).expect("validated");
+            let dir = view(&self.port, self.geom);
             let _ = dir.set_peer(self.me, directory::PeerState { epoch: self.epoch, alive: false });
         }
         let _ = std::fs::remove_file(&self.cfg.socket);
     }
+}
+
+/// The directory of `port`'s region, whose geometry was validated when the agent attached.
+fn view<P: Port>(port: &P, geom: Geometry) -> Directory<'_> {
+    Directory::new(port.region(), geom).expect("geometry validated at attach, region unchanged")
 }
 
 /// Geometry of every slot's channel (stream mode, the directory's capacity both ways).
