@@ -442,3 +442,40 @@ fn unmanaged_polling_members_work_and_notice_a_silent_peer() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     drop(a);
 }
+
+/// tokio over agent channels: readiness of the listener (the agent's socket) and of the
+/// streams (eventfds the agent or the peer signals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_streams_through_agents() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = region("tokio", 2, 16 * 1024);
+    let a = r.join(0);
+    let b = r.join(1);
+    let listener = ivcom::tokio::AsyncListener::bind("atok", &opts(&b.socket)).unwrap();
+    let server = tokio::spawn(async move {
+        let mut s = listener.accept().await.unwrap();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        s.write_all(&total.to_le_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let mut c =
+        ivcom::tokio::AsyncStream::connect("atok", &opts(&a.socket).spin(Duration::ZERO)).await.unwrap();
+    let chunk = vec![0x5au8; 100_000];
+    for _ in 0..50 {
+        c.write_all(&chunk).await.unwrap();
+    }
+    c.shutdown().await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(20), c.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(u64::from_le_bytes(back), 5_000_000);
+    server.await.unwrap();
+    drop((a, b));
+}
