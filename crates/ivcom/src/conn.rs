@@ -212,15 +212,17 @@ impl Conn {
     /// Wakes the peer's reader (after we published data).
     #[inline]
     pub(crate) fn signal_peer_rx(&self) {
-        self.peer_rx.raise();
-        self.tx.signals.add(1);
+        if self.peer_rx.raise() {
+            self.tx.signals.add(1);
+        }
     }
 
     /// Wakes the peer's writer (after we freed space).
     #[inline]
     pub(crate) fn signal_peer_tx(&self) {
-        self.peer_tx.raise();
-        self.rx.signals.add(1);
+        if self.peer_tx.raise() {
+            self.rx.signals.add(1);
+        }
     }
 
     pub(crate) fn drain_rx(&self) {

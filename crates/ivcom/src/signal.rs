@@ -23,10 +23,10 @@ pub(crate) enum Signal {
 }
 
 impl Signal {
-    /// Wakes the peer. Failures are not reported: a peer we cannot wake is one whose death
-    /// the liveness channel reports.
+    /// Wakes the peer; `false` if there is nothing to do (the peer polls). Failures are not
+    /// reported: a peer we cannot wake is one whose death the liveness channel reports.
     #[inline]
-    pub(crate) fn raise(&self) {
+    pub(crate) fn raise(&self) -> bool {
         match self {
             Signal::EventFd(fd) => sys::signal(fd.as_fd()),
             Signal::Pwrite { fd, offset, value } => {
@@ -35,8 +35,9 @@ impl Signal {
             Signal::Mmio { map, reg, value } => {
                 let _ = map.region().store_u32(*reg, *value, Ordering::SeqCst);
             }
-            Signal::Nothing => {}
+            Signal::Nothing => return false,
         }
+        true
     }
 
     /// Checks what a peer process handed us before we ever use it.

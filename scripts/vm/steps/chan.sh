@@ -34,6 +34,56 @@ chan_agent() {
     marker chan-agent bdf=$bdf pid=$chan_agent_pid
 }
 
+# The PCI address of the ivshmem-plain device holding the plain channel region: the 1af4:1110
+# device without BAR1 (no MSI-X) whose BAR2 is 8 MiB (the raw tests' plain device has 4 MiB).
+chan_plain_bdf() {
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/device")" = 0x1110 ] || continue
+        set -- $(sed -n 2p "$d/resource")
+        [ "${1:-0}" = 0x0000000000000000 ] || [ "${1:-0}" = 0 ] || continue
+        set -- $(sed -n 3p "$d/resource")
+        [ $(($2 - $1 + 1)) = $((8 << 20)) ] && { basename "$d"; return 0; }
+    done
+    return 1
+}
+
+# a <-> b over ivshmem-plain: no doorbells and no daemon at run time, so each guest's agent
+# polls the region (sysfs access, backing off to 20 ms when idle) and keeps its own peer entry
+# and heartbeat; processes that sleep are woken by their agent's scans. Round trips polled and
+# sleeping, a 32 MiB transfer, and the idle CPU of polling agents.
+step_chan_plain() {
+    bdf=$(chan_plain_bdf) || { echo "no 8 MiB ivshmem-plain device"; return 1; }
+    sock=/tmp/agent-plain.sock
+    peer=0
+    [ "$role" = b ] && peer=1
+    ivcom agent --device "$bdf" --access sysfs --peer-id $peer --socket $sock >/tmp/agent-plain.log 2>&1 &
+    apid=$!
+    i=0
+    while [ ! -S $sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -S $sock ] || { echo "plain agent did not start:"; cat /tmp/agent-plain.log; return 1; }
+    marker chan-plain-agent bdf=$bdf peer=$peer
+    rc=0
+    if [ "$role" = b ]; then
+        IVCOM_AGENT=$sock timeout 120 ivcom vm-chan serve plainpoll --connections 3 &
+        p1=$!
+        IVCOM_AGENT=$sock timeout 120 ivcom vm-chan serve plainirq --connections 1 --spin-us 0 &
+        p2=$!
+        wait $p1 || rc=1
+        wait $p2 || rc=1
+    else
+        pc=${chan_poll_count:-20000} ic=${chan_irq_count:-2000}
+        export IVCOM_AGENT=$sock
+        ivcom vm-chan rtt plainpoll --size 64 --count $((pc / 10)) --label plainpoll64 || rc=1
+        ivcom vm-chan rtt plainirq --size 64 --count $((ic / 10)) --spin-us 0 --label plainirq64 || rc=1
+        ivcom vm-chan transfer plainpoll --bytes $((32 << 20)) --label plainbulk || rc=1
+        ivcom vm-chan idle plainpoll --secs 3 || rc=1
+        export IVCOM_AGENT=/tmp/agent.sock
+    fi
+    kill $apid 2>/dev/null
+    wait $apid 2>/dev/null
+    return $rc
+}
+
 # a <-> b: round trips polled and interrupt-driven, a 256 MiB transfer, then the idle test.
 step_chan() {
     chan_agent || return 1
