@@ -97,13 +97,14 @@ TOML
     rm -f /dev/shm/ivcom.vmplain
     "$VM_IVCOM" daemon --config "$cfg" >"$VM_RUN/daemon.log" 2>&1 &
     DAEMON_PID=$!
-    # Sockets are SOCKET_DIR/REGION/MEMBER.sock; wait (bounded) until both are there.
+    # Sockets are SOCKET_DIR/REGION/MEMBER.sock; wait (bounded) until all three are there.
     for _ in $(seq 100); do
-        [ -S "$VM_RUN/sock/vmtest/a.sock" ] && [ -S "$VM_RUN/sock/vmtest/b.sock" ] && break
+        [ -S "$VM_RUN/sock/vmtest/a.sock" ] && [ -S "$VM_RUN/sock/vmtest/b.sock" ] &&
+            [ -S "$VM_RUN/sock/vmtest/host.sock" ] && break
         kill -0 $DAEMON_PID 2>/dev/null || { cat "$VM_RUN/daemon.log" >&2; vm_die "ivcom daemon exited"; }
         sleep 0.1
     done
-    [ -S "$VM_RUN/sock/vmtest/b.sock" ] || vm_die "ivcom daemon did not create its sockets in 10 s"
+    [ -S "$VM_RUN/sock/vmtest/host.sock" ] || vm_die "ivcom daemon did not create its sockets in 10 s"
     # The host's member of the group: an agent that joins through the daemon (it maps the
     # region's memfd and rings the guests through their eventfds).
     HOST_AGENT_SOCK=$VM_RUN/host-agent.sock
@@ -316,6 +317,28 @@ chan_rtt_row() { # chan_rtt_row TEST LINE LABEL
     row "$1" "$(vm_field "$line" size) B x $(vm_field "$line" count)" \
         "rtt p50 $(us "$(vm_field "$line" p50_ns)") us, p99 $(us "$(vm_field "$line" p99_ns)"), p99.9 $(us "$(vm_field "$line" p999_ns)"); doorbells/msg $(vm_field "$line" signals_per_msg), sleeps $(vm_field "$line" sleeps)"
 }
+# xfer_check SND RCV WHAT: fails unless the sender says its SHA-256 matched the receiver's and
+# both markers carry the same one; sets xfer_shape to the table's shape column.
+xfer_check() {
+    local sa sb
+    sa=$(vm_field "$1" sha256); sb=$(vm_field "$2" sha256)
+    [ "$(vm_field "$1" match)" = yes ] && [ -n "$sa" ] && [ "$sa" = "$sb" ] ||
+        fail "$3 transfer SHA-256 differs: sender $sa, receiver $sb"
+    xfer_shape="$(( $(vm_field "$1" bytes) >> 20 )) MiB, sha256 ${sa:0:12}.. $([ "$sa" = "$sb" ] && echo equal || echo DIFFERENT)"
+}
+# idle_row TEST A_LINE B_LINE NOTE: each guest's CPU use while idle; only a polling loop would
+# make a guest more than half busy (the number itself is reported).
+idle_row() {
+    if [ -z "$2" ] || [ -z "$3" ]; then
+        fail "no idle CPU result for $1"; row "$1" "-" "MISSING"; return
+    fi
+    local pa pb v
+    pa=$(vm_field "$2" cpu_busy_pct); pb=$(vm_field "$3" cpu_busy_pct)
+    for v in "a:$pa" "b:$pb"; do
+        awk -v p="${v#*:}" 'BEGIN { exit !(p + 0 <= 50) }' || fail "guest ${v%%:*} is ${v#*:} % busy in '$1' (a polling loop?)"
+    done
+    row "$1" "$(vm_field "$2" secs) s, /proc/stat in each guest" "guest a $pa % busy, guest b $pb % ($4)"
+}
 chan_mbs= chan_sig=
 if [ $chan = 1 ]; then
     for l in poll64:polled poll4k:polled "spin64:polled, 1 ms spin" "spin4k:polled, 1 ms spin" \
@@ -326,26 +349,15 @@ if [ $chan = 1 ]; then
     if [ -z "$snd" ] || [ -z "$rcv" ]; then
         fail "no ivcom transfer result (a: ${snd:-none}; b: ${rcv:-none})"; row "ivcom transfer a->b" "-" "MISSING"
     else
-        sa=$(vm_field "$snd" sha256); sb=$(vm_field "$rcv" sha256)
-        [ "$(vm_field "$snd" match)" = yes ] && [ -n "$sa" ] && [ "$sa" = "$sb" ] ||
-            fail "ivcom transfer SHA-256 differs: a=$sa b=$sb"
+        xfer_check "$snd" "$rcv" "ivcom a->b"
         chan_mbs=$(vm_field "$snd" mb_per_s)
         sig_a=$(vm_field "$snd" signals_sent); sig_b=$(vm_field "$rcv" signals_sent)
         chan_sig=$(awk -v a="$sig_a" -v b="$sig_b" -v w="$(vm_field "$snd" writes)" 'BEGIN { printf "%.4f", (a + b) / w }')
-        row "ivcom transfer a->b" "$(( $(vm_field "$snd" bytes) >> 20 )) MiB, sha256 ${sa:0:12}.. $([ "$sa" = "$sb" ] && echo equal || echo DIFFERENT)" \
+        row "ivcom transfer a->b" "$xfer_shape" \
             "$chan_mbs MB/s; doorbells per 64 KiB write $chan_sig (a $sig_a, b $sig_b in $(vm_field "$snd" writes) writes)"
     fi
-    ia=$(need a chan-idle "ticks="); ib=$(need b chan-idle-server)
-    if [ -z "$ia" ] || [ -z "$ib" ]; then
-        fail "no idle CPU result"; row "idle CPU, agents + idle channel" "-" "MISSING"
-    else
-        pa=$(vm_field "$ia" cpu_busy_pct); pb=$(vm_field "$ib" cpu_busy_pct)
-        # Only a polling loop would make an idle guest this busy; the number itself is reported.
-        for v in "a:$pa" "b:$pb"; do
-            awk -v p="${v#*:}" 'BEGIN { exit !(p + 0 <= 50) }' || fail "guest ${v%%:*} is ${v#*:} % busy with idle channels (a polling loop?)"
-        done
-        row "idle CPU, agents + idle channel" "$(vm_field "$ia" secs) s, /proc/stat in each guest" "guest a $pa % busy, guest b $pb % (both ends blocked in a read)"
-    fi
+    idle_row "idle CPU, agents + idle channel" "$(need a chan-idle "name=poll ")" "$(need b chan-idle-server "name=poll ")" \
+        "both ends blocked in a read"
 
     for l in "plainpoll64:polled" "plainirq64:sleeping, woken by polling agents"; do
         chan_rtt_row "ivcom channel a<->b ivshmem-plain, ${l#*:}" "$(need a chan-rtt "label=${l%%:*} ")" "${l%%:*}"
@@ -354,21 +366,11 @@ if [ $chan = 1 ]; then
     if [ -z "$snd" ] || [ -z "$rcv" ]; then
         fail "no ivshmem-plain transfer result"; row "ivcom transfer a->b ivshmem-plain" "-" "MISSING"
     else
-        sa=$(vm_field "$snd" sha256); sb=$(vm_field "$rcv" sha256)
-        [ "$sa" = "$sb" ] || fail "ivshmem-plain transfer: SHA-256 differs (a $sa, b $sb)"
-        row "ivcom transfer a->b ivshmem-plain" "$(( $(vm_field "$snd" bytes) >> 20 )) MiB, sha256 ${sa:0:12}.. $([ "$sa" = "$sb" ] && echo equal || echo DIFFERENT)" \
-            "$(vm_field "$snd" mb_per_s) MB/s"
+        xfer_check "$snd" "$rcv" "ivshmem-plain a->b"
+        row "ivcom transfer a->b ivshmem-plain" "$xfer_shape" "$(vm_field "$snd" mb_per_s) MB/s"
     fi
-    ia=$(need a chan-idle "name=plainpoll "); ib=$(need b chan-idle-server "name=plainpoll ")
-    if [ -z "$ia" ] || [ -z "$ib" ]; then
-        fail "no ivshmem-plain idle CPU result"; row "idle CPU, polling agents" "-" "MISSING"
-    else
-        pa=$(vm_field "$ia" cpu_busy_pct); pb=$(vm_field "$ib" cpu_busy_pct)
-        for v in "a:$pa" "b:$pb"; do
-            awk -v p="${v#*:}" 'BEGIN { exit !(p + 0 <= 50) }' || fail "guest ${v%%:*} is ${v#*:} % busy with idle polling agents"
-        done
-        row "idle CPU, polling agents" "$(vm_field "$ia" secs) s, /proc/stat in each guest" "guest a $pa % busy, guest b $pb % (agents poll, backing off to 20 ms)"
-    fi
+    idle_row "idle CPU, polling agents" "$(need a chan-idle "name=plainpoll ")" "$(need b chan-idle-server "name=plainpoll ")" \
+        "agents poll, backing off to 20 ms"
 
     [ $hostchan_ok = 1 ] || fail "host side of chan_host failed: $(grep -v '^@@ivcom' "$VM_RUN/host-chan.log" | tail -3 | tr '\n' ' ')"
     chan_rtt_row "ivcom channel host<->a, polled" "$(host_markers chan-rtt | grep 'label=host-poll64 ' || true)" host-poll64
@@ -377,10 +379,8 @@ if [ $chan = 1 ]; then
     if [ -z "$snd" ] || [ -z "$rcv" ]; then
         fail "no host->guest transfer result"; row "ivcom transfer host->a" "-" "MISSING"
     else
-        sa=$(vm_field "$snd" sha256); sb=$(vm_field "$rcv" sha256)
-        [ "$(vm_field "$snd" match)" = yes ] && [ -n "$sa" ] && [ "$sa" = "$sb" ] ||
-            fail "host->guest transfer SHA-256 differs: host=$sa a=$sb"
-        row "ivcom transfer host->a" "$(( $(vm_field "$snd" bytes) >> 20 )) MiB, sha256 ${sa:0:12}.. $([ "$sa" = "$sb" ] && echo equal || echo DIFFERENT)" \
+        xfer_check "$snd" "$rcv" "host->guest"
+        row "ivcom transfer host->a" "$xfer_shape" \
             "$(vm_field "$snd" mb_per_s) MB/s; doorbells per 64 KiB write $(vm_field "$snd" signals_per_write) (host side)"
     fi
 
