@@ -47,6 +47,9 @@ impl DirectoryHooks {
         let Ok(dir) = Directory::new(region.memory(), *geom) else { return };
         let Some(e) = epochs.get_mut(usize::from(peer)) else { return };
         *e += 1;
+        if let Some(id) = region.ivshmem_id(peer) {
+            let _ = dir.set_ivshmem_id(peer.into(), id);
+        }
         if let Err(err) = dir.set_peer(peer.into(), PeerState { epoch: *e, alive }) {
             tracing::warn!(region = region.name(), peer, "cannot update the peer table: {err}");
         }

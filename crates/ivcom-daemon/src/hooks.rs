@@ -134,6 +134,12 @@ impl RegionView<'_> {
         self.region.cfg.members.get(usize::from(peer)).map(String::as_str)
     }
 
+    /// The ivshmem peer id of member `peer`'s current connection (QEMU's IVPosition and
+    /// doorbell address): `peer` the first time, `peer + members` after a reconnect, and so on.
+    pub fn ivshmem_id(&self, peer: u16) -> Option<u16> {
+        self.region.members.get(usize::from(peer)).and_then(|m| m.conn.as_ref()).map(|c| c.id)
+    }
+
     /// Whether `peer` is connected now.
     pub fn is_connected(&self, peer: u16) -> bool {
         self.region.members.get(usize::from(peer)).is_some_and(|m| m.conn.is_some())

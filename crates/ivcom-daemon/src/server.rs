@@ -149,6 +149,8 @@ struct Outgoing {
 pub(crate) struct Conn {
     sock: OwnedFd,
     gen: u32,
+    /// The peer id this connection was given.
+    pub(crate) id: u16,
     pub(crate) vectors: Vec<Arc<OwnedFd>>,
     out: VecDeque<Outgoing>,
     want_write: bool,
@@ -158,6 +160,8 @@ pub(crate) struct Member {
     listener: Option<Listener>,
     pub(crate) conn: Option<Conn>,
     gen: u32,
+    /// How many times the member has connected.
+    joins: u32,
 }
 
 struct Listener {
@@ -323,7 +327,7 @@ impl Daemon {
             Region { cfg: cfg.clone(), max_queued: max_queued(cfg), memory, members: Vec::new(), dir: None };
         if cfg.plain {
             region.members =
-                cfg.members.iter().map(|_| Member { listener: None, conn: None, gen: 0 }).collect();
+                cfg.members.iter().map(|_| Member { listener: None, conn: None, gen: 0, joins: 0 }).collect();
             return Ok(region);
         }
         let dir = self.socket_dir.join(&cfg.name);
@@ -340,7 +344,7 @@ impl Daemon {
                 epoll::EventFlags::IN,
             )
             .map_err(sys("watching a listening socket"))?;
-            region.members.push(Member { listener: Some(listener), conn: None, gen: 0 });
+            region.members.push(Member { listener: Some(listener), conn: None, gen: 0, joins: 0 });
         }
         Ok(region)
     }
@@ -459,8 +463,10 @@ impl Daemon {
             epoll::EventData::new_u64(token(ri, mi, Some(gen))),
             epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
         )?;
-        let id = mi as i64;
-        let mut conn = Conn { sock, gen, vectors, out: VecDeque::new(), want_write: false };
+        let id = peer_id(mi, member.joins, region.members.len());
+        region.members[mi].joins = region.members[mi].joins.wrapping_add(1);
+        let mut conn = Conn { sock, gen, id, vectors, out: VecDeque::new(), want_write: false };
+        let id = i64::from(id);
         let push = |c: &mut Conn, value: i64, fd: Option<&Arc<OwnedFd>>| {
             c.out.push_back(Outgoing { value, fd: fd.cloned(), sent: 0 });
         };
@@ -468,13 +474,13 @@ impl Daemon {
         push(&mut conn, id, None);
         push(&mut conn, SHM_MESSAGE, Some(&region.memory.fd));
         // The others learn about the new peer; the new peer learns about the others.
-        for (oi, other) in region.members.iter_mut().enumerate() {
+        for other in region.members.iter_mut() {
             if let Some(o) = other.conn.as_mut() {
                 for v in &conn.vectors {
                     push(o, id, Some(v));
                 }
                 for v in &o.vectors {
-                    push(&mut conn, oi as i64, Some(v));
+                    push(&mut conn, i64::from(o.id), Some(v));
                 }
             }
         }
@@ -482,7 +488,7 @@ impl Daemon {
             push(&mut conn, id, Some(&v));
         }
         region.members[mi].conn = Some(conn);
-        tracing::info!("region {} member {} connected as peer {mi}", region.cfg.name, region.cfg.members[mi]);
+        tracing::info!("region {} member {} connected as peer {id}", region.cfg.name, region.cfg.members[mi]);
         for oi in 0..region.members.len() {
             self.flush(ri, oi);
         }
@@ -594,9 +600,10 @@ impl Daemon {
             }
             // Closes the socket and the member's eventfds (queued copies to others close once
             // sent or dropped).
+            let gone = i64::from(conn.id);
             drop(conn);
             for o in region.members.iter_mut().filter_map(|m| m.conn.as_mut()) {
-                o.out.push_back(Outgoing { value: mi as i64, fd: None, sent: 0 });
+                o.out.push_back(Outgoing { value: gone, fd: None, sent: 0 });
             }
             for oi in 0..self.regions[ri].members.len() {
                 self.flush(ri, oi);
@@ -606,6 +613,16 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The peer id of member `mi`'s connection number `joins` in a region of `members` members:
+/// `mi` the first time, then `mi + members`, `mi + 2 × members`, ... (within QEMU's 16 bits),
+/// so `id % members` is always the member. Ids are not reused while there are fresh ones:
+/// QEMU 7.2 frees a peer's eventfd array on its disconnect notice but keeps the pointer, and a
+/// later connect message for the same id writes into the freed memory.
+pub fn peer_id(mi: usize, joins: u32, members: usize) -> u16 {
+    let rounds = (usize::from(u16::MAX) + 1) / members.max(1);
+    (mi + (joins as usize % rounds.max(1)) * members) as u16
 }
 
 impl Drop for Daemon {

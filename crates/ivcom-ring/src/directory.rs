@@ -69,6 +69,9 @@ pub mod off {
     pub const SLOTS_OFF: usize = 80;
     /// Peer entry: daemon's word, `epoch << 1 | alive`.
     pub const PEER_STATE: usize = 0;
+    /// Peer entry: the member's current ivshmem peer id plus one (0: not published, the id
+    /// is the member index), written by the daemon.
+    pub const PEER_IVSHMEM_ID: usize = 8;
     /// Peer entry: the peer's own heartbeat counter.
     pub const PEER_HEARTBEAT: usize = 64;
     /// Listener entry: `generation << 32 | state`.
@@ -503,6 +506,34 @@ impl<'a> Directory<'a> {
         let w = s.epoch << 1 | u64::from(s.alive);
         self.region.store_u64(self.geom.peer_entry(peer) + off::PEER_STATE, w, Ordering::SeqCst)?;
         Ok(())
+    }
+
+    /// Daemon: publishes member `peer`'s current ivshmem peer id.
+    pub fn set_ivshmem_id(&self, peer: u32, id: u16) -> Result<(), DirError> {
+        self.check_peer(peer)?;
+        self.region.store_u32(
+            self.geom.peer_entry(peer) + off::PEER_IVSHMEM_ID,
+            u32::from(id) + 1,
+            Ordering::SeqCst,
+        )?;
+        Ok(())
+    }
+
+    /// The ivshmem peer id that reaches member `peer`: the published one if it is consistent
+    /// (`id % peers == peer`), else `peer` itself.
+    pub fn ivshmem_id(&self, peer: u32) -> Result<u16, DirError> {
+        self.check_peer(peer)?;
+        let v = self.region.load_u32(self.geom.peer_entry(peer) + off::PEER_IVSHMEM_ID, Ordering::Acquire)?;
+        let id = v.wrapping_sub(1);
+        Ok(match u16::try_from(id) {
+            Ok(id) if v != 0 && u32::from(id) % self.geom.peers == peer => id,
+            _ => peer as u16,
+        })
+    }
+
+    /// The member an ivshmem peer id belongs to.
+    pub fn member_of(&self, ivshmem_id: u32) -> u32 {
+        ivshmem_id % self.geom.peers
     }
 
     /// `peer`'s heartbeat counter.

@@ -374,3 +374,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn ivshmem_ids_are_published_per_member_and_checked() {
+    let heap = formatted(3, MIB);
+    let dir = Directory::new(heap.region(), attach(heap.region()).unwrap()).unwrap();
+    // Unpublished: the member index.
+    assert_eq!(dir.ivshmem_id(2).unwrap(), 2);
+    // Member 1 reconnected: id 1 + 3.
+    dir.set_ivshmem_id(1, 4).unwrap();
+    assert_eq!(dir.ivshmem_id(1).unwrap(), 4);
+    assert_eq!(dir.member_of(4), 1);
+    // A forged id that belongs to another member is not used.
+    heap.region()
+        .store_u32(dir.geometry().peers_off + 128 + directory::off::PEER_IVSHMEM_ID, 5 + 1, Ordering::Relaxed)
+        .unwrap();
+    assert_eq!(dir.ivshmem_id(1).unwrap(), 1);
+    assert!(dir.ivshmem_id(3).is_err());
+}

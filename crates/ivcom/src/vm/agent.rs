@@ -183,13 +183,9 @@ impl<P: Port> Agent<P> {
         let region = port.region();
         let geom = directory::attach(region)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("region directory: {e}")))?;
-        let me = port.me();
-        if me >= geom.peers {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("our peer id {me} is outside the region's {} peers", geom.peers),
-            ));
-        }
+        // The daemon gives a member a new ivshmem id on each connection (member index plus a
+        // multiple of the member count); the directory is indexed by member.
+        let me = port.me() % geom.peers;
         let managed = geom.flags & FLAG_MANAGED != 0;
         let dir = Directory::new(region, geom).map_err(|e| other(e.to_string()))?;
         let epoch = if managed {
@@ -457,7 +453,7 @@ impl<P: Port> Agent<P> {
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1).into());
                 self.pending
                     .insert(fd, Pending { sock: c.sock, slot, gen, to: target, epoch, deadline, vector });
-                self.port.ring(target.peer);
+                ring(&self.port, self.geom, target.peer);
             }
             Err(e) => {
                 self.reply_error(fd, libc_errno::ENOBUFS, &format!("cannot connect to {name:?}: {e}"));
@@ -489,7 +485,7 @@ impl<P: Port> Agent<P> {
         let dir = view(&self.port, self.geom);
         let gone = |p, e| self.live.gone(&dir, p, e);
         let _ = self.owned.release(&dir, slot, gen, &gone);
-        self.port.ring(peer);
+        ring(&self.port, self.geom, peer);
     }
 
     fn free_vector(&mut self, vector: u16) {
@@ -536,7 +532,10 @@ impl<P: Port> Agent<P> {
         let (mem_fd, mem_base) = self.port.share_memory();
         let door = self
             .port
-            .share_doorbell(peer, peer_vector)
+            .share_doorbell(
+                view(&self.port, self.geom).ivshmem_id(peer).unwrap_or(peer as u16).into(),
+                peer_vector,
+            )
             .ok_or_else(|| other(format!("peer {peer} has no doorbell")))?;
         let (kind, value, d_off, d_len, d_fd) = match door {
             DoorbellShare::EventFd(fd) => (0u8, 0, 0, 0, Some(fd)),
@@ -602,7 +601,7 @@ impl<P: Port> Agent<P> {
             let gone = |p, e| self.live.gone(&dir, p, e);
             let _ = self.owned.release(&dir, ch.slot, ch.gen, &gone);
         }
-        self.port.ring(ch.peer);
+        ring(&self.port, self.geom, ch.peer);
     }
 
     /// Wakes the local processes that sleep with data or space ready.
@@ -653,7 +652,7 @@ impl<P: Port> Agent<P> {
                         Some(cfd) if self.owned.addresses_us(&req, self.epoch) => to_open.push((cfd, req)),
                         _ => {
                             let _ = dir.set_answer(slot, req.gen, ListenerAnswer::Refused);
-                            self.port.ring(req.from);
+                            ring(&self.port, self.geom, req.from);
                         }
                     }
                 }
@@ -708,7 +707,7 @@ impl<P: Port> Agent<P> {
             }
             let answer = if ok { ListenerAnswer::Accepted } else { ListenerAnswer::Refused };
             let _ = dir.set_answer(req.slot, req.gen, answer);
-            self.port.ring(req.from);
+            ring(&self.port, self.geom, req.from);
         }
 
         // Answers to our requests.
@@ -811,6 +810,12 @@ impl<P: Port> Drop for Agent<P> {
         }
         let _ = std::fs::remove_file(&self.cfg.socket);
     }
+}
+
+/// Rings member `peer` at its current ivshmem id.
+fn ring<P: Port>(port: &P, geom: Geometry, peer: u32) {
+    let id = view(port, geom).ivshmem_id(peer).unwrap_or(peer as u16);
+    port.ring(id.into());
 }
 
 /// The directory of `port`'s region, whose geometry was validated when the agent attached.
