@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod agent;
+mod run;
 mod vmchan;
 mod vmtest;
 
@@ -41,6 +42,9 @@ enum Command {
         #[command(flatten)]
         chan: ChannelArgs,
     },
+    /// Run a program so that its TCP connections to co-resident programs that also run under
+    /// ivcom go over shared memory; every other connection stays plain TCP (docs/preload.md).
+    Run(run::RunArgs),
     /// Serve QEMU's ivshmem-server protocol for the regions of a configuration file, in the
     /// foreground, until SIGINT or SIGTERM (see docs/daemon.md).
     Daemon(DaemonArgs),
@@ -221,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Vm(cmd) => vmtest::run(cmd),
         Command::Agent(args) => agent::run(&args),
         Command::VmChan(cmd) => vmchan::run(cmd),
+        Command::Run(_) => unreachable!("handled in main"),
         Command::Listen { name, chan, access } => {
             let opts = chan.options().access(access);
             let listener = ivcom::Listener::bind_with(&name, &opts)
@@ -240,6 +245,13 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run(args) = cli.command {
+        // The program's own exit status is ours.
+        return run::run(args).unwrap_or_else(|e| {
+            eprintln!("ivcom: {e:#}");
+            ExitCode::from(127)
+        });
+    }
     // The daemon reports connections at info level; everything else only warns.
     tracing_subscriber_init(if matches!(cli.command, Command::Daemon(_) | Command::Agent(_)) {
         "info"

@@ -72,9 +72,50 @@ pub mod off {
     pub const CONSUMER_SLEEP: usize = 3 * super::LINE;
     /// Within a control block: non-zero once the consumer will read no more.
     pub const CONSUMER_CLOSED: usize = 3 * super::LINE + 4;
+    /// TCP handoff (channels that shadow a TCP connection, made by the preload library):
+    /// `u32` written by the listener's side only: non-zero once it has claimed the channel.
+    pub const TCP_CLAIM: usize = 2048;
+    /// TCP handoff: `u64` written by the connecting side only: `0` while it still writes its
+    /// data over TCP; `n + 1` once it has switched to ring 0 after `n` bytes sent over TCP.
+    pub const TCP_SWITCH: usize = 2048 + super::LINE;
 }
 
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= HEADER_SIZE);
+const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= off::TCP_CLAIM);
+const _: () = assert!(off::TCP_SWITCH + LINE <= HEADER_SIZE);
+
+/// The two handoff words of a channel that shadows a TCP connection (see
+/// `docs/region-layout.md`, "TCP handoff"). Each has one writer; the other side only loads.
+pub mod tcp {
+    use super::off;
+    use crate::shm::{OutOfBounds, ShmRegion};
+    use std::sync::atomic::Ordering;
+
+    /// Listener's side: marks the channel claimed. Nothing may be sent on the TCP connection
+    /// by the listener's side before this store.
+    pub fn claim(region: &ShmRegion) -> Result<(), OutOfBounds> {
+        region.store_u32(off::TCP_CLAIM, 1, Ordering::Release)
+    }
+
+    /// Whether the listener's side has claimed the channel.
+    pub fn claimed(region: &ShmRegion) -> Result<bool, OutOfBounds> {
+        Ok(region.load_u32(off::TCP_CLAIM, Ordering::Acquire)? != 0)
+    }
+
+    /// Connecting side: announces that its first `tcp_bytes` bytes went over TCP and the rest
+    /// of its stream goes through ring 0. Published before any byte enters ring 0 and before
+    /// any wakeup byte is sent over TCP.
+    pub fn publish_switch(region: &ShmRegion, tcp_bytes: u64) -> Result<(), OutOfBounds> {
+        region.store_u64(off::TCP_SWITCH, tcp_bytes.saturating_add(1), Ordering::Release)
+    }
+
+    /// The connecting side's switch offset, if published. A peer-written value: the caller
+    /// checks it against what it has already read from TCP.
+    pub fn switch_offset(region: &ShmRegion) -> Result<Option<u64>, OutOfBounds> {
+        let v = region.load_u64(off::TCP_SWITCH, Ordering::Acquire)?;
+        Ok(v.checked_sub(1))
+    }
+}
 const _: () = assert!(cfg!(target_endian = "little"), "the region layout is little-endian");
 
 /// Which way a ring carries data.

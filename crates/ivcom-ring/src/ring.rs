@@ -502,6 +502,17 @@ impl StreamReader {
         Ok(n)
     }
 
+    /// Copies up to `buf.len()` available bytes out without consuming them (`MSG_PEEK`).
+    pub fn try_peek(&mut self, shm: &ShmRegion, buf: &mut [u8]) -> Result<usize, RingError> {
+        let c = self.ctrl(shm)?;
+        let avail = self.st.available(&c, buf.len() as u64)?;
+        let n = (avail as usize).min(buf.len());
+        if n > 0 {
+            ring_copy_out(shm, &self.g, self.st.head, &mut buf[..n])?;
+        }
+        Ok(n)
+    }
+
     /// Bytes available now (re-reads the producer's index).
     pub fn available(&mut self, shm: &ShmRegion) -> Result<u64, RingError> {
         let c = self.ctrl(shm)?;

@@ -217,6 +217,45 @@ impl<'a, const N: usize> Block<'a, N> {
     }
 }
 
+use rustix::fs::{MemfdFlags, SealFlags};
+
+/// Seals a region must carry so its creator can neither shrink it under our mapping (which
+/// would turn our accesses into SIGBUS) nor grow it.
+const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW);
+
+/// Creates a sealed, zero-filled memfd of `size` bytes.
+pub fn create_memfd(size: usize) -> std::io::Result<std::os::fd::OwnedFd> {
+    let fd = rustix::fs::memfd_create("ivcom", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, size as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// Checks that `fd` is a sealed shared-memory file (so it cannot shrink under a mapping) no
+/// larger than `max` bytes, and returns its size.
+pub fn check_memfd(fd: std::os::fd::BorrowedFd<'_>, max: u64) -> std::io::Result<usize> {
+    let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("peer's region is not a sealable memfd ({e})"),
+        )
+    })?;
+    if !seals.contains(REQUIRED_SEALS) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "peer's region is not sealed against resizing",
+        ));
+    }
+    let size = rustix::fs::fstat(fd)?.st_size as u64;
+    if size > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("peer's region is {size} bytes, more than the {max} allowed"),
+        ));
+    }
+    Ok(size as usize)
+}
+
 /// A shared, read-write mapping of (part of) a file: a memfd, a `/dev/shm` file, a PCI BAR
 /// through sysfs or VFIO. Unmapped on drop. The one place that maps shared memory.
 #[derive(Debug)]

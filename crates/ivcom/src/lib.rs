@@ -32,7 +32,7 @@ mod message;
 mod rendezvous;
 mod signal;
 mod stream;
-mod sys;
+pub mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod vm;

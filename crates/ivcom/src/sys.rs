@@ -1,5 +1,6 @@
-//! Platform calls, in one place: memfd regions, mappings, eventfds, waiting, Unix seqpacket
-//! sockets with descriptor passing, peer credentials, directory locks.
+//! Platform calls, in one place (also used by the preload library): memfd regions, mappings,
+//! eventfds, waiting, Unix seqpacket sockets with descriptor passing, peer credentials,
+//! directory locks.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -8,45 +9,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustix::event::{eventfd, EventfdFlags, Timespec};
-use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 
-/// Seals a region must carry so its creator can neither shrink it under our mapping (which
-/// would turn our accesses into SIGBUS) nor grow it.
-const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW);
-
-/// Creates a sealed, zero-filled memfd of `size` bytes.
-pub fn create_memfd(size: usize) -> io::Result<OwnedFd> {
-    let fd = rustix::fs::memfd_create("ivcom", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
-    rustix::fs::ftruncate(&fd, size as u64)?;
-    rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL)?;
-    Ok(fd)
-}
-
-/// Checks that `fd` is a sealed shared-memory file (so it cannot shrink under a mapping) no
-/// larger than `max` bytes, and returns its size.
-pub fn check_memfd(fd: BorrowedFd<'_>, max: u64) -> io::Result<usize> {
-    let seals = rustix::fs::fcntl_get_seals(fd).map_err(|e| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("peer's region is not a sealable memfd ({e})"))
-    })?;
-    if !seals.contains(REQUIRED_SEALS) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "peer's region is not sealed against resizing",
-        ));
-    }
-    let size = rustix::fs::fstat(fd)?.st_size as u64;
-    if size > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("peer's region is {size} bytes, more than the {max} allowed"),
-        ));
-    }
-    Ok(size as usize)
-}
+pub use ivcom_ring::shm::{check_memfd, create_memfd};
 
 /// A shared mapping of (part of) a file; unmapped on drop.
 pub use ivcom_ring::MappedRegion as Mapping;

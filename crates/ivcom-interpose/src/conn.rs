@@ -1,0 +1,724 @@
+//! One TCP connection carried over a shared-memory channel: the data path and its readiness.
+//!
+//! The TCP connection stays open beside the channel. It gives the real addresses, the
+//! kernel's reference counting across `dup`/`fork`/`close`, FIN or RST when a process dies,
+//! and it carries the wakeups: a side that sleeps announces it in the ring, and the other side
+//! then sends one byte over TCP, which the kernel reports to whatever the sleeper waits in.
+//!
+//! Handoff (layout: `docs/region-layout.md`, "TCP handoff"): the connecting side registers the
+//! channel before its TCP handshake and keeps writing over TCP until it sees the listener's
+//! claim; it then publishes how many bytes it sent over TCP and writes the rest into ring 0.
+//! The listener's side claims when its program accepts the connection, before anything can be
+//! sent, so every byte it sends over TCP is a wakeup. Each side reads TCP data up to the
+//! other's switch point, then the ring; bytes past the switch point are wakeups.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use ivcom_ring::layout::{self, tcp, Direction, Params};
+use ivcom_ring::{MappedRegion, ShmRegion, StreamReader, StreamWriter};
+use libc::{c_int, iovec};
+
+use crate::settings::{count, COUNTERS};
+
+/// An errno value.
+pub type Errno = c_int;
+/// A result carrying an errno.
+pub type R<T> = Result<T, Errno>;
+
+/// Largest region the listener's side maps (two 64 MiB rings and the header).
+const MAX_REGION: u64 = 4096 + 2 * (64 << 20);
+
+/// Which end of the connection this process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Called `connect`: creates the channel, writes ring 0.
+    Connector,
+    /// Accepted the connection: claims the channel, writes ring 1.
+    Acceptor,
+}
+
+#[derive(Debug)]
+struct Tx {
+    w: StreamWriter,
+    /// Writes go to the ring (the connector switches once it sees the claim).
+    switched: bool,
+    /// Bytes the connector sent over TCP before switching.
+    tcp_sent: u64,
+    sleepers: u32,
+}
+
+#[derive(Debug)]
+struct Rx {
+    r: StreamReader,
+    /// Data bytes read from TCP (the acceptor's count, compared with the switch point).
+    tcp_read: u64,
+    /// The connector's switch point, once published.
+    peer_switch: Option<u64>,
+    /// The kernel reported TCP data that is not wakeups.
+    tcp_data: bool,
+    sleepers: u32,
+}
+
+/// Where the next bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxMode {
+    /// TCP carries data: at most `limit` more bytes of it, if known.
+    Tcp { limit: Option<u64> },
+    /// The ring carries data; TCP carries only wakeups (and FIN/RST).
+    Ring,
+}
+
+/// A connection carried (or about to be carried) over a channel.
+#[derive(Debug)]
+pub struct TcpConn {
+    map: MappedRegion,
+    side: Side,
+    plain: AtomicBool,
+    claim_seen: AtomicBool,
+    registration: Mutex<Option<OwnedFd>>,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+    eof: AtomicBool,
+    error: AtomicI32,
+    shut_rd: AtomicBool,
+    shut_wr: AtomicBool,
+    sleepers: AtomicU32,
+    events: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Borrows a descriptor the program handed us for the duration of its call.
+fn borrow(fd: c_int) -> BorrowedFd<'static> {
+    // SAFETY: `fd` is a descriptor the program passed to the call we are serving; it stays
+    // open while that call runs, which is as long as the borrow is used.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+fn errno() -> Errno {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+const EAGAIN: Errno = libc::EAGAIN;
+
+/// Sends one wakeup byte over TCP.
+pub fn doorbell(fd: c_int) {
+    use rustix::net::SendFlags;
+    if rustix::net::send(borrow(fd), &[0u8], SendFlags::DONTWAIT | SendFlags::NOSIGNAL).is_ok() {
+        count(&COUNTERS.doorbells, 1);
+    }
+}
+
+/// Total length of an iovec array.
+pub fn iov_len(iov: &[iovec]) -> usize {
+    iov.iter().fold(0usize, |a, v| a.saturating_add(v.iov_len))
+}
+
+/// A copy of `iov` covering at most `limit` bytes.
+fn iov_truncated(iov: &[iovec], limit: usize) -> Vec<iovec> {
+    let mut out = Vec::with_capacity(iov.len());
+    let mut left = limit;
+    for v in iov {
+        if left == 0 {
+            break;
+        }
+        let n = v.iov_len.min(left);
+        out.push(iovec { iov_base: v.iov_base, iov_len: n });
+        left -= n;
+    }
+    out
+}
+
+fn msghdr_of(iov: &[iovec]) -> libc::msghdr {
+    // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero lengths).
+    let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+    m.msg_iov = iov.as_ptr().cast_mut();
+    m.msg_iovlen = iov.len() as _;
+    m
+}
+
+/// The program's buffer described by `v`.
+///
+/// # Safety
+/// `v` describes memory the program gave us for the current call, writable for `iov_len`.
+unsafe fn buf_mut<'a>(v: &iovec) -> &'a mut [u8] {
+    if v.iov_len == 0 || v.iov_base.is_null() {
+        return &mut [];
+    }
+    // SAFETY: the caller's contract; the program's buffer is not shared memory.
+    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast(), v.iov_len) }
+}
+
+/// # Safety
+/// `v` describes memory the program gave us for the current call, readable for `iov_len`.
+unsafe fn buf<'a>(v: &iovec) -> &'a [u8] {
+    if v.iov_len == 0 || v.iov_base.is_null() {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(v.iov_base.cast(), v.iov_len) }
+}
+
+impl TcpConn {
+    fn new(map: MappedRegion, side: Side, params: &Params) -> Self {
+        let acceptor = side == Side::Acceptor;
+        let (mine, theirs) = if acceptor {
+            (Direction::ToConnector, Direction::ToListener)
+        } else {
+            (Direction::ToListener, Direction::ToConnector)
+        };
+        TcpConn {
+            map,
+            side,
+            plain: AtomicBool::new(false),
+            claim_seen: AtomicBool::new(acceptor),
+            registration: Mutex::new(None),
+            tx: Mutex::new(Tx {
+                w: StreamWriter::new(params.ring(mine)),
+                switched: acceptor,
+                tcp_sent: 0,
+                sleepers: 0,
+            }),
+            rx: Mutex::new(Rx {
+                r: StreamReader::new(params.ring(theirs)),
+                tcp_read: 0,
+                peer_switch: None,
+                tcp_data: false,
+                sleepers: 0,
+            }),
+            eof: AtomicBool::new(false),
+            error: AtomicI32::new(0),
+            shut_rd: AtomicBool::new(false),
+            shut_wr: AtomicBool::new(false),
+            sleepers: AtomicU32::new(0),
+            events: AtomicU64::new(0),
+        }
+    }
+
+    /// A new channel for a connection this process is making, and its memfd (to register).
+    pub fn connector(ring: u64) -> io::Result<(Self, OwnedFd)> {
+        let params = Params { capacity: [ring, ring], max_message: None };
+        let size = params.region_size().map_err(io::Error::other)?;
+        let fd = ivcom_ring::shm::create_memfd(size)?;
+        let map = MappedRegion::map(fd.as_fd(), 0, size)?;
+        layout::init(map.region(), &params).map_err(io::Error::other)?;
+        Ok((Self::new(map, Side::Connector, &params), fd))
+    }
+
+    /// Claims the channel a connecting peer registered (an untrusted memfd).
+    pub fn acceptor(fd: OwnedFd) -> io::Result<Self> {
+        let size = ivcom_ring::shm::check_memfd(fd.as_fd(), MAX_REGION)?;
+        let map = MappedRegion::map(fd.as_fd(), 0, size)?;
+        // Not `validate`: the connecting side may already have announced sleep on its ring.
+        let params = layout::validate_shape(map.region(), false)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if tcp::claimed(map.region()).map_err(io::Error::other)? {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "channel already claimed"));
+        }
+        tcp::claim(map.region()).map_err(io::Error::other)?;
+        Ok(Self::new(map, Side::Acceptor, &params))
+    }
+
+    fn region(&self) -> &ShmRegion {
+        self.map.region()
+    }
+
+    /// Keeps the registration connection open until the claim is seen.
+    pub fn hold_registration(&self, s: OwnedFd) {
+        *lock(&self.registration) = Some(s);
+    }
+
+    /// Which end this is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Whether the connection runs as plain TCP (the peer never claimed): pass everything on.
+    #[inline]
+    pub fn is_plain(&self) -> bool {
+        self.plain.load(Ordering::Relaxed)
+    }
+
+    fn become_plain(&self, why: &str) {
+        if !self.plain.swap(true, Ordering::Relaxed) {
+            *lock(&self.registration) = None;
+            count(&COUNTERS.fallbacks, 1);
+            crate::decision!("connection stays on plain TCP: {why}");
+        }
+    }
+
+    /// Whether the listener's side claimed the channel (the connector learns it lazily).
+    fn claimed(&self) -> bool {
+        if self.claim_seen.load(Ordering::Acquire) {
+            return true;
+        }
+        if tcp::claimed(self.region()).unwrap_or(false) {
+            self.claim_seen.store(true, Ordering::Release);
+            *lock(&self.registration) = None;
+            count(&COUNTERS.accelerated, 1);
+            crate::decision!("connect: listener claimed the channel; connection accelerated");
+            return true;
+        }
+        false
+    }
+
+    fn set_error(&self, e: Errno) {
+        let _ = self.error.compare_exchange(0, e, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn rx_mode(&self, rx: &mut Rx) -> R<RxMode> {
+        match self.side {
+            Side::Connector => Ok(if self.claimed() { RxMode::Ring } else { RxMode::Tcp { limit: None } }),
+            Side::Acceptor => {
+                if rx.peer_switch.is_none() {
+                    let n = tcp::switch_offset(self.region()).map_err(|_| libc::EIO)?;
+                    if let Some(n) = n {
+                        if n < rx.tcp_read {
+                            // A peer that claims to have sent less than we already read.
+                            self.set_error(libc::ECONNRESET);
+                            return Err(libc::ECONNRESET);
+                        }
+                    }
+                    rx.peer_switch = n;
+                }
+                Ok(match rx.peer_switch {
+                    Some(n) if rx.tcp_read >= n => RxMode::Ring,
+                    Some(n) => RxMode::Tcp { limit: Some(n - rx.tcp_read) },
+                    None => RxMode::Tcp { limit: None },
+                })
+            }
+        }
+    }
+
+    /// Reads wakeup bytes off TCP; notes EOF and errors.
+    fn drain(&self, fd: c_int) {
+        use rustix::net::RecvFlags;
+        let mut scratch = [0u8; 256];
+        for _ in 0..64 {
+            match rustix::net::recv(borrow(fd), &mut scratch[..], RecvFlags::DONTWAIT) {
+                Ok((0, _)) => {
+                    self.eof.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(_) => continue,
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    self.set_error(e.raw_os_error());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One non-blocking read attempt into `iov` (`MSG_PEEK` honoured; `MSG_WAITALL` is the
+    /// caller's loop). `Err(EAGAIN)` when nothing is there yet.
+    pub fn try_recv(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+        let peek = flags & libc::MSG_PEEK != 0;
+        let want = iov_len(iov);
+        if self.shut_rd.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let mut rx = lock(&self.rx);
+        for _ in 0..8 {
+            match self.rx_mode(&mut rx)? {
+                RxMode::Tcp { limit } => {
+                    let lim = limit.map_or(want, |l| want.min(l.min(usize::MAX as u64) as usize));
+                    let part = iov_truncated(iov, lim);
+                    let mut m = msghdr_of(&part);
+                    let f = (flags & !libc::MSG_WAITALL) | libc::MSG_DONTWAIT;
+                    // SAFETY: `m` describes the program's own buffers for this call.
+                    let n = unsafe { crate::real::recvmsg(fd, &mut m, f) };
+                    if n < 0 {
+                        let e = errno();
+                        if e == EAGAIN && self.rx_mode(&mut rx)? == RxMode::Ring {
+                            continue;
+                        }
+                        rx.tcp_data = false;
+                        return Err(e);
+                    }
+                    let n = n as usize;
+                    match self.side {
+                        Side::Connector => {
+                            if self.claimed() {
+                                // Sent after the claim: wakeups, not data.
+                                continue;
+                            }
+                            if n == 0 {
+                                self.eof.store(true, Ordering::Release);
+                            } else {
+                                self.become_plain("the listener sent data without claiming the channel");
+                            }
+                            return Ok(n);
+                        }
+                        Side::Acceptor => {
+                            if n == 0 {
+                                self.eof.store(true, Ordering::Release);
+                                if self.rx_mode(&mut rx)? == RxMode::Ring {
+                                    continue;
+                                }
+                                return Ok(0);
+                            }
+                            let mut n = n as u64;
+                            if limit.is_none() {
+                                // Published meanwhile? Bytes past the switch point were wakeups.
+                                if let Ok(Some(sw)) = tcp::switch_offset(self.region()) {
+                                    if sw < rx.tcp_read {
+                                        self.set_error(libc::ECONNRESET);
+                                        return Err(libc::ECONNRESET);
+                                    }
+                                    rx.peer_switch = Some(sw);
+                                    n = n.min(sw - rx.tcp_read);
+                                }
+                            }
+                            if n < lim as u64 {
+                                rx.tcp_data = false;
+                            }
+                            if !peek {
+                                rx.tcp_read += n;
+                            }
+                            if n == 0 {
+                                continue;
+                            }
+                            return Ok(n as usize);
+                        }
+                    }
+                }
+                RxMode::Ring => {
+                    let got = self.ring_read(&mut rx, fd, iov, peek)?;
+                    if got > 0 || want == 0 {
+                        return Ok(got);
+                    }
+                    // Empty: take wakeups off TCP, learn about FIN/RST, and look once more
+                    // (the peer publishes before it closes).
+                    self.drain(fd);
+                    let got = self.ring_read(&mut rx, fd, iov, peek)?;
+                    if got > 0 {
+                        return Ok(got);
+                    }
+                    let e = self.error.load(Ordering::Relaxed);
+                    if e != 0 {
+                        return Err(e);
+                    }
+                    if self.eof.load(Ordering::Acquire) {
+                        return Ok(0);
+                    }
+                    return Err(EAGAIN);
+                }
+            }
+        }
+        Err(EAGAIN)
+    }
+
+    fn ring_read(&self, rx: &mut Rx, fd: c_int, iov: &[iovec], peek: bool) -> R<usize> {
+        let mut got = 0usize;
+        let mut wake = false;
+        for v in iov {
+            // SAFETY: the program's buffer for this call.
+            let b = unsafe { buf_mut(v) };
+            if b.is_empty() {
+                continue;
+            }
+            let n = if peek {
+                rx.r.try_peek(self.region(), b)
+            } else {
+                rx.r.try_read(self.region(), b, &mut || wake = true)
+            }
+            .map_err(|e| self.violated(e))?;
+            got += n;
+            if n < b.len() || peek {
+                break;
+            }
+        }
+        if wake {
+            doorbell(fd);
+        }
+        if got > 0 && !peek {
+            count(&COUNTERS.ring_rx, got as u64);
+        }
+        Ok(got)
+    }
+
+    fn violated(&self, e: ivcom_ring::RingError) -> Errno {
+        crate::decision!("peer violated the channel protocol: {e}; connection reset");
+        self.set_error(libc::ECONNRESET);
+        libc::ECONNRESET
+    }
+
+    /// One write attempt from `iov`. Before the switch it is the kernel's own (blocking or
+    /// not, as the program asked); in the ring it never blocks (`Err(EAGAIN)` when full).
+    pub fn try_send(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+        let mut tx = lock(&self.tx);
+        if !tx.switched {
+            if self.claimed() && !self.is_plain() {
+                tcp::publish_switch(self.region(), tx.tcp_sent).map_err(|_| libc::EIO)?;
+                tx.switched = true;
+            } else {
+                let m = msghdr_of(iov);
+                // SAFETY: `m` describes the program's own buffers for this call.
+                let n = unsafe { crate::real::sendmsg(fd, &m, flags) };
+                if n < 0 {
+                    return Err(errno());
+                }
+                tx.tcp_sent += n as u64;
+                return Ok(n as usize);
+            }
+        }
+        let e = self.error.load(Ordering::Relaxed);
+        if self.shut_wr.load(Ordering::Relaxed) || e != 0 || self.eof.load(Ordering::Acquire) {
+            // Let the kernel answer as TCP would: EPIPE (and SIGPIPE unless MSG_NOSIGNAL)
+            // after our shutdown or the peer's reset; a write to a peer that closed provokes
+            // its reset, and the byte is a harmless wakeup if it only half-closed.
+            let f = (flags & libc::MSG_NOSIGNAL) | libc::MSG_DONTWAIT;
+            // SAFETY: sending one byte from a local.
+            let r = unsafe { crate::real::send(fd, [0u8].as_ptr().cast(), 1, f) };
+            if r < 0 && errno() != EAGAIN {
+                return Err(errno());
+            }
+        }
+        let mut put = 0usize;
+        let mut wake = false;
+        for v in iov {
+            // SAFETY: the program's buffer for this call.
+            let b = unsafe { buf(v) };
+            if b.is_empty() {
+                continue;
+            }
+            let n = tx.w.try_write(self.region(), b, &mut || wake = true).map_err(|e| self.violated(e))?;
+            put += n;
+            if n < b.len() {
+                break;
+            }
+        }
+        if wake {
+            doorbell(fd);
+        }
+        if put == 0 && iov_len(iov) > 0 {
+            return Err(EAGAIN);
+        }
+        count(&COUNTERS.ring_tx, put as u64);
+        Ok(put)
+    }
+
+    /// Whether writes go over TCP still (the connector before the claim).
+    pub fn tx_on_tcp(&self) -> bool {
+        !lock(&self.tx).switched && !self.claimed()
+    }
+
+    /// Takes note of what the kernel reported on the TCP socket (after `poll`/`epoll`).
+    pub fn absorb(&self, fd: c_int) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        let mut rx = lock(&self.rx);
+        match self.rx_mode(&mut rx) {
+            Ok(RxMode::Ring) => self.drain(fd),
+            Ok(RxMode::Tcp { .. }) => {
+                use rustix::net::RecvFlags;
+                let mut b = [0u8; 1];
+                match rustix::net::recv(borrow(fd), &mut b[..], RecvFlags::DONTWAIT | RecvFlags::PEEK) {
+                    Ok((0, _)) => self.eof.store(true, Ordering::Release),
+                    Ok(_) => {
+                        if self.side == Side::Connector && self.claimed() {
+                            self.drain(fd);
+                        } else {
+                            rx.tcp_data = true;
+                        }
+                    }
+                    Err(rustix::io::Errno::AGAIN) => rx.tcp_data = false,
+                    Err(e) => self.set_error(e.raw_os_error()),
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Readable as the program would see it: data, EOF or an error is there.
+    pub fn readable(&self) -> bool {
+        if self.eof.load(Ordering::Acquire)
+            || self.error.load(Ordering::Relaxed) != 0
+            || self.shut_rd.load(Ordering::Relaxed)
+        {
+            return true;
+        }
+        let mut rx = lock(&self.rx);
+        if rx.tcp_data {
+            return true;
+        }
+        match self.rx_mode(&mut rx) {
+            Ok(RxMode::Ring) => rx.r.available(self.region()).map(|n| n > 0).unwrap_or(true),
+            Ok(RxMode::Tcp { .. }) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Data is in the ring now (cheap: for polling loops).
+    pub fn ring_has_data(&self) -> bool {
+        let mut rx = lock(&self.rx);
+        matches!(self.rx_mode(&mut rx), Ok(RxMode::Ring))
+            && rx.r.available(self.region()).map(|n| n > 0).unwrap_or(true)
+    }
+
+    /// Writable as the program would see it. `kernel_out`: what the kernel says about TCP
+    /// writability (used while writes still go over TCP).
+    pub fn writable(&self, kernel_out: impl FnOnce() -> bool) -> bool {
+        if self.error.load(Ordering::Relaxed) != 0 || self.shut_wr.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.tx_on_tcp() {
+            return kernel_out();
+        }
+        let mut tx = lock(&self.tx);
+        let region = self.region();
+        match tx.w.ctrl(region) {
+            Ok(c) => tx.w.state().free(&c, 1).map(|f| f > 0).unwrap_or(true),
+            Err(_) => true,
+        }
+    }
+
+    /// EOF from the peer has been seen.
+    pub fn peer_closed(&self) -> bool {
+        self.eof.load(Ordering::Acquire)
+    }
+
+    /// A TCP error has been seen.
+    pub fn has_error(&self) -> bool {
+        self.error.load(Ordering::Relaxed) != 0
+    }
+
+    /// This side shut down writing.
+    pub fn write_shut(&self) -> bool {
+        self.shut_wr.load(Ordering::Relaxed)
+    }
+
+    /// Changes whenever new input may have arrived (for edge-triggered readiness).
+    pub fn in_signature(&self) -> u64 {
+        let mut rx = lock(&self.rx);
+        let avail = rx.r.available(self.region()).unwrap_or(0);
+        self.events.load(Ordering::Relaxed).wrapping_add(rx.r.state().head().wrapping_add(avail) << 20)
+    }
+
+    /// Changes whenever space may have been freed (for edge-triggered readiness).
+    pub fn out_signature(&self) -> u64 {
+        let mut tx = lock(&self.tx);
+        let region = self.region();
+        let head = match tx.w.ctrl(region) {
+            Ok(c) => {
+                let _ = tx.w.state().refresh_head(&c);
+                tx.w.state().tail().wrapping_sub(tx.w.state().unconsumed())
+            }
+            Err(_) => 0,
+        };
+        self.events.load(Ordering::Relaxed).wrapping_add(head << 20)
+    }
+
+    /// Announces that this process will sleep waiting to read (or to write) and re-checks.
+    /// Returns `false` if it should not sleep after all. Pair every `true` with
+    /// [`TcpConn::disarm`].
+    pub fn arm(&self, read: bool) -> bool {
+        self.sleepers.fetch_add(1, Ordering::Relaxed);
+        let ok = if read {
+            let mut rx = lock(&self.rx);
+            let region = self.region();
+            match rx.r.ctrl(region) {
+                Ok(c) if rx.sleepers == 0 => {
+                    // Announce even while data still comes over TCP: the peer may switch.
+                    if rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
+                        rx.sleepers = 1;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Ok(c) => {
+                    if rx.r.state().available(&c, 1).map(|n| n == 0).unwrap_or(false) {
+                        rx.sleepers += 1;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Err(_) => false,
+            }
+        } else {
+            let mut tx = lock(&self.tx);
+            if !tx.switched {
+                tx.sleepers += 1;
+                true
+            } else {
+                let region = self.region();
+                let sleep = match tx.w.ctrl(region) {
+                    Ok(c) if tx.sleepers == 0 => tx.w.state().prepare_sleep(&c, 1).unwrap_or(false),
+                    Ok(c) => tx.w.state().free(&c, 1).map(|n| n == 0).unwrap_or(false),
+                    Err(_) => false,
+                };
+                if sleep {
+                    tx.sleepers += 1;
+                }
+                sleep
+            }
+        };
+        if !ok {
+            self.sleepers.fetch_sub(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Withdraws an announcement made by [`TcpConn::arm`].
+    pub fn disarm(&self, read: bool) {
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
+        let region = self.region();
+        if read {
+            let mut rx = lock(&self.rx);
+            rx.sleepers = rx.sleepers.saturating_sub(1);
+            if rx.sleepers == 0 {
+                if let Ok(c) = rx.r.ctrl(region) {
+                    let _ = rx.r.state().end_sleep(&c);
+                }
+            }
+        } else {
+            let mut tx = lock(&self.tx);
+            tx.sleepers = tx.sleepers.saturating_sub(1);
+            if tx.sleepers == 0 && tx.switched {
+                if let Ok(c) = tx.w.ctrl(region) {
+                    let _ = tx.w.state().end_sleep(&c);
+                }
+            }
+        }
+    }
+
+    /// More than one thread of this process waits on this connection (a wakeup one of them
+    /// takes off TCP may be the other's, so sleeps are kept short).
+    pub fn crowded(&self) -> bool {
+        self.sleepers.load(Ordering::Relaxed) > 1
+    }
+
+    /// `shutdown(2)` bookkeeping (the caller also shuts the TCP socket down).
+    pub fn shutdown(&self, how: c_int) {
+        if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
+            self.shut_rd.store(true, Ordering::Relaxed);
+        }
+        if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+            self.shut_wr.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes ready to read (`FIONREAD`).
+    pub fn pending_bytes(&self, fd: c_int) -> usize {
+        let mut rx = lock(&self.rx);
+        match self.rx_mode(&mut rx) {
+            Ok(RxMode::Ring) => rx.r.available(self.region()).unwrap_or(0) as usize,
+            Ok(RxMode::Tcp { limit }) => {
+                let mut n: c_int = 0;
+                // SAFETY: FIONREAD writes one int.
+                unsafe { crate::real::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(n).cast()) };
+                let n = n.max(0) as u64;
+                limit.map_or(n, |l| n.min(l)) as usize
+            }
+            Err(_) => 0,
+        }
+    }
+}

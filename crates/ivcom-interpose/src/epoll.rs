@@ -1,0 +1,269 @@
+//! epoll over accelerated connections. The kernel instance stays the program's; each of our
+//! connections is registered in it edge-triggered for input, output and hang-up with a tag
+//! in place of the program's data, so its wakeups, FIN and RST still end the kernel wait.
+//! Readiness itself (level or edge, `EPOLLONESHOT`) is computed here from shared memory, and
+//! reported with the program's own data.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libc::{c_int, epoll_event, sigset_t};
+
+use crate::conn::TcpConn;
+use crate::settings::{count, COUNTERS};
+use crate::wait::{kernel_writable, remaining, set_errno, spin, SHORT_SLEEP};
+
+const TAG: u64 = 0x1f0c_a11e_0000_0000;
+const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
+
+/// What we register in the kernel for a connection.
+pub const KERNEL_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+/// The kernel event that stands for connection `fd`.
+pub fn kernel_event(fd: c_int) -> epoll_event {
+    epoll_event { events: KERNEL_EVENTS, u64: TAG | fd as u32 as u64 }
+}
+
+#[derive(Debug)]
+struct Reg {
+    conn: Arc<TcpConn>,
+    events: u32,
+    data: u64,
+    disabled: bool,
+    last_in: Option<u64>,
+    last_out: Option<u64>,
+}
+
+/// Our registrations in one epoll instance.
+#[derive(Debug, Default)]
+pub struct EpollSet {
+    regs: Mutex<BTreeMap<c_int, Reg>>,
+}
+
+impl EpollSet {
+    fn regs(&self) -> std::sync::MutexGuard<'_, BTreeMap<c_int, Reg>> {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records (or updates) the program's registration of connection `fd`.
+    pub fn put(&self, fd: c_int, conn: Arc<TcpConn>, ev: &epoll_event) {
+        self.regs().insert(
+            fd,
+            Reg { conn, events: ev.events, data: ev.u64, disabled: false, last_in: None, last_out: None },
+        );
+    }
+
+    /// Forgets `fd` (removed, or closed).
+    pub fn forget(&self, fd: c_int) {
+        let r = self.regs().remove(&fd);
+        drop(r);
+    }
+
+    /// Whether any connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.regs().is_empty()
+    }
+
+    /// Copies the kernel's events out, turning ours into readiness bookkeeping.
+    fn translate(&self, epfd: c_int, kev: &[epoll_event], out: &mut [epoll_event], mut n: usize) -> usize {
+        for ev in kev {
+            let data = ev.u64;
+            if data & TAG_MASK == TAG {
+                let fd = (data & 0xffff_ffff) as u32 as c_int;
+                let mut regs = self.regs();
+                let Some(reg) = regs.get(&fd) else { continue };
+                if reg.conn.is_plain() {
+                    // Went back to plain TCP: hand the registration back to the kernel.
+                    let mut back = epoll_event { events: reg.events, u64: reg.data };
+                    // SAFETY: modifying a registration of the program's epoll instance.
+                    unsafe { crate::real::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut back) };
+                    let (events, d) =
+                        (ev.events & (reg.events | (libc::EPOLLERR | libc::EPOLLHUP) as u32), reg.data);
+                    regs.remove(&fd);
+                    if events != 0 && n < out.len() {
+                        out[n] = epoll_event { events, u64: d };
+                        n += 1;
+                    }
+                    continue;
+                }
+                let c = reg.conn.clone();
+                drop(regs);
+                c.absorb(fd);
+            } else if n < out.len() {
+                out[n] = *ev;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Appends ready connections to `out` from `n`.
+    fn collect(&self, out: &mut [epoll_event], mut n: usize) -> usize {
+        let mut regs = self.regs();
+        for (&fd, reg) in regs.iter_mut() {
+            if n >= out.len() {
+                break;
+            }
+            if reg.disabled || reg.conn.is_plain() {
+                continue;
+            }
+            let c = &reg.conn;
+            let want = reg.events;
+            let et = want & libc::EPOLLET as u32 != 0;
+            let mut in_part = 0u32;
+            if want & libc::EPOLLIN as u32 != 0 && c.readable() {
+                in_part |= libc::EPOLLIN as u32;
+            }
+            if c.peer_closed() {
+                in_part |= want & libc::EPOLLRDHUP as u32;
+                if c.write_shut() {
+                    in_part |= libc::EPOLLHUP as u32;
+                }
+            }
+            if c.has_error() {
+                in_part |= (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+            }
+            let mut out_part = 0u32;
+            if want & libc::EPOLLOUT as u32 != 0 && c.writable(|| kernel_writable(fd)) {
+                out_part |= libc::EPOLLOUT as u32;
+            }
+            if et {
+                if in_part != 0 {
+                    let sig = c.in_signature();
+                    if reg.last_in == Some(sig) {
+                        in_part = 0;
+                    } else {
+                        reg.last_in = Some(sig);
+                    }
+                }
+                if out_part != 0 {
+                    let sig = c.out_signature();
+                    if reg.last_out == Some(sig) {
+                        out_part = 0;
+                    } else {
+                        reg.last_out = Some(sig);
+                    }
+                }
+            }
+            let ev = in_part | out_part;
+            if ev != 0 {
+                out[n] = epoll_event { events: ev, u64: reg.data };
+                n += 1;
+                if want & libc::EPOLLONESHOT as u32 != 0 {
+                    reg.disabled = true;
+                }
+            }
+        }
+        n
+    }
+
+    fn snapshot(&self) -> Vec<(Arc<TcpConn>, u32)> {
+        self.regs().values().filter(|r| !r.disabled).map(|r| (r.conn.clone(), r.events)).collect()
+    }
+}
+
+/// `epoll_pwait` on an instance where some of our connections are registered.
+///
+/// # Safety
+/// `events` points to `max` writable `epoll_event`s.
+pub unsafe fn wait(
+    epfd: c_int,
+    set: &EpollSet,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: Option<Duration>,
+    mask: *const sigset_t,
+) -> c_int {
+    let max = max as usize;
+    // SAFETY: the caller's array of `max` events.
+    let out = unsafe { std::slice::from_raw_parts_mut(events, max) };
+    let mut kev = vec![epoll_event { events: 0, u64: 0 }; max];
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let kernel = |kev: &mut [epoll_event], t: Option<Duration>, mask: *const sigset_t| -> c_int {
+        let ms = t.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int);
+        // SAFETY: `kev` is a local array of its length.
+        unsafe { crate::real::epoll_pwait(epfd, kev.as_mut_ptr(), kev.len() as c_int, ms, mask) }
+    };
+    let mut spun = false;
+    loop {
+        let k = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null());
+        if k < 0 {
+            return k;
+        }
+        let mut n = set.translate(epfd, &kev[..k as usize], out, 0);
+        n = set.collect(out, n);
+        if n > 0 || timeout == Some(Duration::ZERO) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return n as c_int;
+        }
+        let snap = set.snapshot();
+        if !spun {
+            spun = true;
+            let mut i = 0u32;
+            let mut probed = 0;
+            let hit = spin(deadline, || {
+                i = i.wrapping_add(1);
+                snap.iter().any(|(c, w)| {
+                    (w & libc::EPOLLIN as u32 != 0 && c.ring_has_data())
+                        || (w & libc::EPOLLOUT as u32 != 0 && !c.tx_on_tcp() && c.writable(|| false))
+                }) || (i.is_multiple_of(32) && {
+                    // Now and then, whether anything else in the set is ready.
+                    probed = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null()).max(0);
+                    probed > 0
+                })
+            });
+            if probed > 0 {
+                let mut n = set.translate(epfd, &kev[..probed as usize], out, 0);
+                n = set.collect(out, n);
+                if n > 0 {
+                    return n as c_int;
+                }
+            }
+            if hit {
+                continue;
+            }
+        }
+        let mut armed = Vec::with_capacity(snap.len() * 2);
+        let mut go = true;
+        let mut short = false;
+        for (c, w) in &snap {
+            for read in [true, false] {
+                let wants = if read { w & libc::EPOLLIN as u32 != 0 } else { w & libc::EPOLLOUT as u32 != 0 };
+                if !wants {
+                    continue;
+                }
+                if c.arm(read) {
+                    armed.push((c.clone(), read));
+                    short |= c.crowded() || (!read && c.peer_closed());
+                } else {
+                    go = false;
+                }
+            }
+        }
+        if !go {
+            for (c, read) in &armed {
+                c.disarm(*read);
+            }
+            continue;
+        }
+        let mut t = remaining(deadline);
+        if short {
+            t = Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)));
+        }
+        count(&COUNTERS.sleeps, 1);
+        let k = kernel(&mut kev, t, mask);
+        let e = std::io::Error::last_os_error();
+        for (c, read) in &armed {
+            c.disarm(*read);
+        }
+        if k < 0 {
+            set_errno(e.raw_os_error().unwrap_or(libc::EINTR));
+            return -1;
+        }
+        let mut n = set.translate(epfd, &kev[..k as usize], out, 0);
+        n = set.collect(out, n);
+        if n > 0 {
+            return n as c_int;
+        }
+    }
+}

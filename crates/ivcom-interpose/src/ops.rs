@@ -1,0 +1,892 @@
+//! The intercepted calls. Each takes the C arguments, passes anything that is not one of our
+//! connections straight to the C library, and returns what the C function would, with
+//! `errno` set the same way.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, iovec, msghdr, nfds_t, pollfd, sigset_t};
+use libc::{loff_t, off_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
+
+use crate::announce::{self, Listening};
+use crate::conn::{iov_len, TcpConn, R};
+use crate::epoll::{self, EpollSet};
+use crate::net::{self, Endpoint, Tuple};
+use crate::real;
+use crate::settings::{self, count, COUNTERS};
+use crate::table::{self, Entry, MAX_FD};
+use crate::wait::{self, set_errno};
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn fail<T: From<i8>>(e: c_int) -> T {
+    set_errno(e);
+    T::from(-1)
+}
+
+fn eligible(fd: c_int) -> bool {
+    fd >= 0 && (fd as usize) < MAX_FD && settings::get().enabled
+}
+
+/// `connect`: registers a channel first when the destination is an announced listener.
+///
+/// # Safety
+/// The C contract of `connect`.
+pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    if !eligible(fd) || table::tracked(fd) {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::connect(fd, addr, len) };
+    }
+    // SAFETY: the caller's address of `len` bytes.
+    let prepared = unsafe { net::from_c(addr, len) }.and_then(|dst| prepare(fd, dst));
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::connect(fd, addr, len) };
+    let e = errno();
+    if let Some((conn, dst)) = prepared {
+        if r == 0 || e == libc::EINPROGRESS || e == libc::EINTR {
+            table::set(fd, Entry::Conn(Arc::new(conn)));
+            crate::decision!("connect fd {fd} to {dst}: channel registered, waiting for the claim");
+        } else {
+            crate::decision!(
+                "connect fd {fd} to {dst} failed ({}); registration withdrawn",
+                std::io::Error::from_raw_os_error(e)
+            );
+        }
+    }
+    set_errno(e);
+    r
+}
+
+fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> {
+    let domain = net::tcp_domain(fd)?;
+    let s = settings::get();
+    let dst_ep = Endpoint::of(dst);
+    let Some(sock) = announce::find(&s.dir, &dst_ep, net::netns()) else {
+        crate::decision!("connect fd {fd} to {dst_ep}: no listener under ivcom; plain TCP");
+        return None;
+    };
+    let mut local = net::local(fd)?;
+    if local.port() == 0 {
+        // Bind now, so the tuple is known before the handshake.
+        let src = net::source_for(dst, domain)?;
+        let (st, l) = net::to_c(std::net::SocketAddr::new(src, 0), domain)?;
+        // SAFETY: binding the program's socket to a local address (bind is not intercepted).
+        if unsafe { libc::bind(fd, std::ptr::addr_of!(st).cast(), l) } != 0 {
+            crate::decision!(
+                "connect fd {fd}: cannot bind a source address ({}); plain TCP",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        local = net::local(fd)?;
+    }
+    let tuple = Tuple { src: Endpoint::of(local), dst: dst_ep };
+    let (conn, region) = match TcpConn::connector(s.ring) {
+        Ok(x) => x,
+        Err(e) => {
+            crate::decision!("connect fd {fd}: cannot create a channel ({e}); plain TCP");
+            return None;
+        }
+    };
+    match announce::register(&sock, &tuple, std::os::fd::AsFd::as_fd(&region)) {
+        Ok(reg) => conn.hold_registration(reg),
+        Err(e) => {
+            crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", sock.display());
+            count(&COUNTERS.fallbacks, 1);
+            return None;
+        }
+    }
+    Some((conn, dst_ep))
+}
+
+/// `listen`: announces TCP listeners.
+///
+/// # Safety
+/// The C contract of `listen`.
+pub unsafe fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::listen(fd, backlog) };
+    if r != 0 || !eligible(fd) || table::tracked(fd) {
+        return r;
+    }
+    let e = errno();
+    if net::tcp_domain(fd).is_some() {
+        if let Some(local) = net::local(fd) {
+            match Listening::announce(&settings::get().dir, Endpoint::of(local), net::netns()) {
+                Ok(l) => {
+                    crate::decision!("listen fd {fd} on {local}: announced at {}", l.path().display());
+                    table::set(fd, Entry::Listener(Arc::new(l)));
+                }
+                Err(err) => crate::decision!("listen fd {fd} on {local}: not announced ({err})"),
+            }
+        }
+    }
+    set_errno(e);
+    r
+}
+
+/// `accept4` (and `accept` with no flags): claims registered channels.
+///
+/// # Safety
+/// The C contract of `accept4`.
+pub unsafe fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+    four: bool,
+) -> c_int {
+    let r = if four {
+        // SAFETY: passed on unchanged.
+        unsafe { real::accept4(fd, addr, len, flags) }
+    } else {
+        // SAFETY: passed on unchanged.
+        unsafe { real::accept(fd, addr, len) }
+    };
+    if r < 0 || !table::tracked(fd) {
+        return r;
+    }
+    let e = errno();
+    if let Some(Entry::Listener(l)) = table::get(fd) {
+        claim(&l, r);
+    }
+    set_errno(e);
+    r
+}
+
+fn claim(l: &Listening, nfd: c_int) {
+    let (Some(peer), Some(local)) = (net::peer(nfd), net::local(nfd)) else { return };
+    if nfd as usize >= MAX_FD {
+        return;
+    }
+    let tuple = Tuple { src: Endpoint::of(peer), dst: Endpoint::of(local) };
+    let Some(region) = l.take(&tuple) else {
+        crate::decision!("accept fd {nfd} from {peer}: no registration; plain TCP");
+        return;
+    };
+    match TcpConn::acceptor(region) {
+        Ok(c) => {
+            table::set(nfd, Entry::Conn(Arc::new(c)));
+            count(&COUNTERS.accelerated, 1);
+            crate::decision!("accept fd {nfd} from {peer}: channel claimed; connection accelerated");
+        }
+        Err(e) => {
+            crate::decision!("accept fd {nfd} from {peer}: registered channel refused ({e}); plain TCP")
+        }
+    }
+}
+
+/// `close`.
+///
+/// # Safety
+/// The C contract of `close`.
+pub unsafe fn close(fd: c_int) -> c_int {
+    let e = table::remove(fd);
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::close(fd) };
+    let err = errno();
+    drop(e);
+    set_errno(err);
+    r
+}
+
+/// `close_range`.
+///
+/// # Safety
+/// The C contract of `close_range`.
+pub unsafe fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let mut dropped = Vec::new();
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        let hi = (last as u64).min(MAX_FD as u64 - 1);
+        let mut fd = first as u64;
+        while fd <= hi {
+            if let Some(e) = table::remove(fd as c_int) {
+                dropped.push(e);
+            }
+            fd += 1;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::close_range(first, last, flags) };
+    let err = errno();
+    drop(dropped);
+    set_errno(err);
+    r
+}
+
+/// `shutdown`.
+///
+/// # Safety
+/// The C contract of `shutdown`.
+pub unsafe fn shutdown(fd: c_int, how: c_int) -> c_int {
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::shutdown(fd, how) };
+    if r == 0 {
+        if let Some(c) = table::conn(fd) {
+            c.shutdown(how);
+        }
+    }
+    r
+}
+
+fn nonblocking(fd: c_int) -> bool {
+    // SAFETY: F_GETFL takes no argument.
+    let fl = unsafe { real::fcntl(fd, libc::F_GETFL, 0) };
+    fl >= 0 && fl & libc::O_NONBLOCK != 0
+}
+
+fn sock_timeout(fd: c_int, opt: c_int) -> Option<Instant> {
+    let mut tv = timeval { tv_sec: 0, tv_usec: 0 };
+    let mut len = std::mem::size_of::<timeval>() as socklen_t;
+    // SAFETY: reading a timeval option into a local.
+    let r =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, std::ptr::addr_of_mut!(tv).cast(), &mut len) };
+    if r != 0 || (tv.tv_sec == 0 && tv.tv_usec == 0) {
+        return None;
+    }
+    Some(Instant::now() + Duration::new(tv.tv_sec as u64, (tv.tv_usec as u32).saturating_mul(1000)))
+}
+
+fn advance(iov: &[iovec], mut skip: usize) -> Vec<iovec> {
+    let mut out = Vec::with_capacity(iov.len());
+    for v in iov {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        // SAFETY: stays inside the program's buffer.
+        let base = unsafe { v.iov_base.cast::<u8>().add(skip) };
+        out.push(iovec { iov_base: base.cast(), iov_len: v.iov_len - skip });
+        skip = 0;
+    }
+    out
+}
+
+/// Reads from a connection into `iov` as `recvmsg` would. `None`: not ours.
+fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
+    let c = table::conn(fd)?;
+    Some(match recv_inner(&c, fd, iov, flags) {
+        Ok(n) => n as ssize_t,
+        Err(e) => fail(e),
+    })
+}
+
+fn recv_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+    let total = iov_len(iov);
+    let waitall = flags & libc::MSG_WAITALL != 0 && flags & libc::MSG_PEEK == 0;
+    let mut got = 0usize;
+    let mut deadline: Option<Option<Instant>> = None;
+    loop {
+        if c.is_plain() {
+            if got > 0 {
+                return Ok(got);
+            }
+            let rest = advance(iov, got);
+            let mut m: msghdr = unsafe_zeroed_msghdr();
+            m.msg_iov = rest.as_ptr().cast_mut();
+            m.msg_iovlen = rest.len() as _;
+            // SAFETY: the program's buffers.
+            let n = unsafe { real::recvmsg(fd, &mut m, flags) };
+            return if n < 0 { Err(errno()) } else { Ok(n as usize) };
+        }
+        let r = if got == 0 { c.try_recv(fd, iov, flags) } else { c.try_recv(fd, &advance(iov, got), flags) };
+        match r {
+            Ok(0) => return Ok(got),
+            Ok(n) => {
+                got += n;
+                if !waitall || got >= total {
+                    return Ok(got);
+                }
+            }
+            Err(libc::EAGAIN) => {
+                if got > 0 && !waitall {
+                    return Ok(got);
+                }
+                if flags & libc::MSG_DONTWAIT != 0 || nonblocking(fd) {
+                    return if got > 0 { Ok(got) } else { Err(libc::EAGAIN) };
+                }
+                let d = *deadline.get_or_insert_with(|| sock_timeout(fd, libc::SO_RCVTIMEO));
+                if let Err(e) = wait::wait_fd(c, fd, true, d) {
+                    return if got > 0 { Ok(got) } else { Err(e) };
+                }
+            }
+            Err(e) => return if got > 0 { Ok(got) } else { Err(e) },
+        }
+    }
+}
+
+fn unsafe_zeroed_msghdr() -> msghdr {
+    // SAFETY: all-zero bytes are a valid msghdr.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Writes `iov` to a connection as `sendmsg` would. `None`: not ours.
+fn send_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
+    let c = table::conn(fd)?;
+    Some(match send_inner(&c, fd, iov, flags) {
+        Ok(n) => n as ssize_t,
+        Err(e) => fail(e),
+    })
+}
+
+fn send_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+    let total = iov_len(iov);
+    let mut sent = 0usize;
+    let mut nb: Option<bool> = None;
+    let mut deadline: Option<Option<Instant>> = None;
+    loop {
+        let r =
+            if sent == 0 { c.try_send(fd, iov, flags) } else { c.try_send(fd, &advance(iov, sent), flags) };
+        match r {
+            Ok(n) => {
+                sent += n;
+                if sent >= total
+                    || *nb.get_or_insert_with(|| flags & libc::MSG_DONTWAIT != 0 || nonblocking(fd))
+                {
+                    return Ok(sent);
+                }
+            }
+            Err(libc::EAGAIN) => {
+                if *nb.get_or_insert_with(|| flags & libc::MSG_DONTWAIT != 0 || nonblocking(fd)) {
+                    return if sent > 0 { Ok(sent) } else { Err(libc::EAGAIN) };
+                }
+                let d = *deadline.get_or_insert_with(|| sock_timeout(fd, libc::SO_SNDTIMEO));
+                if let Err(e) = wait::wait_fd(c, fd, false, d) {
+                    return if sent > 0 { Ok(sent) } else { Err(e) };
+                }
+            }
+            Err(e) => return if sent > 0 { Ok(sent) } else { Err(e) },
+        }
+    }
+}
+
+fn one(buf: *const c_void, n: size_t) -> [iovec; 1] {
+    [iovec { iov_base: buf.cast_mut(), iov_len: n }]
+}
+
+/// `read`.
+///
+/// # Safety
+/// The C contract of `read`.
+pub unsafe fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(r) = recv_conn(fd, &one(buf, n), 0) {
+            return r;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::read(fd, buf, n) }
+}
+
+/// `write`.
+///
+/// # Safety
+/// The C contract of `write`.
+pub unsafe fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(r) = send_conn(fd, &one(buf, n), 0) {
+            return r;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::write(fd, buf, n) }
+}
+
+fn iov_slice<'a>(iov: *const iovec, cnt: c_int) -> Option<&'a [iovec]> {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) || (iov.is_null() && cnt > 0) {
+        return None;
+    }
+    if cnt == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: the program's iovec array of `cnt` entries.
+    Some(unsafe { std::slice::from_raw_parts(iov, cnt as usize) })
+}
+
+/// `readv`.
+///
+/// # Safety
+/// The C contract of `readv`.
+pub unsafe fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(v) = iov_slice(iov, cnt) {
+            if let Some(r) = recv_conn(fd, v, 0) {
+                return r;
+            }
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::readv(fd, iov, cnt) }
+}
+
+/// `writev`.
+///
+/// # Safety
+/// The C contract of `writev`.
+pub unsafe fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(v) = iov_slice(iov, cnt) {
+            if let Some(r) = send_conn(fd, v, 0) {
+                return r;
+            }
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::writev(fd, iov, cnt) }
+}
+
+/// `recv`.
+///
+/// # Safety
+/// The C contract of `recv`.
+pub unsafe fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(r) = recv_conn(fd, &one(buf, n), flags) {
+            return r;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::recv(fd, buf, n, flags) }
+}
+
+/// `send`.
+///
+/// # Safety
+/// The C contract of `send`.
+pub unsafe fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(r) = send_conn(fd, &one(buf, n), flags) {
+            return r;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::send(fd, buf, n, flags) }
+}
+
+/// `recvfrom` (a connected TCP socket reports no source address).
+///
+/// # Safety
+/// The C contract of `recvfrom`.
+pub unsafe fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(r) = recv_conn(fd, &one(buf, n), flags) {
+            if r >= 0 && !addr.is_null() && !len.is_null() {
+                // SAFETY: the program's length word.
+                unsafe { *len = 0 };
+            }
+            return r;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::recvfrom(fd, buf, n, flags, addr, len) }
+}
+
+/// `sendto` (the address is ignored on a connected TCP socket).
+///
+/// # Safety
+/// The C contract of `sendto`.
+pub unsafe fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    if table::tracked(fd) {
+        if let Some(r) = send_conn(fd, &one(buf, n), flags) {
+            return r;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::sendto(fd, buf, n, flags, addr, len) }
+}
+
+/// `recvmsg`.
+///
+/// # Safety
+/// The C contract of `recvmsg`.
+pub unsafe fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    if table::tracked(fd) && !msg.is_null() {
+        // SAFETY: the program's msghdr.
+        let m = unsafe { &mut *msg };
+        if let Some(v) = iov_slice(m.msg_iov, m.msg_iovlen as c_int) {
+            if let Some(r) = recv_conn(fd, v, flags) {
+                if r >= 0 {
+                    m.msg_namelen = 0;
+                    m.msg_controllen = 0;
+                    m.msg_flags = 0;
+                }
+                return r;
+            }
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::recvmsg(fd, msg, flags) }
+}
+
+/// `sendmsg`.
+///
+/// # Safety
+/// The C contract of `sendmsg`.
+pub unsafe fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if table::tracked(fd) && !msg.is_null() {
+        // SAFETY: the program's msghdr.
+        let m = unsafe { &*msg };
+        if let Some(v) = iov_slice(m.msg_iov, m.msg_iovlen as c_int) {
+            if let Some(r) = send_conn(fd, v, flags) {
+                return r;
+            }
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::sendmsg(fd, msg, flags) }
+}
+
+/// `dup`.
+///
+/// # Safety
+/// The C contract of `dup`.
+pub unsafe fn dup(fd: c_int) -> c_int {
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::dup(fd) };
+    if r >= 0 && table::tracked(fd) {
+        table::copy(fd, r);
+    }
+    r
+}
+
+/// `dup2` and `dup3`.
+///
+/// # Safety
+/// The C contract of `dup3` (`three` false: `dup2`).
+pub unsafe fn dup3(fd: c_int, to: c_int, flags: c_int, three: bool) -> c_int {
+    // SAFETY: passed on unchanged.
+    let r = unsafe {
+        if three {
+            real::dup3(fd, to, flags)
+        } else {
+            real::dup2(fd, to)
+        }
+    };
+    if r >= 0 && fd != to {
+        let e = errno();
+        table::copy(fd, to);
+        set_errno(e);
+    }
+    r
+}
+
+/// `fcntl` (duplicating commands keep the table in step).
+///
+/// # Safety
+/// The C contract of `fcntl`.
+pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::fcntl(fd, cmd, arg) };
+    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && table::tracked(fd) {
+        table::copy(fd, r);
+    }
+    r
+}
+
+/// `ioctl`: `FIONREAD` counts what the ring holds.
+///
+/// # Safety
+/// The C contract of `ioctl`.
+pub unsafe fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
+    if req == libc::FIONREAD && !arg.is_null() {
+        if let Some(c) = table::conn(fd) {
+            let n = c.pending_bytes(fd).min(c_int::MAX as usize) as c_int;
+            // SAFETY: FIONREAD's argument is an int the program gave us.
+            unsafe { *arg.cast::<c_int>() = n };
+            return 0;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::ioctl(fd, req, arg) }
+}
+
+fn ms_timeout(ms: c_int) -> Option<Duration> {
+    (ms >= 0).then(|| Duration::from_millis(ms as u64))
+}
+
+fn ts_timeout(ts: *const timespec) -> Option<Duration> {
+    if ts.is_null() {
+        return None;
+    }
+    // SAFETY: the program's timespec.
+    let t = unsafe { *ts };
+    Some(Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32))
+}
+
+/// `poll`.
+///
+/// # Safety
+/// The C contract of `poll`.
+pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { wait::poll(fds, n, ms_timeout(timeout), std::ptr::null()) }
+}
+
+/// `ppoll`.
+///
+/// # Safety
+/// The C contract of `ppoll`.
+pub unsafe fn ppoll(fds: *mut pollfd, n: nfds_t, ts: *const timespec, mask: *const sigset_t) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { wait::poll(fds, n, ts_timeout(ts), mask) }
+}
+
+/// `select`.
+///
+/// # Safety
+/// The C contract of `select`.
+pub unsafe fn select(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    x: *mut libc::fd_set,
+    tv: *mut timeval,
+) -> c_int {
+    let t = if tv.is_null() {
+        None
+    } else {
+        // SAFETY: the program's timeval.
+        let t = unsafe { *tv };
+        Some(Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.clamp(0, 999_999) as u32) * 1000))
+    };
+    let start = Instant::now();
+    // SAFETY: the caller's sets.
+    match unsafe { wait::select(n, r, w, x, t, std::ptr::null()) } {
+        Some(res) => {
+            if let (Some(t), false) = (t, tv.is_null()) {
+                // Linux reports the time left.
+                let left = t.saturating_sub(start.elapsed());
+                // SAFETY: the program's timeval.
+                unsafe { *tv = timeval { tv_sec: left.as_secs() as _, tv_usec: left.subsec_micros() as _ } };
+            }
+            res
+        }
+        // SAFETY: passed on unchanged.
+        None => unsafe { real::select(n, r, w, x, tv) },
+    }
+}
+
+/// `pselect`.
+///
+/// # Safety
+/// The C contract of `pselect`.
+pub unsafe fn pselect(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    x: *mut libc::fd_set,
+    ts: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    // SAFETY: the caller's sets.
+    match unsafe { wait::select(n, r, w, x, ts_timeout(ts), mask) } {
+        Some(res) => res,
+        // SAFETY: passed on unchanged.
+        None => unsafe { real::pselect(n, r, w, x, ts, mask) },
+    }
+}
+
+fn epoll_set(epfd: c_int, create: bool) -> Option<Arc<EpollSet>> {
+    match table::get(epfd) {
+        Some(Entry::Epoll(s)) => Some(s),
+        Some(_) => None,
+        None if create => {
+            let s = Arc::new(EpollSet::default());
+            table::set(epfd, Entry::Epoll(s.clone())).then_some(s)
+        }
+        None => None,
+    }
+}
+
+/// `epoll_ctl`: our connections are registered with a tag and tracked here.
+///
+/// # Safety
+/// The C contract of `epoll_ctl`.
+pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> c_int {
+    let conn = if table::tracked(fd) { table::conn(fd) } else { None };
+    let Some(conn) = conn else {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+    };
+    let Some(set) = epoll_set(epfd, op != libc::EPOLL_CTL_DEL) else {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+    };
+    match op {
+        libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD => {
+            if ev.is_null() {
+                return fail(libc::EFAULT);
+            }
+            // SAFETY: the program's event.
+            let app = unsafe { *ev };
+            let mut k = epoll::kernel_event(fd);
+            // SAFETY: our event for the program's instance.
+            let r = unsafe { real::epoll_ctl(epfd, op, fd, &mut k) };
+            if r == 0 {
+                set.put(fd, conn, &app);
+            }
+            r
+        }
+        _ => {
+            // SAFETY: passed on unchanged.
+            let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+            if r == 0 {
+                set.forget(fd);
+            }
+            r
+        }
+    }
+}
+
+/// `epoll_wait` and `epoll_pwait`.
+///
+/// # Safety
+/// The C contract of `epoll_pwait`.
+pub unsafe fn epoll_pwait(
+    epfd: c_int,
+    ev: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+    mask: *const sigset_t,
+) -> c_int {
+    if max > 0 && !ev.is_null() && table::tracked(epfd) {
+        if let Some(set) = epoll_set(epfd, false) {
+            if !set.is_empty() {
+                // SAFETY: the caller's contract.
+                return unsafe { epoll::wait(epfd, &set, ev, max, ms_timeout(timeout), mask) };
+            }
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::epoll_pwait(epfd, ev, max, timeout, mask) }
+}
+
+/// `sendfile`: into a connection, bytes are read from the file and written to the ring.
+///
+/// # Safety
+/// The C contract of `sendfile`.
+pub unsafe fn sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t {
+    let Some(c) = (if table::tracked(out) { table::conn(out) } else { None }) else {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::sendfile(out, inp, off, n) };
+    };
+    let mut buf = vec![0u8; n.min(256 * 1024)];
+    let mut done = 0usize;
+    while done < n {
+        let want = (n - done).min(buf.len());
+        // SAFETY: reading into our own buffer; `off` is the program's offset word.
+        let got = unsafe {
+            if off.is_null() {
+                real::read(inp, buf.as_mut_ptr().cast(), want)
+            } else {
+                libc::pread(inp, buf.as_mut_ptr().cast(), want, *off)
+            }
+        };
+        if got < 0 {
+            return if done > 0 { done as ssize_t } else { -1 };
+        }
+        if got == 0 {
+            break;
+        }
+        let put = match send_inner(&c, out, &one(buf.as_ptr().cast(), got as usize), 0) {
+            Ok(p) => p,
+            Err(e) => return if done > 0 { done as ssize_t } else { fail(e) },
+        };
+        if put < got as usize && off.is_null() {
+            // The file position moved past bytes we could not send: put it back.
+            // SAFETY: seeking the program's file by what was not sent.
+            unsafe { libc::lseek(inp, -((got as usize - put) as off_t), libc::SEEK_CUR) };
+        }
+        if !off.is_null() {
+            // SAFETY: the program's offset word.
+            unsafe { *off += put as off_t };
+        }
+        done += put;
+        if put < got as usize {
+            break;
+        }
+    }
+    done as ssize_t
+}
+
+/// `splice` from or to a connection (the other end is a pipe).
+///
+/// # Safety
+/// The C contract of `splice`.
+pub unsafe fn splice(
+    inp: c_int,
+    ioff: *mut loff_t,
+    out: c_int,
+    ooff: *mut loff_t,
+    n: size_t,
+    flags: c_uint,
+) -> ssize_t {
+    let from = if table::tracked(inp) { table::conn(inp) } else { None };
+    let to = if table::tracked(out) { table::conn(out) } else { None };
+    let mut buf = vec![0u8; n.min(64 * 1024)];
+    if let Some(c) = from {
+        // Peek, hand to the pipe, then consume exactly what the pipe took.
+        let nb = flags & libc::SPLICE_F_NONBLOCK != 0;
+        let f = libc::MSG_PEEK | if nb { libc::MSG_DONTWAIT } else { 0 };
+        let got = match recv_inner(&c, inp, &one(buf.as_mut_ptr().cast(), buf.len()), f) {
+            Ok(g) => g,
+            Err(e) => return fail(e),
+        };
+        if got == 0 {
+            return 0;
+        }
+        // SAFETY: writing our own buffer to the program's pipe.
+        let w = unsafe { real::write(out, buf.as_ptr().cast(), got) };
+        if w <= 0 {
+            return w;
+        }
+        let _ = recv_inner(&c, inp, &one(buf.as_mut_ptr().cast(), w as usize), libc::MSG_WAITALL);
+        return w;
+    }
+    if let Some(c) = to {
+        // SAFETY: reading the program's pipe into our buffer.
+        let got = unsafe { real::read(inp, buf.as_mut_ptr().cast(), buf.len()) };
+        if got <= 0 {
+            return got;
+        }
+        return match send_inner(&c, out, &one(buf.as_ptr().cast(), got as usize), 0) {
+            Ok(p) => p as ssize_t,
+            Err(e) => fail(e),
+        };
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::splice(inp, ioff, out, ooff, n, flags) }
+}
+
+/// `fork`, with the table consistent in the child.
+///
+/// # Safety
+/// The C contract of `fork`.
+pub unsafe fn fork() -> libc::pid_t {
+    // SAFETY: passed on unchanged.
+    table::around_fork(|| unsafe { real::fork() })
+}
+
+/// At exit: withdraw announcements no other process holds; log the counters.
+pub fn at_exit() {
+    for l in table::drain_listeners() {
+        drop(l);
+    }
+    settings::log_counters();
+}

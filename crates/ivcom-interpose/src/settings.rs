@@ -1,0 +1,144 @@
+//! Settings read once from the environment, the decision log, and the counters.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// `IVCOM_ACCEL=0` (or `off`, `no`, `false`) turns acceleration off: every call goes to the
+/// kernel unchanged.
+pub const ENV_ACCEL: &str = "IVCOM_ACCEL";
+/// `IVCOM_PRELOAD_LOG=stderr` or `IVCOM_PRELOAD_LOG=/path/file` logs each decision (one line each) and the
+/// counters at exit.
+pub const ENV_LOG: &str = "IVCOM_PRELOAD_LOG";
+/// `IVCOM_SPIN_US`: how long a waiting call polls shared memory before it sleeps (default 100).
+pub const ENV_SPIN: &str = "IVCOM_SPIN_US";
+/// `IVCOM_RING_KIB`: capacity of each direction's ring of a new connection (default 512).
+pub const ENV_RING: &str = "IVCOM_RING_KIB";
+
+/// What the environment asked for.
+#[derive(Debug)]
+pub struct Settings {
+    /// Acceleration on.
+    pub enabled: bool,
+    /// Polling budget before sleeping.
+    pub spin: Duration,
+    /// Ring capacity per direction (a power of two).
+    pub ring: u64,
+    /// Where listeners are announced: `<runtime dir>/tcp`.
+    pub dir: PathBuf,
+    log: Option<OwnedFd>,
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+impl Settings {
+    fn load() -> Self {
+        let enabled = !matches!(
+            std::env::var(ENV_ACCEL).unwrap_or_default().to_ascii_lowercase().as_str(),
+            "0" | "off" | "no" | "false"
+        );
+        let spin = Duration::from_micros(parse_env::<u64>(ENV_SPIN).unwrap_or(100).min(1_000_000));
+        let kib = parse_env::<u64>(ENV_RING).unwrap_or(512).clamp(4, 64 * 1024);
+        let ring = (kib * 1024).next_power_of_two();
+        let dir = ivcom::Options::new().resolved_runtime_dir().join("tcp");
+        let log = match std::env::var_os(ENV_LOG) {
+            Some(v) if v == "stderr" => rustix::io::dup(rustix::stdio::stderr()).ok(),
+            Some(v) if !v.is_empty() => {
+                use rustix::fs::{Mode, OFlags};
+                rustix::fs::open(
+                    PathBuf::from(v).as_path(),
+                    OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                )
+                .ok()
+            }
+            _ => None,
+        };
+        Settings { enabled, spin, ring, dir, log }
+    }
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// The settings (read on first use).
+pub fn get() -> &'static Settings {
+    SETTINGS.get_or_init(Settings::load)
+}
+
+/// Whether decisions are logged.
+pub fn logging() -> bool {
+    get().log.is_some()
+}
+
+/// Appends one line to the decision log, if there is one.
+pub fn log(args: std::fmt::Arguments<'_>) {
+    if let Some(fd) = &get().log {
+        let line = format!("ivcom[{}]: {}\n", rustix::process::getpid().as_raw_nonzero(), args);
+        let _ = rustix::io::write(fd.as_fd(), line.as_bytes());
+    }
+}
+
+/// Logs a decision (formatting costs nothing when there is no log).
+#[macro_export]
+macro_rules! decision {
+    ($($t:tt)*) => {
+        if $crate::settings::logging() {
+            $crate::settings::log(format_args!($($t)*));
+        }
+    };
+}
+
+/// Process-wide counters, logged at exit.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections this process carries over shared memory (either end).
+    pub accelerated: AtomicU64,
+    /// Connections that stayed on (or went back to) plain TCP although the peer was announced.
+    pub fallbacks: AtomicU64,
+    /// Bytes written into rings.
+    pub ring_tx: AtomicU64,
+    /// Bytes read from rings.
+    pub ring_rx: AtomicU64,
+    /// Wakeup bytes sent over TCP.
+    pub doorbells: AtomicU64,
+    /// Sleeps in the kernel while waiting on accelerated connections.
+    pub sleeps: AtomicU64,
+}
+
+/// The counters.
+pub static COUNTERS: Counters = Counters {
+    accelerated: AtomicU64::new(0),
+    fallbacks: AtomicU64::new(0),
+    ring_tx: AtomicU64::new(0),
+    ring_rx: AtomicU64::new(0),
+    doorbells: AtomicU64::new(0),
+    sleeps: AtomicU64::new(0),
+};
+
+/// Adds `n` to a counter.
+#[inline]
+pub fn count(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Logs the counters (at exit).
+pub fn log_counters() {
+    let c = &COUNTERS;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    if g(&c.accelerated) + g(&c.fallbacks) + g(&c.ring_tx) + g(&c.ring_rx) == 0 {
+        return;
+    }
+    decision!(
+        "exit: accelerated={} fallbacks={} ring_tx={} ring_rx={} doorbells={} sleeps={}",
+        g(&c.accelerated),
+        g(&c.fallbacks),
+        g(&c.ring_tx),
+        g(&c.ring_rx),
+        g(&c.doorbells),
+        g(&c.sleeps)
+    );
+}

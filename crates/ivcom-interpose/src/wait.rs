@@ -1,0 +1,339 @@
+//! Waiting on accelerated connections: blocking reads and writes, `poll`/`ppoll` and
+//! `select`/`pselect`. Each first looks at shared memory, then polls it within the spin
+//! budget, then announces sleep and blocks in the kernel on the TCP sockets (where a peer's
+//! wakeup byte, FIN or RST arrives) together with whatever else the program waits for.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libc::{c_int, nfds_t, pollfd, sigset_t, timespec};
+
+use crate::conn::{Errno, TcpConn, R};
+use crate::settings::{self, count, COUNTERS};
+use crate::table;
+
+/// Longest sleep while another thread of the process waits on the same connection, or while
+/// waiting for ring space after the peer's FIN (the kernel then reports TCP readable forever).
+pub const SHORT_SLEEP: Duration = Duration::from_millis(2);
+
+/// Remaining time until `deadline`, in the kernel's terms (`None`: forever).
+pub fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+fn to_ts(d: Duration) -> timespec {
+    timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long }
+}
+
+/// Kernel `ppoll` on `fds` for at most `t` (`None`: forever).
+fn kernel_poll(fds: &mut [pollfd], t: Option<Duration>, mask: *const sigset_t) -> c_int {
+    let ts = t.map(to_ts);
+    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const timespec);
+    // SAFETY: `fds` is a valid array of its length; `tsp` is null or points to a local.
+    unsafe { crate::real::ppoll(fds.as_mut_ptr(), fds.len() as nfds_t, tsp, mask) }
+}
+
+/// Whether the kernel says `fd` is writable now.
+pub fn kernel_writable(fd: c_int) -> bool {
+    let mut p = [pollfd { fd, events: libc::POLLOUT, revents: 0 }];
+    kernel_poll(&mut p, Some(Duration::ZERO), std::ptr::null()) > 0 && p[0].revents & libc::POLLOUT != 0
+}
+
+/// Polls `check` for up to the spin budget (and no later than `deadline`).
+pub fn spin(deadline: Option<Instant>, mut check: impl FnMut() -> bool) -> bool {
+    let budget = settings::get().spin;
+    if budget.is_zero() {
+        return false;
+    }
+    let start = Instant::now();
+    let mut end = start + budget;
+    if let Some(d) = deadline {
+        end = end.min(d);
+    }
+    let mut i = 0u32;
+    loop {
+        if check() {
+            return true;
+        }
+        i = i.wrapping_add(1);
+        if i.is_multiple_of(64) && Instant::now() >= end {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Blocks until `conn` may be readable (`read`) or writable, or `deadline` passes
+/// (`Err(EAGAIN)`). Signals do not end the wait (as `SA_RESTART` does for TCP).
+pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>) -> R<()> {
+    let ready = |c: &TcpConn| {
+        if read {
+            c.ring_has_data() || c.peer_closed() || c.has_error()
+        } else {
+            !c.tx_on_tcp() && c.writable(|| false)
+        }
+    };
+    if spin(deadline, || ready(conn)) {
+        return Ok(());
+    }
+    if !conn.arm(read) {
+        return Ok(());
+    }
+    let closed = conn.peer_closed();
+    let mut events = 0;
+    if read || !closed {
+        events |= libc::POLLIN | libc::POLLRDHUP;
+    }
+    if !read && conn.tx_on_tcp() {
+        events |= libc::POLLOUT;
+    }
+    let mut t = remaining(deadline);
+    if conn.crowded() || (!read && closed) {
+        t = Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)));
+    }
+    let mut p = [pollfd { fd, events, revents: 0 }];
+    count(&COUNTERS.sleeps, 1);
+    let r = kernel_poll(&mut p, t, std::ptr::null());
+    conn.disarm(read);
+    if r > 0 {
+        conn.absorb(fd);
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(libc::EAGAIN);
+    }
+    Ok(())
+}
+
+/// The `poll` events of one connection as the program would see them from TCP.
+fn revents_of(c: &TcpConn, fd: c_int, events: i16) -> i16 {
+    let mut r = 0;
+    if events & (libc::POLLIN | libc::POLLRDNORM) != 0 && c.readable() {
+        r |= events & (libc::POLLIN | libc::POLLRDNORM);
+    }
+    if events & (libc::POLLOUT | libc::POLLWRNORM) != 0 && c.writable(|| kernel_writable(fd)) {
+        r |= events & (libc::POLLOUT | libc::POLLWRNORM);
+    }
+    if c.peer_closed() {
+        r |= events & libc::POLLRDHUP;
+        if c.write_shut() {
+            r |= libc::POLLHUP;
+        }
+    }
+    if c.has_error() {
+        r |= libc::POLLERR | libc::POLLHUP;
+    }
+    r
+}
+
+/// `ppoll` over a mix of accelerated connections and anything else.
+///
+/// # Safety
+/// `fds` points to `n` valid `pollfd`s.
+pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask: *const sigset_t) -> c_int {
+    let ours: Vec<(usize, Arc<TcpConn>)> = if fds.is_null() || n == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: the caller's array.
+        let s = unsafe { std::slice::from_raw_parts(fds, n as usize) };
+        s.iter().enumerate().filter_map(|(i, p)| table::conn(p.fd).map(|c| (i, c))).collect()
+    };
+    if ours.is_empty() {
+        let ts = timeout.map(to_ts);
+        let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const timespec);
+        // SAFETY: the caller's array; `tsp` null or a local.
+        return unsafe { crate::real::ppoll(fds, n, tsp, mask) };
+    }
+    // SAFETY: the caller's array, used by this call alone.
+    let app = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut k: Vec<pollfd> = app.to_vec();
+    let mut spun = false;
+    let mut slept = false;
+    loop {
+        let mut short = false;
+        for (i, c) in &ours {
+            let want = app[*i].events;
+            let mut e = 0;
+            if !c.peer_closed() {
+                e |= libc::POLLIN | libc::POLLRDHUP;
+            } else if want & (libc::POLLOUT | libc::POLLWRNORM) != 0 {
+                short = true;
+            }
+            if want & (libc::POLLOUT | libc::POLLWRNORM) != 0 && c.tx_on_tcp() {
+                e |= libc::POLLOUT;
+            }
+            k[*i].events = e;
+            k[*i].revents = 0;
+        }
+        let r = kernel_poll(&mut k, Some(Duration::ZERO), std::ptr::null());
+        if r < 0 {
+            return r;
+        }
+        let ready = merge(app, &k, &ours);
+        if ready > 0
+            || timeout == Some(Duration::ZERO)
+            || (slept && deadline.is_some_and(|d| Instant::now() >= d))
+        {
+            return ready;
+        }
+        if !spun {
+            spun = true;
+            let others = ours.len() < app.len();
+            let mut i = 0u32;
+            let hit = spin(deadline, || {
+                i = i.wrapping_add(1);
+                ours.iter().any(|(j, c)| {
+                    let w = app[*j].events;
+                    (w & libc::POLLIN != 0 && c.ring_has_data())
+                        || (w & libc::POLLOUT != 0 && !c.tx_on_tcp() && c.writable(|| false))
+                }) || (others && i.is_multiple_of(32) && {
+                    let mut probe = k.clone();
+                    kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0
+                })
+            });
+            if hit {
+                continue;
+            }
+        }
+        let mut armed = Vec::with_capacity(ours.len() * 2);
+        let mut go = true;
+        for (i, c) in &ours {
+            let w = app[*i].events;
+            for read in [true, false] {
+                let wants = if read {
+                    w & (libc::POLLIN | libc::POLLRDNORM) != 0
+                } else {
+                    w & (libc::POLLOUT | libc::POLLWRNORM) != 0
+                };
+                if wants {
+                    if c.arm(read) {
+                        armed.push((c.clone(), read));
+                        short |= c.crowded();
+                    } else {
+                        go = false;
+                    }
+                }
+            }
+        }
+        if go {
+            let mut t = remaining(deadline);
+            if short {
+                t = Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)));
+            }
+            count(&COUNTERS.sleeps, 1);
+            let r = kernel_poll(&mut k, t, mask);
+            let e = std::io::Error::last_os_error();
+            for (c, read) in &armed {
+                c.disarm(*read);
+            }
+            if r < 0 {
+                set_errno(e.raw_os_error().unwrap_or(libc::EINTR));
+                return -1;
+            }
+            for (i, c) in &ours {
+                if k[*i].revents != 0 {
+                    c.absorb(app[*i].fd);
+                }
+            }
+            slept = true;
+        } else {
+            for (c, read) in &armed {
+                c.disarm(*read);
+            }
+        }
+    }
+}
+
+/// Writes results into the program's array; returns how many entries are ready.
+fn merge(app: &mut [pollfd], k: &[pollfd], ours: &[(usize, Arc<TcpConn>)]) -> c_int {
+    for (a, kk) in app.iter_mut().zip(k) {
+        a.revents = kk.revents;
+    }
+    for (i, c) in ours {
+        if k[*i].revents != 0 {
+            c.absorb(app[*i].fd);
+        }
+        app[*i].revents = revents_of(c, app[*i].fd, app[*i].events);
+    }
+    app.iter().filter(|p| p.revents != 0).count() as c_int
+}
+
+/// Sets `errno`.
+pub fn set_errno(e: Errno) {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// `pselect` by way of [`poll`]. Returns `None` when no accelerated connection is involved
+/// (the caller then passes the call on).
+///
+/// # Safety
+/// The sets are null or valid `fd_set`s covering `nfds` descriptors.
+pub unsafe fn select(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    x: *mut libc::fd_set,
+    timeout: Option<Duration>,
+    mask: *const sigset_t,
+) -> Option<c_int> {
+    let nfds = nfds.clamp(0, libc::FD_SETSIZE as c_int);
+    // SAFETY: FD_ISSET on the caller's sets, within nfds.
+    let isset = |s: *mut libc::fd_set, fd: c_int| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) };
+    let mut any = false;
+    let mut p = Vec::new();
+    for fd in 0..nfds {
+        let mut e = 0;
+        if isset(r, fd) {
+            e |= libc::POLLIN;
+        }
+        if isset(w, fd) {
+            e |= libc::POLLOUT;
+        }
+        if isset(x, fd) {
+            e |= libc::POLLPRI;
+        }
+        if e != 0 {
+            any |= table::conn(fd).is_some();
+            p.push(pollfd { fd, events: e, revents: 0 });
+        }
+    }
+    if !any {
+        return None;
+    }
+    // SAFETY: `p` is a local array.
+    let n = unsafe { poll(p.as_mut_ptr(), p.len() as nfds_t, timeout, mask) };
+    if n < 0 {
+        return Some(n);
+    }
+    for s in [r, w, x] {
+        if !s.is_null() {
+            // SAFETY: clearing the caller's set.
+            unsafe { libc::FD_ZERO(s) };
+        }
+    }
+    let mut count = 0;
+    for q in &p {
+        if q.revents & libc::POLLNVAL != 0 {
+            set_errno(libc::EBADF);
+            return Some(-1);
+        }
+        let set = |s: *mut libc::fd_set, on: bool, count: &mut c_int| {
+            if on && !s.is_null() {
+                // SAFETY: setting a bit of the caller's set, below nfds.
+                unsafe { libc::FD_SET(q.fd, s) };
+                *count += 1;
+            }
+        };
+        let err = q.revents & (libc::POLLERR | libc::POLLHUP) != 0;
+        set(r, q.events & libc::POLLIN != 0 && (q.revents & libc::POLLIN != 0 || err), &mut count);
+        set(
+            w,
+            q.events & libc::POLLOUT != 0
+                && (q.revents & libc::POLLOUT != 0 || q.revents & libc::POLLERR != 0),
+            &mut count,
+        );
+        set(x, q.events & libc::POLLPRI != 0 && q.revents & libc::POLLPRI != 0, &mut count);
+    }
+    Some(count)
+}
