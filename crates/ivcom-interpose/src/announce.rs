@@ -62,13 +62,15 @@ pub struct Announcement {
     pub bound: Endpoint,
     /// The namespace's addresses, for a wildcard listener.
     pub locals: Vec<std::net::Ipv6Addr>,
+    /// An IPv6 listener that takes no IPv4 connections (`IPV6_V6ONLY`).
+    pub v6only: bool,
 }
 
 impl Announcement {
     fn render(&self) -> String {
         let mut s = format!(
-            "ivcom-tcp {VERSION}\nnetns {}\naddr {}\nport {}\n",
-            self.netns, self.bound.ip, self.bound.port
+            "ivcom-tcp {VERSION}\nnetns {}\naddr {}\nport {}\nv6only {}\n",
+            self.netns, self.bound.ip, self.bound.port, self.v6only as u8
         );
         for l in &self.locals {
             s.push_str(&format!("local {l}\n"));
@@ -81,7 +83,7 @@ impl Announcement {
         if lines.next()? != format!("ivcom-tcp {VERSION}") {
             return None;
         }
-        let (mut netns, mut addr, mut port, mut locals) = (None, None, None, Vec::new());
+        let (mut netns, mut addr, mut port, mut locals, mut v6only) = (None, None, None, Vec::new(), false);
         for l in lines {
             let (k, v) = l.split_once(' ')?;
             match k {
@@ -89,10 +91,11 @@ impl Announcement {
                 "addr" => addr = v.parse().ok(),
                 "port" => port = v.parse().ok(),
                 "local" => locals.push(v.parse().ok()?),
+                "v6only" => v6only = v == "1",
                 _ => {}
             }
         }
-        Some(Announcement { netns: netns?, bound: Endpoint { ip: addr?, port: port? }, locals })
+        Some(Announcement { netns: netns?, bound: Endpoint { ip: addr?, port: port? }, locals, v6only })
     }
 
     /// Whether a connection from namespace `my_netns` (whose own addresses `my_addrs` gives)
@@ -106,7 +109,11 @@ impl Announcement {
         if self.bound.port != dst.port {
             return false;
         }
-        let addr_ok = |ip: &std::net::Ipv6Addr| is_unspecified(&self.bound.ip) || self.bound.ip == *ip;
+        // A wildcard listener takes its own family: IPv4 only for 0.0.0.0; IPv6, and IPv4 too
+        // unless IPV6_V6ONLY, for [::].
+        let v4 = dst.ip.to_ipv4_mapped().is_some();
+        let wildcard_ok = if self.bound.ip.to_ipv4_mapped().is_some() { v4 } else { !v4 || !self.v6only };
+        let addr_ok = |ip: &std::net::Ipv6Addr| (is_unspecified(&self.bound.ip) && wildcard_ok) || self.bound.ip == *ip;
         if self.netns == my_netns {
             addr_ok(&dst.ip) && (is_loopback(&dst.ip) || my_addrs().contains(&dst.ip))
         } else {
@@ -167,10 +174,10 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Listening {
     /// Announces a listener bound to `bound` in namespace `netns`.
-    pub fn announce(dir: &Path, bound: Endpoint, netns: u64) -> io::Result<Self> {
+    pub fn announce(dir: &Path, bound: Endpoint, netns: u64, v6only: bool) -> io::Result<Self> {
         ensure_dir(dir)?;
         let locals = if is_unspecified(&bound.ip) { crate::net::local_addrs() } else { Vec::new() };
-        let ann = Announcement { netns, bound, locals };
+        let ann = Announcement { netns, bound, locals, v6only };
         let stem = format!(
             "{}-{}-{}-{}",
             bound.port,
@@ -313,6 +320,9 @@ pub fn find(dir: &Path, dst: &Endpoint, my_netns: u64) -> Option<PathBuf> {
     .ok()?;
     let mut addrs: Option<Vec<std::net::Ipv6Addr>> = None;
     let mut my_addrs = || addrs.get_or_insert_with(crate::net::local_addrs).clone();
+    // The kernel gives a connection to a listener bound to the exact address before a
+    // wildcard one; so do we.
+    let mut wildcard: Option<PathBuf> = None;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with(&prefix) || !name.ends_with(".ann") {
@@ -327,9 +337,12 @@ pub fn find(dir: &Path, dst: &Endpoint, my_netns: u64) -> Option<PathBuf> {
         if remove_if_stale(&path) {
             continue;
         }
-        return Some(path.with_extension("sock"));
+        if a.bound.ip == dst.ip {
+            return Some(path.with_extension("sock"));
+        }
+        wildcard.get_or_insert(path.with_extension("sock"));
     }
-    None
+    wildcard
 }
 
 /// Registers a connection with a listener: connects to its registration socket and sends
@@ -369,7 +382,7 @@ mod tests {
 
     #[test]
     fn announcement_round_trips() {
-        let a = Announcement { netns: 7, bound: ep("0.0.0.0", 6379), locals: vec![ep("10.0.0.2", 0).ip] };
+        let a = Announcement { netns: 7, bound: ep("0.0.0.0", 6379), locals: vec![ep("10.0.0.2", 0).ip], v6only: true };
         assert_eq!(Announcement::parse(&a.render()), Some(a));
         assert_eq!(Announcement::parse("nonsense"), None);
     }
@@ -377,7 +390,7 @@ mod tests {
     #[test]
     fn who_reaches_whom() {
         let mine = || vec![ep("127.0.0.1", 0).ip, ep("10.0.0.1", 0).ip];
-        let wild = Announcement { netns: 1, bound: ep("0.0.0.0", 80), locals: vec![ep("10.0.0.2", 0).ip] };
+        let wild = Announcement { netns: 1, bound: ep("0.0.0.0", 80), locals: vec![ep("10.0.0.2", 0).ip], v6only: false };
         // Same namespace: loopback and own addresses reach a wildcard listener.
         assert!(wild.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         assert!(wild.serves(&ep("127.0.0.5", 80), 1, &mut { mine }));
@@ -388,10 +401,17 @@ mod tests {
         assert!(!wild.serves(&ep("127.0.0.1", 80), 2, &mut { mine }));
         assert!(!wild.serves(&ep("10.0.0.1", 80), 2, &mut { mine }));
         // A listener bound to one address is reached only there.
-        let lo = Announcement { netns: 1, bound: ep("127.0.0.1", 80), locals: vec![] };
+        let lo = Announcement { netns: 1, bound: ep("127.0.0.1", 80), locals: vec![], v6only: false };
         assert!(lo.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         assert!(!lo.serves(&ep("127.0.0.2", 80), 1, &mut { mine }));
         assert!(!lo.serves(&ep("::1", 80), 1, &mut { mine }));
+        // Wildcards take their own family; [::] takes IPv4 too unless IPV6_V6ONLY.
+        assert!(!wild.serves(&ep("::1", 80), 1, &mut { mine }));
+        let six = Announcement { netns: 1, bound: ep("::", 80), locals: vec![], v6only: true };
+        assert!(six.serves(&ep("::1", 80), 1, &mut { mine }));
+        assert!(!six.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
+        let dual = Announcement { v6only: false, ..six };
+        assert!(dual.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         let _ = Ipv6Addr::LOCALHOST;
     }
 }

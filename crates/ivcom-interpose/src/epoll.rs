@@ -253,6 +253,9 @@ pub unsafe fn wait(
         count(&COUNTERS.sleeps, 1);
         let k = kernel(&mut kev, t, mask);
         let e = std::io::Error::last_os_error();
+        if k == 0 && short {
+            count(&COUNTERS.capped, 1);
+        }
         for (c, read) in &armed {
             c.disarm(*read);
         }

@@ -183,6 +183,11 @@ pub fn tcp_domain(fd: c_int) -> Option<c_int> {
         .then_some(domain)
 }
 
+/// Whether an IPv6 socket refuses IPv4 (`IPV6_V6ONLY`).
+pub fn v6only(fd: c_int) -> bool {
+    sockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_some_and(|v| v != 0)
+}
+
 /// Identity of this process's network namespace (the inode of `/proc/self/ns/net`).
 pub fn netns() -> u64 {
     rustix::fs::stat("/proc/self/ns/net").map(|s| s.st_ino).unwrap_or(0)

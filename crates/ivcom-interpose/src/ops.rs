@@ -112,9 +112,10 @@ pub unsafe fn listen(fd: c_int, backlog: c_int) -> c_int {
         return r;
     }
     let e = errno();
-    if net::tcp_domain(fd).is_some() {
+    if let Some(domain) = net::tcp_domain(fd) {
         if let Some(local) = net::local(fd) {
-            match Listening::announce(&settings::get().dir, Endpoint::of(local), net::netns()) {
+            let v6only = domain == libc::AF_INET6 && net::v6only(fd);
+            match Listening::announce(&settings::get().dir, Endpoint::of(local), net::netns(), v6only) {
                 Ok(l) => {
                     crate::decision!("listen fd {fd} on {local}: announced at {}", l.path().display());
                     table::set(fd, Entry::Listener(Arc::new(l)));

@@ -107,6 +107,9 @@ pub struct Counters {
     pub doorbells: AtomicU64,
     /// Sleeps in the kernel while waiting on accelerated connections.
     pub sleeps: AtomicU64,
+    /// Of those, sleeps cut short by the safety cap (several waiters, or waiting for space
+    /// after the peer's FIN) that found nothing.
+    pub capped: AtomicU64,
 }
 
 /// The counters.
@@ -117,6 +120,7 @@ pub static COUNTERS: Counters = Counters {
     ring_rx: AtomicU64::new(0),
     doorbells: AtomicU64::new(0),
     sleeps: AtomicU64::new(0),
+    capped: AtomicU64::new(0),
 };
 
 /// Adds `n` to a counter.
@@ -133,12 +137,13 @@ pub fn log_counters() {
         return;
     }
     decision!(
-        "exit: accelerated={} fallbacks={} ring_tx={} ring_rx={} doorbells={} sleeps={}",
+        "exit: accelerated={} fallbacks={} ring_tx={} ring_rx={} doorbells={} sleeps={} capped={}",
         g(&c.accelerated),
         g(&c.fallbacks),
         g(&c.ring_tx),
         g(&c.ring_rx),
         g(&c.doorbells),
-        g(&c.sleeps)
+        g(&c.sleeps),
+        g(&c.capped)
     );
 }

@@ -93,7 +93,11 @@ pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>)
     }
     let mut p = [pollfd { fd, events, revents: 0 }];
     count(&COUNTERS.sleeps, 1);
+    let short = conn.crowded() || (!read && closed);
     let r = kernel_poll(&mut p, t, std::ptr::null());
+    if r == 0 && short {
+        count(&COUNTERS.capped, 1);
+    }
     conn.disarm(read);
     if r > 0 {
         conn.absorb(fd);
@@ -223,6 +227,9 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
             count(&COUNTERS.sleeps, 1);
             let r = kernel_poll(&mut k, t, mask);
             let e = std::io::Error::last_os_error();
+            if r == 0 && short {
+                count(&COUNTERS.capped, 1);
+            }
             for (c, read) in &armed {
                 c.disarm(*read);
             }
