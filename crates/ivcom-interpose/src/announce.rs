@@ -113,7 +113,8 @@ impl Announcement {
         // unless IPV6_V6ONLY, for [::].
         let v4 = dst.ip.to_ipv4_mapped().is_some();
         let wildcard_ok = if self.bound.ip.to_ipv4_mapped().is_some() { v4 } else { !v4 || !self.v6only };
-        let addr_ok = |ip: &std::net::Ipv6Addr| (is_unspecified(&self.bound.ip) && wildcard_ok) || self.bound.ip == *ip;
+        let addr_ok =
+            |ip: &std::net::Ipv6Addr| (is_unspecified(&self.bound.ip) && wildcard_ok) || self.bound.ip == *ip;
         if self.netns == my_netns {
             addr_ok(&dst.ip) && (is_loopback(&dst.ip) || my_addrs().contains(&dst.ip))
         } else {
@@ -382,7 +383,12 @@ mod tests {
 
     #[test]
     fn announcement_round_trips() {
-        let a = Announcement { netns: 7, bound: ep("0.0.0.0", 6379), locals: vec![ep("10.0.0.2", 0).ip], v6only: true };
+        let a = Announcement {
+            netns: 7,
+            bound: ep("0.0.0.0", 6379),
+            locals: vec![ep("10.0.0.2", 0).ip],
+            v6only: true,
+        };
         assert_eq!(Announcement::parse(&a.render()), Some(a));
         assert_eq!(Announcement::parse("nonsense"), None);
     }
@@ -390,7 +396,12 @@ mod tests {
     #[test]
     fn who_reaches_whom() {
         let mine = || vec![ep("127.0.0.1", 0).ip, ep("10.0.0.1", 0).ip];
-        let wild = Announcement { netns: 1, bound: ep("0.0.0.0", 80), locals: vec![ep("10.0.0.2", 0).ip], v6only: false };
+        let wild = Announcement {
+            netns: 1,
+            bound: ep("0.0.0.0", 80),
+            locals: vec![ep("10.0.0.2", 0).ip],
+            v6only: false,
+        };
         // Same namespace: loopback and own addresses reach a wildcard listener.
         assert!(wild.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         assert!(wild.serves(&ep("127.0.0.5", 80), 1, &mut { mine }));

@@ -86,6 +86,11 @@ pub struct TcpConn {
     shut_rd: AtomicBool,
     shut_wr: AtomicBool,
     sleepers: AtomicU32,
+    /// When a write last asked the kernel whether the peer closed (ns since `EPOCH`).
+    last_close_check: AtomicU64,
+    /// Orders "announce sleep" against "take wakeup bytes off TCP" among this process's
+    /// threads (see [`TcpConn::drain`]).
+    wake_lock: Mutex<()>,
     events: AtomicU64,
 }
 
@@ -105,6 +110,23 @@ fn errno() -> Errno {
 }
 
 const EAGAIN: Errno = libc::EAGAIN;
+
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// The socket's pending error (`SO_ERROR`), or `ECONNRESET` if it has none.
+fn sock_error(fd: c_int) -> Errno {
+    let mut e: c_int = 0;
+    let mut l = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: reading SO_ERROR into a local int.
+    unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, std::ptr::addr_of_mut!(e).cast(), &mut l)
+    };
+    if e != 0 {
+        e
+    } else {
+        libc::ECONNRESET
+    }
+}
 
 /// Sends one wakeup byte over TCP.
 pub fn doorbell(fd: c_int) {
@@ -196,6 +218,8 @@ impl TcpConn {
             shut_rd: AtomicBool::new(false),
             shut_wr: AtomicBool::new(false),
             sleepers: AtomicU32::new(0),
+            last_close_check: AtomicU64::new(0),
+            wake_lock: Mutex::new(()),
             events: AtomicU64::new(0),
         }
     }
@@ -295,9 +319,27 @@ impl TcpConn {
         }
     }
 
-    /// Reads wakeup bytes off TCP; notes EOF and errors.
-    fn drain(&self, fd: c_int) {
+    /// Reads wakeup bytes off TCP; notes EOF and errors. Only while no thread of this process
+    /// is announced asleep (for data or for space): the byte may be its wakeup, and it may be
+    /// about to block in the kernel. A thread that announces after we took bytes re-checks
+    /// the ring after announcing, and sees what those bytes stood for; `wake_lock` makes the
+    /// two exclusive. Otherwise only FIN and RST are noted.
+    fn drain(&self, _rx: &Rx, fd: c_int) {
         use rustix::net::RecvFlags;
+        let _w = lock(&self.wake_lock);
+        if self.sleepers.load(Ordering::Relaxed) > 0 {
+            let mut p = [libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 }];
+            // SAFETY: a local pollfd array of length 1.
+            if unsafe { crate::real::poll(p.as_mut_ptr(), 1, 0) } == 1 {
+                if p[0].revents & libc::POLLRDHUP != 0 {
+                    self.eof.store(true, Ordering::Release);
+                }
+                if p[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    self.set_error(sock_error(fd));
+                }
+            }
+            return;
+        }
         let mut scratch = [0u8; 256];
         for _ in 0..64 {
             match rustix::net::recv(borrow(fd), &mut scratch[..], RecvFlags::DONTWAIT) {
@@ -396,7 +438,7 @@ impl TcpConn {
                     }
                     // Empty: take wakeups off TCP, learn about FIN/RST, and look once more
                     // (the peer publishes before it closes).
-                    self.drain(fd);
+                    self.drain(&rx, fd);
                     let got = self.ring_read(&mut rx, fd, iov, peek)?;
                     if got > 0 {
                         return Ok(got);
@@ -416,6 +458,11 @@ impl TcpConn {
     }
 
     fn ring_read(&self, rx: &mut Rx, fd: c_int, iov: &[iovec], peek: bool) -> R<usize> {
+        // A forked sibling may have read from this end since we last did.
+        let region = self.region();
+        if let Ok(c) = rx.r.ctrl(region) {
+            rx.r.state().adopt_published_head(&c).map_err(|e| self.violated(e))?;
+        }
         let mut got = 0usize;
         let mut wake = false;
         for v in iov {
@@ -469,6 +516,7 @@ impl TcpConn {
                 return Ok(n as usize);
             }
         }
+        self.notice_close(fd);
         let e = self.error.load(Ordering::Relaxed);
         if self.shut_wr.load(Ordering::Relaxed) || e != 0 || self.eof.load(Ordering::Acquire) {
             // Let the kernel answer as TCP would: EPIPE (and SIGPIPE unless MSG_NOSIGNAL)
@@ -480,6 +528,10 @@ impl TcpConn {
             if r < 0 && errno() != EAGAIN {
                 return Err(errno());
             }
+        }
+        // A forked sibling may have written to this end since we last did.
+        if let Ok(c) = tx.w.ctrl(self.region()) {
+            tx.w.state().adopt_published_tail(&c).map_err(|e| self.violated(e))?;
         }
         let mut put = 0usize;
         let mut wake = false;
@@ -505,6 +557,37 @@ impl TcpConn {
         Ok(put)
     }
 
+    /// Asks the kernel (at most once per millisecond) whether the peer has closed or reset,
+    /// so writes to a closed peer fail as they would over TCP instead of filling the ring.
+    fn notice_close(&self, fd: c_int) {
+        if self.eof.load(Ordering::Relaxed) || self.error.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let now = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64 + 1;
+        let last = self.last_close_check.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < 1_000_000 {
+            return;
+        }
+        self.last_close_check.store(now, Ordering::Relaxed);
+        let mut p = [libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 }];
+        // SAFETY: a local pollfd array of length 1.
+        if unsafe { crate::real::poll(p.as_mut_ptr(), 1, 0) } == 1 {
+            if p[0].revents & libc::POLLRDHUP != 0 {
+                self.eof.store(true, Ordering::Release);
+            }
+            if p[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                self.set_error(sock_error(fd));
+            }
+        }
+    }
+
+    /// Whether data the peer sent is still unread here.
+    pub fn has_unread(&self) -> bool {
+        let mut rx = lock(&self.rx);
+        matches!(self.rx_mode(&mut rx), Ok(RxMode::Ring))
+            && rx.r.available(self.region()).map(|n| n > 0).unwrap_or(false)
+    }
+
     /// Whether writes go over TCP still (the connector before the claim).
     pub fn tx_on_tcp(&self) -> bool {
         !lock(&self.tx).switched && !self.claimed()
@@ -515,7 +598,7 @@ impl TcpConn {
         self.events.fetch_add(1, Ordering::Relaxed);
         let mut rx = lock(&self.rx);
         match self.rx_mode(&mut rx) {
-            Ok(RxMode::Ring) => self.drain(fd),
+            Ok(RxMode::Ring) => self.drain(&rx, fd),
             Ok(RxMode::Tcp { .. }) => {
                 use rustix::net::RecvFlags;
                 let mut b = [0u8; 1];
@@ -523,7 +606,7 @@ impl TcpConn {
                     Ok((0, _)) => self.eof.store(true, Ordering::Release),
                     Ok(_) => {
                         if self.side == Side::Connector && self.claimed() {
-                            self.drain(fd);
+                            self.drain(&rx, fd);
                         } else {
                             rx.tcp_data = true;
                         }
@@ -619,9 +702,10 @@ impl TcpConn {
     /// Returns `false` if it should not sleep after all. Pair every `true` with
     /// [`TcpConn::disarm`].
     pub fn arm(&self, read: bool) -> bool {
-        self.sleepers.fetch_add(1, Ordering::Relaxed);
         let ok = if read {
             let mut rx = lock(&self.rx);
+            let _w = lock(&self.wake_lock);
+            self.sleepers.fetch_add(1, Ordering::Relaxed);
             let region = self.region();
             match rx.r.ctrl(region) {
                 Ok(c) if rx.sleepers == 0 => {
@@ -645,6 +729,8 @@ impl TcpConn {
             }
         } else {
             let mut tx = lock(&self.tx);
+            let _w = lock(&self.wake_lock);
+            self.sleepers.fetch_add(1, Ordering::Relaxed);
             if !tx.switched {
                 tx.sleepers += 1;
                 true

@@ -185,6 +185,23 @@ fn claim(l: &Listening, nfd: c_int) {
 /// The C contract of `close`.
 pub unsafe fn close(fd: c_int) -> c_int {
     let e = table::remove(fd);
+    if let Some(Entry::Conn(c)) = &e {
+        // Closing with unread data resets a TCP connection; our unread data is in the ring,
+        // not in the kernel, so ask for the reset (when this was the process's last copy).
+        if Arc::strong_count(c) == 1 && !c.is_plain() && c.has_unread() {
+            let lg = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: setting SO_LINGER from a local struct on the program's socket.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    std::ptr::addr_of!(lg).cast(),
+                    std::mem::size_of::<libc::linger>() as socklen_t,
+                )
+            };
+        }
+    }
     // SAFETY: passed on unchanged.
     let r = unsafe { real::close(fd) };
     let err = errno();

@@ -237,14 +237,45 @@ impl ProducerState {
         Ok(self.sup.should_signal(seq))
     }
 
+    /// Adopts the published producer index if another process sharing this end (after
+    /// `fork`) has moved it forward; used before writing when ends can be shared. The value
+    /// is validated like any peer-writable value: forward, and within a capacity of `head`.
+    pub fn adopt_published_tail<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
+        let t = c.load_tail();
+        if t == self.tail {
+            return Ok(());
+        }
+        let bad = |lo: u64, hi: u64| RingError::Corrupt {
+            what: "published producer index outside [own tail, head + capacity]",
+            value: t,
+            lo,
+            hi,
+        };
+        if t.wrapping_sub(self.tail) > self.cap {
+            return Err(bad(self.tail, self.tail.wrapping_add(self.cap)));
+        }
+        let old = self.tail;
+        self.tail = t;
+        if let Err(e) = self.refresh_head(c) {
+            self.tail = old;
+            return Err(e);
+        }
+        if t.wrapping_sub(self.head_cache) > self.cap {
+            self.tail = old;
+            return Err(bad(old, self.head_cache.wrapping_add(self.cap)));
+        }
+        Ok(())
+    }
+
     /// Announces sleep while waiting for `want` bytes of space (idempotent while announced),
     /// and re-checks. Returns `true`
     /// if the caller should now sleep (and then call [`ProducerState::end_sleep`]), `false` if
     /// space appeared or the consumer closed meanwhile (the announcement is withdrawn).
     pub fn prepare_sleep<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<bool, RingError> {
-        if self.sleep_seq & 1 == 0 {
-            self.sleep_seq = self.sleep_seq.wrapping_add(1);
-        }
+        // Continue from the published sequence, which another process sharing this end
+        // (after fork) may have advanced; odd means an announcement is already up.
+        let cur = c.load_producer_sleep();
+        self.sleep_seq = if cur & 1 == 1 { cur } else { cur.wrapping_add(1) };
         c.store_producer_sleep(self.sleep_seq);
         c.fence();
         if self.free(c, want)? >= want || c.load_consumer_closed() != 0 {
@@ -343,13 +374,42 @@ impl ConsumerState {
         Ok(c.load_producer_closed() != 0)
     }
 
+    /// Adopts the published consumer index if another process sharing this end (after
+    /// `fork`) has moved it forward; used before reading when ends can be shared.
+    pub fn adopt_published_head<C: Ctrl>(&mut self, c: &C) -> Result<(), RingError> {
+        let h = c.load_head();
+        if h == self.head {
+            return Ok(());
+        }
+        let bad = |lo: u64, hi: u64| RingError::Corrupt {
+            what: "published consumer index outside [own head, tail]",
+            value: h,
+            lo,
+            hi,
+        };
+        if h.wrapping_sub(self.head) > self.cap {
+            return Err(bad(self.head, self.head.wrapping_add(self.cap)));
+        }
+        let old = self.head;
+        self.head = h;
+        if self.tail_cache.wrapping_sub(h) > self.cap {
+            // Our cached tail is behind the adopted head: read the producer's index again.
+            self.tail_cache = h;
+        }
+        if let Err(e) = self.refresh_tail(c) {
+            self.head = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Announces sleep while waiting for data (idempotent while announced), and re-checks. Returns `true` if the caller
     /// should now sleep (and then call [`ConsumerState::end_sleep`]), `false` if data arrived or
     /// the producer closed meanwhile (the announcement is withdrawn).
     pub fn prepare_sleep<C: Ctrl>(&mut self, c: &C, want: u64) -> Result<bool, RingError> {
-        if self.sleep_seq & 1 == 0 {
-            self.sleep_seq = self.sleep_seq.wrapping_add(1);
-        }
+        // As for the producer: continue from the published sequence.
+        let cur = c.load_consumer_sleep();
+        self.sleep_seq = if cur & 1 == 1 { cur } else { cur.wrapping_add(1) };
         c.store_consumer_sleep(self.sleep_seq);
         c.fence();
         if self.available(c, want)? >= want || c.load_producer_closed() != 0 {

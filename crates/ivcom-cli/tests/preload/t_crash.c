@@ -1,0 +1,74 @@
+/* A peer killed with SIGKILL: everything it wrote before dying arrives, then EOF; a writer
+ * whose reader was killed gets EPIPE or ECONNRESET instead of blocking. */
+#include "common.h"
+
+#define SENT (2u << 20)
+
+static void client(int port) {
+    signal(SIGPIPE, SIG_IGN);
+    int s = connect_to(0, port, 0);
+    unsigned char *b = malloc(SENT);
+    fill(b, SENT, 3);
+    write_all(s, b, SENT);
+    /* Second connection: write until the killed reader makes writes fail. */
+    int t = connect_to(0, port, 0);
+    static unsigned char chunk[65536];
+    size_t total = 0;
+    int e = 0;
+    while (total < (256u << 20)) {
+        ssize_t w = write(t, chunk, sizeof chunk);
+        if (w < 0) {
+            e = errno;
+            break;
+        }
+        total += (size_t)w;
+    }
+    say("client: writes to a killed reader fail with EPIPE or ECONNRESET %d", e == EPIPE || e == ECONNRESET);
+    close(t);
+    raise(SIGKILL);
+}
+
+static void server(int l) {
+    int c = accept_one(l);
+    unsigned char *b = malloc(SENT);
+    read_exact(c, b, SENT);
+    unsigned char *w = malloc(SENT);
+    fill(w, SENT, 3);
+    say("server: %u bytes from the peer intact %d", SENT, memcmp(b, w, SENT) == 0);
+    int t = accept_one(l);
+    pid_t v = fork();
+    CHECK(v >= 0, "fork");
+    if (v == 0) {
+        static unsigned char x[100000];
+        read_exact(t, x, sizeof x);
+        raise(SIGKILL);
+    }
+    close(t);
+    int st;
+    waitpid(v, &st, 0);
+    say("server: reader killed %d", WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    char ch;
+    ssize_t r = read(c, &ch, 1);
+    say("server: after the peer was killed: read %zd", r);
+    close(c);
+}
+
+int main(void) {
+    int port;
+    int l = listen_any(0, &port);
+    fflush(stdout);
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        close(l);
+        client(port);
+        _exit(0);
+    }
+    server(l);
+    close(l);
+    int st;
+    waitpid(pid, &st, 0);
+    say("client killed %d", WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    say("done");
+    return 0;
+}
