@@ -78,6 +78,8 @@ pub struct TcpConn {
     side: Side,
     plain: AtomicBool,
     claim_seen: AtomicBool,
+    /// Mirror of the connector's `Tx::switched`, readable without the lock.
+    switched: AtomicBool,
     registration: Mutex<Option<OwnedFd>>,
     tx: Mutex<Tx>,
     rx: Mutex<Rx>,
@@ -199,6 +201,7 @@ impl TcpConn {
             side,
             plain: AtomicBool::new(false),
             claim_seen: AtomicBool::new(acceptor),
+            switched: AtomicBool::new(acceptor),
             registration: Mutex::new(None),
             tx: Mutex::new(Tx {
                 w: StreamWriter::new(params.ring(mine)),
@@ -483,12 +486,32 @@ impl TcpConn {
             }
         }
         if wake {
+            // Our TCP bytes count as data for the listener's side until we publish where
+            // our data switched to the ring: publish first.
+            self.ensure_switched();
             doorbell(fd);
         }
         if got > 0 && !peek {
             count(&COUNTERS.ring_rx, got as u64);
         }
         Ok(got)
+    }
+
+    /// Connector: publishes the switch point (if the claim is seen and it is not published
+    /// yet), so that a wakeup byte sent now is not taken for data.
+    fn ensure_switched(&self) {
+        if self.side == Side::Acceptor || self.switched.load(Ordering::Acquire) || !self.claimed() {
+            return;
+        }
+        let mut tx = lock(&self.tx);
+        self.switch_now(&mut tx);
+    }
+
+    fn switch_now(&self, tx: &mut Tx) {
+        if !tx.switched && tcp::publish_switch(self.region(), tx.tcp_sent).is_ok() {
+            tx.switched = true;
+            self.switched.store(true, Ordering::Release);
+        }
     }
 
     fn violated(&self, e: ivcom_ring::RingError) -> Errno {
@@ -503,8 +526,7 @@ impl TcpConn {
         let mut tx = lock(&self.tx);
         if !tx.switched {
             if self.claimed() && !self.is_plain() {
-                tcp::publish_switch(self.region(), tx.tcp_sent).map_err(|_| libc::EIO)?;
-                tx.switched = true;
+                self.switch_now(&mut tx);
             } else {
                 let m = msghdr_of(iov);
                 // SAFETY: `m` describes the program's own buffers for this call.

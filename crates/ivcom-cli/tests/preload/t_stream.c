@@ -5,15 +5,18 @@
 
 #define BIG (16u << 20)
 
+static int v6;
+
 static void client(int port) {
-    int s = connect_to(0, port, 0);
-    struct sockaddr_in me, peer;
+    int s = connect_to(v6, port, 0);
+    struct sockaddr_storage me, peer;
     socklen_t l1 = sizeof me, l2 = sizeof peer;
     CHECK(getsockname(s, (struct sockaddr *)&me, &l1) == 0, "getsockname");
     CHECK(getpeername(s, (struct sockaddr *)&peer, &l2) == 0, "getpeername");
-    say("client: peer port matches %d", ntohs(peer.sin_port) == port);
+    uint16_t pport = v6 ? ((struct sockaddr_in6 *)&peer)->sin6_port : ((struct sockaddr_in *)&peer)->sin_port;
+    say("client: peer port matches %d", ntohs(pport) == port);
     /* Tell the server our port, so it can compare with accept's address. */
-    uint16_t myport = me.sin_port;
+    uint16_t myport = v6 ? ((struct sockaddr_in6 *)&me)->sin6_port : ((struct sockaddr_in *)&me)->sin_port;
     write_all(s, &myport, 2);
 
     /* Every write call. */
@@ -58,17 +61,20 @@ static void client(int port) {
 }
 
 static void server(int l) {
-    struct sockaddr_in from;
+    struct sockaddr_storage from;
     socklen_t fl = sizeof from;
     int c = accept(l, (struct sockaddr *)&from, &fl);
     CHECK(c >= 0, "accept");
     uint16_t cport;
     read_exact(c, &cport, 2);
-    say("server: accept address is the client's %d, family %d", from.sin_port == cport, from.sin_family);
-    struct sockaddr_in me;
+    uint16_t fport = v6 ? ((struct sockaddr_in6 *)&from)->sin6_port : ((struct sockaddr_in *)&from)->sin_port;
+    say("server: accept address is the client's %d, family %d", fport == cport, from.ss_family);
+    struct sockaddr_storage me;
     socklen_t ml = sizeof me;
     CHECK(getsockname(c, (struct sockaddr *)&me, &ml) == 0, "getsockname");
-    say("server: local address 127.0.0.1 %d", me.sin_addr.s_addr == htonl(INADDR_LOOPBACK));
+    int lo = v6 ? memcmp(&((struct sockaddr_in6 *)&me)->sin6_addr, &in6addr_loopback, 16) == 0
+                : ((struct sockaddr_in *)&me)->sin_addr.s_addr == htonl(INADDR_LOOPBACK);
+    say("server: local address is loopback %d", lo);
 
     /* 6+5+7+7+8 = 33 bytes, read with different calls. */
     char buf[64] = {0};
@@ -123,9 +129,10 @@ static void server(int l) {
     free(want);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
-    pair(0, server, client);
+    v6 = argc > 1 && strcmp(argv[1], "6") == 0;
+    pair(v6, server, client);
     say("done");
     return 0;
 }
