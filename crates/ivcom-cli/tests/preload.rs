@@ -4,7 +4,6 @@
 //! Real programs (redis, iperf3) and a client and server in two network namespaces follow.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -313,4 +312,323 @@ fn both_under_ivcom_in_separate_processes() {
     let scene = split_pair(true, true);
     assert!(scene.log_text().contains("connection accelerated"), "{}", scene.log_text());
     assert!(scene.counters().get("ring_rx").copied().unwrap_or(0) >= 2 << 20);
+}
+
+fn need(tool: &str) -> PathBuf {
+    let p = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file());
+    p.unwrap_or_else(|| {
+        panic!("{tool} is needed (apt-get install redis-server redis-tools iperf3, as .ci/run does)")
+    })
+}
+
+/// A free TCP port on loopback (the kernel's pick, released for the program to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `cmd` under ivcom (`Some(scene)`) or plain.
+fn maybe_ivcom(scene: Option<&Scene>, prog: &Path, args: &[&str]) -> Command {
+    match scene {
+        Some(s) => s.ivcom(&[], prog, args),
+        None => {
+            let mut c = Command::new(prog);
+            c.args(args);
+            c
+        }
+    }
+}
+
+struct Redis {
+    _child: Reaped,
+    port: String,
+}
+
+fn start_redis(scene: &Scene, under: bool) -> Redis {
+    let server = need("redis-server");
+    let port = free_port().to_string();
+    let dir = scene.dir.join("redis");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = [
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    let child = maybe_ivcom(under.then_some(scene), &server, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let r = Redis { _child: Reaped(Some(child)), port };
+    wait_until("redis-server answers PING", Duration::from_secs(20), || {
+        Command::new(need("redis-cli"))
+            .args(["-p", &r.port, "ping"])
+            .output()
+            .map(|o| o.stdout.starts_with(b"PONG"))
+            .unwrap_or(false)
+    });
+    r
+}
+
+fn redis_cli(scene: Option<&Scene>, port: &str, args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
+    let mut all = vec!["-p", port];
+    all.extend_from_slice(args);
+    let mut c = maybe_ivcom(scene, &need("redis-cli"), &all);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(i) = input {
+            stdin.write_all(i).unwrap();
+        }
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+/// Runs redis-benchmark; every test it runs must report a rate and no error.
+fn redis_benchmark(scene: Option<&Scene>, port: &str, args: &[&str]) -> String {
+    let mut all = vec!["-p", port, "-q"];
+    all.extend_from_slice(args);
+    let o = output_within(maybe_ivcom(scene, &need("redis-benchmark"), &all), Duration::from_secs(180));
+    let text = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
+    assert!(
+        o.status.success(),
+        "redis-benchmark {args:?} failed: {text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lower = text.to_lowercase();
+    assert!(
+        !lower.contains("error") && !lower.contains("err "),
+        "redis-benchmark {args:?} reported errors:\n{text}"
+    );
+    assert!(text.contains("requests per second"), "redis-benchmark {args:?}: no result:\n{text}");
+    text
+}
+
+#[test]
+fn redis_under_ivcom() {
+    let scene = Scene::new("redis");
+    let r = start_redis(&scene, true);
+    let s = Some(&scene);
+    // Data: a 1 MiB value in and out, byte for byte.
+    let value: String = (0..(1 << 20)).map(|i| (b'a' + (i * 7 % 26) as u8) as char).collect();
+    let _ = redis_cli(s, &r.port, &["-x", "set", "big"], Some(value.as_bytes()));
+    let back = redis_cli(s, &r.port, &["get", "big"], None);
+    assert_eq!(String::from_utf8_lossy(&back).trim_end(), value, "1 MiB value did not come back intact");
+    // Load: one client without pipelining, pipelining, fifty clients.
+    let one = redis_benchmark(s, &r.port, &["-n", "20000", "-c", "1", "-P", "1", "-t", "set,get"]);
+    assert!(one.contains("SET:") && one.contains("GET:"), "{one}");
+    redis_benchmark(s, &r.port, &["-n", "50000", "-c", "4", "-P", "16", "-t", "set,get,lpush,lpop"]);
+    redis_benchmark(s, &r.port, &["-n", "20000", "-c", "50", "-t", "set,get"]);
+    // A background save while a benchmark runs: the forked child saves, the parent keeps
+    // serving the accelerated connections.
+    let bench = {
+        let mut c = scene.ivcom(
+            &[],
+            &need("redis-benchmark"),
+            &["-p", &r.port, "-q", "-n", "60000", "-c", "8", "-t", "set", "-r", "100000"],
+        );
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = redis_cli(s, &r.port, &["bgsave"], None);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("Background saving started"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    let o = bench.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
+    assert!(
+        o.status.success() && text.contains("requests per second") && !text.to_lowercase().contains("error"),
+        "{text}"
+    );
+    wait_until("the background save finishes", Duration::from_secs(60), || {
+        let info =
+            String::from_utf8_lossy(&redis_cli(s, &r.port, &["info", "persistence"], None)).into_owned();
+        info.contains("rdb_bgsave_in_progress:0")
+    });
+    let info = String::from_utf8_lossy(&redis_cli(s, &r.port, &["info", "persistence"], None)).into_owned();
+    assert!(info.contains("rdb_last_bgsave_status:ok"), "{info}");
+    assert!(scene.dir.join("redis/dump.rdb").is_file(), "no dump.rdb");
+    let keys: u64 =
+        String::from_utf8_lossy(&redis_cli(s, &r.port, &["dbsize"], None)).trim().parse().unwrap();
+    assert!(keys > 1000, "dbsize {keys}");
+    redis_cli(s, &r.port, &["shutdown", "nosave"], None);
+    drop(r);
+    let log = scene.log_text();
+    assert!(log.contains("accept") && log.contains("connection accelerated"), "{log}");
+    assert!(scene.counters().get("ring_rx").copied().unwrap_or(0) > 1 << 20, "{log}");
+    assert!(!log.contains("violated"), "{log}");
+}
+
+#[test]
+fn redis_mixed_with_plain_tcp() {
+    // A server under ivcom, a client that is not; then the reverse.
+    let scene = Scene::new("redis-mixed");
+    let r = start_redis(&scene, true);
+    redis_benchmark(None, &r.port, &["-n", "5000", "-c", "2", "-t", "set,get"]);
+    drop(r);
+    let r = start_redis(&scene, false);
+    redis_benchmark(Some(&scene), &r.port, &["-n", "5000", "-c", "2", "-t", "set,get"]);
+    drop(r);
+    let log = scene.log_text();
+    assert!(!log.contains("connection accelerated"), "{log}");
+    assert!(
+        log.contains("no registration; plain TCP") && log.contains("no listener under ivcom; plain TCP"),
+        "{log}"
+    );
+}
+
+/// One iperf3 run under ivcom (both sides); returns (sent, received) bytes.
+fn iperf3(scene: &Scene, reverse: bool) -> (f64, f64) {
+    let iperf = need("iperf3");
+    let port = free_port().to_string();
+    let server = scene
+        .ivcom(&[], &iperf, &["-s", "-1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Reaped(Some(server));
+    // Wait for its announcement (a probe connection would take iperf3's one test).
+    let tcp = scene.runtime().join("tcp");
+    wait_until("iperf3 -s announces its listener", Duration::from_secs(20), || {
+        std::fs::read_dir(&tcp)
+            .map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&format!("{port}-"))))
+            .unwrap_or(false)
+    });
+    let mut args = vec!["-c", "127.0.0.1", "-p", &port, "-t", "2", "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let o = output_within(scene.ivcom(&[], &iperf, &args), Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "iperf3 {args:?}: {text}");
+    let j: serde_json::Value = serde_json::from_str(&text).expect("iperf3 JSON");
+    assert!(j.get("error").is_none(), "{text}");
+    let sent = j["end"]["sum_sent"]["bytes"].as_f64().unwrap();
+    let recv = j["end"]["sum_received"]["bytes"].as_f64().unwrap();
+    let _ = server.0.take().unwrap().wait();
+    (sent, recv)
+}
+
+#[test]
+fn iperf3_both_directions_under_ivcom() {
+    let scene = Scene::new("iperf3");
+    for reverse in [false, true] {
+        let (sent, recv) = iperf3(&scene, reverse);
+        assert!(sent > 1e6 && recv > 1e6, "reverse={reverse}: sent {sent} received {recv}");
+        assert!(recv <= sent, "received more than was sent");
+    }
+    let log = scene.log_text();
+    assert!(log.contains("connection accelerated"), "{log}");
+    assert!(scene.counters().get("ring_rx").copied().unwrap_or(0) > 1 << 20, "{log}");
+    scene.assert_clean();
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn ip(args: &[&str]) {
+        let o = Command::new(need("ip")).args(args).output().unwrap();
+        assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn new(subnet: u8) -> Self {
+        let id = std::process::id() % 100_000;
+        let names = [format!("ivct-a-{id}"), format!("ivct-b-{id}")];
+        let n = Netns { names: names.clone() };
+        let (va, vb) = (format!("iva{id}"), format!("ivb{id}"));
+        for ns in &names {
+            Self::ip(&["netns", "add", ns]);
+        }
+        Self::ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        for (i, (ns, dev)) in names.iter().zip([&va, &vb]).enumerate() {
+            Self::ip(&["link", "set", dev, "netns", ns]);
+            Self::ip(&["-n", ns, "addr", "add", &format!("10.{subnet}.0.{}/24", i + 1), "dev", dev]);
+            Self::ip(&["-n", ns, "link", "set", dev, "up"]);
+            Self::ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+
+    /// `cmd` run inside namespace `i`.
+    fn exec(&self, i: usize, cmd: Command) -> Command {
+        let mut c = Command::new(need("ip"));
+        c.args(["netns", "exec", &self.names[i]]).arg(cmd.get_program()).args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn containers_in_two_network_namespaces() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("note: creating network namespaces needs root; skipped");
+        return;
+    }
+    let subnet = 200 + (std::process::id() % 50) as u8;
+    let ns = Netns::new(subnet);
+    let scene = Scene::new("netns");
+    let prog = c_bin("t_split");
+    let portfile = scene.dir.join("port");
+    // The server in namespace b, under ivcom; the runtime directory is shared (a bind mount
+    // between containers; here the same filesystem).
+    let mut server = ns.exec(1, scene.ivcom(&[], &prog, &["server", portfile.to_str().unwrap()]));
+    let mut server = Reaped(Some(server.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()));
+    wait_until("the server in namespace b", Duration::from_secs(20), || portfile.exists());
+    let port = std::fs::read_to_string(&portfile).unwrap().trim().to_string();
+    let dst = format!("10.{subnet}.0.2");
+    let client = ns.exec(0, scene.ivcom(&[], &prog, &["client", &port, &dst]));
+    let out = sorted_stdout(&output_within(client, Duration::from_secs(60)), "client in namespace a");
+    assert_eq!(out, vec!["client: 1049546 bytes echoed intact".to_string()]);
+    let s = server.0.take().unwrap().wait_with_output().unwrap();
+    assert_eq!(sorted_stdout(&s, "server in namespace b"), vec!["server: echoed 1049546 bytes".to_string()]);
+    let log = scene.log_text();
+    assert!(log.contains(&format!("connect fd 3 to {dst}:{port}: channel registered")), "{log}");
+    assert!(log.contains("connection accelerated"), "{log}");
+    assert!(scene.counters().get("ring_rx").copied().unwrap_or(0) >= 2 << 20, "{log}");
+    // The same client to an address of its own namespace reaches nothing there: plain TCP
+    // is tried and refused, as without ivcom.
+    let refused = ns.exec(0, scene.ivcom(&[], &prog, &["client", &port, &format!("10.{subnet}.0.1")]));
+    let o = output_within(refused, Duration::from_secs(30));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("connect"), "{}", String::from_utf8_lossy(&o.stderr));
+    scene.assert_clean();
 }
