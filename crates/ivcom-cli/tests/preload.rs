@@ -124,14 +124,20 @@ fn sorted_stdout(o: &Output, what: &str) -> Vec<String> {
     v
 }
 
+/// Runs `c` in its own process group; on timeout the whole group is killed (a program's
+/// forked children hold its output pipes too).
 fn output_within(mut c: Command, limit: Duration) -> Output {
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    use std::os::unix::process::CommandExt;
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().expect("spawn");
     let start = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
             return child.wait_with_output().unwrap();
         }
         if start.elapsed() > limit {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
             let _ = child.kill();
             let o = child.wait_with_output().unwrap();
             panic!(

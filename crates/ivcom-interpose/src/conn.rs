@@ -88,6 +88,8 @@ pub struct TcpConn {
     shut_rd: AtomicBool,
     shut_wr: AtomicBool,
     sleepers: AtomicU32,
+    /// What the program set for `TCP_NODELAY` and `TCP_CORK` (the kernel keeps NODELAY on).
+    tcp_opts: [AtomicI32; 2],
     /// When a write last asked the kernel whether the peer closed (ns since `EPOCH`).
     last_close_check: AtomicU64,
     /// Orders "announce sleep" against "take wakeup bytes off TCP" among this process's
@@ -121,7 +123,13 @@ fn sock_error(fd: c_int) -> Errno {
     let mut l = std::mem::size_of::<c_int>() as libc::socklen_t;
     // SAFETY: reading SO_ERROR into a local int.
     unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, std::ptr::addr_of_mut!(e).cast(), &mut l)
+        crate::real::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            std::ptr::addr_of_mut!(e).cast(),
+            &mut l,
+        )
     };
     if e != 0 {
         e
@@ -222,6 +230,7 @@ impl TcpConn {
             shut_wr: AtomicBool::new(false),
             sleepers: AtomicU32::new(0),
             last_close_check: AtomicU64::new(0),
+            tcp_opts: [AtomicI32::new(-1), AtomicI32::new(0)],
             wake_lock: Mutex::new(()),
             events: AtomicU64::new(0),
         }
@@ -253,6 +262,28 @@ impl TcpConn {
 
     fn region(&self) -> &ShmRegion {
         self.map.region()
+    }
+
+    /// Wakeup bytes must leave at once: Nagle's algorithm would hold one back behind an
+    /// unacknowledged one until the peer's delayed ACK (up to 40 ms). The program's own
+    /// `TCP_NODELAY`/`TCP_CORK` settings are kept aside ([`TcpConn::tcp_option`]).
+    pub fn set_nodelay(fd: c_int) {
+        let one: c_int = 1;
+        // SAFETY: setting an int option from a local.
+        unsafe {
+            crate::real::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                std::ptr::addr_of!(one).cast(),
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        };
+    }
+
+    /// The program's view of `TCP_NODELAY` (index 0) and `TCP_CORK` (1) on this connection.
+    pub fn tcp_option(&self, which: usize) -> &AtomicI32 {
+        &self.tcp_opts[which.min(1)]
     }
 
     /// Keeps the registration connection open until the claim is seen.
@@ -292,6 +323,14 @@ impl TcpConn {
             return true;
         }
         false
+    }
+
+    /// After the kernel reported POLLERR: keep the socket's error (a reset), if it has one.
+    fn note_sock_error(&self, fd: c_int) {
+        let e = sock_error(fd);
+        if e != 0 {
+            self.set_error(e);
+        }
     }
 
     fn set_error(&self, e: Errno) {
@@ -337,8 +376,8 @@ impl TcpConn {
                 if p[0].revents & libc::POLLRDHUP != 0 {
                     self.eof.store(true, Ordering::Release);
                 }
-                if p[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                    self.set_error(sock_error(fd));
+                if p[0].revents & libc::POLLERR != 0 {
+                    self.note_sock_error(fd);
                 }
             }
             return;
@@ -597,8 +636,8 @@ impl TcpConn {
             if p[0].revents & libc::POLLRDHUP != 0 {
                 self.eof.store(true, Ordering::Release);
             }
-            if p[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                self.set_error(sock_error(fd));
+            if p[0].revents & libc::POLLERR != 0 {
+                self.note_sock_error(fd);
             }
         }
     }

@@ -164,11 +164,16 @@ pub fn peer(fd: c_int) -> Option<SocketAddr> {
     name_of(fd, libc::getpeername)
 }
 
+/// An int socket option, as the kernel has it.
+pub fn sockopt(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    sockopt_int(fd, level, name)
+}
+
 fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     let mut v: c_int = 0;
     let mut len = size_of::<c_int>() as socklen_t;
     // SAFETY: `v` is a writable int and `len` says so.
-    let r = unsafe { libc::getsockopt(fd, level, name, std::ptr::addr_of_mut!(v).cast(), &mut len) };
+    let r = unsafe { crate::real::getsockopt(fd, level, name, std::ptr::addr_of_mut!(v).cast(), &mut len) };
     (r == 0).then_some(v)
 }
 

@@ -46,6 +46,11 @@ pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int
     let e = errno();
     if let Some((conn, dst)) = prepared {
         if r == 0 || e == libc::EINPROGRESS || e == libc::EINTR {
+            conn.tcp_option(0).store(
+                net::sockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            TcpConn::set_nodelay(fd);
             table::set(fd, Entry::Conn(Arc::new(conn)));
             crate::decision!("connect fd {fd} to {dst}: channel registered, waiting for the claim");
         } else {
@@ -169,6 +174,11 @@ fn claim(l: &Listening, nfd: c_int) {
     };
     match TcpConn::acceptor(region) {
         Ok(c) => {
+            c.tcp_option(0).store(
+                net::sockopt(nfd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            TcpConn::set_nodelay(nfd);
             table::set(nfd, Entry::Conn(Arc::new(c)));
             count(&COUNTERS.accelerated, 1);
             crate::decision!("accept fd {nfd} from {peer}: channel claimed; connection accelerated");
@@ -192,7 +202,7 @@ pub unsafe fn close(fd: c_int) -> c_int {
             let lg = libc::linger { l_onoff: 1, l_linger: 0 };
             // SAFETY: setting SO_LINGER from a local struct on the program's socket.
             unsafe {
-                libc::setsockopt(
+                crate::real::setsockopt(
                     fd,
                     libc::SOL_SOCKET,
                     libc::SO_LINGER,
@@ -234,6 +244,65 @@ pub unsafe fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     r
 }
 
+fn tcp_opt_index(level: c_int, name: c_int) -> Option<usize> {
+    match (level, name) {
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY) => Some(0),
+        (libc::IPPROTO_TCP, libc::TCP_CORK) => Some(1),
+        _ => None,
+    }
+}
+
+/// `setsockopt`: on our connections `TCP_NODELAY` and `TCP_CORK` are remembered for the
+/// program but not applied (wakeup bytes must not wait); everything else goes through.
+///
+/// # Safety
+/// The C contract of `setsockopt`.
+pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    if let (Some(i), true) = (tcp_opt_index(level, name), table::tracked(fd)) {
+        if let Some(c) = table::conn(fd) {
+            if val.is_null() || (len as usize) < std::mem::size_of::<c_int>() {
+                return fail(libc::EINVAL);
+            }
+            // SAFETY: the program's int option value (length checked).
+            let v = unsafe { val.cast::<c_int>().read_unaligned() };
+            c.tcp_option(i).store(v, std::sync::atomic::Ordering::Relaxed);
+            return 0;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::setsockopt(fd, level, name, val, len) }
+}
+
+/// `getsockopt`: reports the program's own `TCP_NODELAY`/`TCP_CORK` on our connections.
+///
+/// # Safety
+/// The C contract of `getsockopt`.
+pub unsafe fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    if let (Some(i), true) = (tcp_opt_index(level, name), table::tracked(fd)) {
+        if let Some(c) = table::conn(fd) {
+            // SAFETY: the program's length word.
+            if val.is_null() || len.is_null() || (unsafe { *len } as usize) < std::mem::size_of::<c_int>() {
+                return fail(libc::EINVAL);
+            }
+            let v = c.tcp_option(i).load(std::sync::atomic::Ordering::Relaxed).max(0).min(1);
+            // SAFETY: the program's buffer and length (checked above).
+            unsafe {
+                val.cast::<c_int>().write_unaligned(v);
+                *len = std::mem::size_of::<c_int>() as socklen_t;
+            }
+            return 0;
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::getsockopt(fd, level, name, val, len) }
+}
+
 /// `shutdown`.
 ///
 /// # Safety
@@ -259,8 +328,9 @@ fn sock_timeout(fd: c_int, opt: c_int) -> Option<Instant> {
     let mut tv = timeval { tv_sec: 0, tv_usec: 0 };
     let mut len = std::mem::size_of::<timeval>() as socklen_t;
     // SAFETY: reading a timeval option into a local.
-    let r =
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, std::ptr::addr_of_mut!(tv).cast(), &mut len) };
+    let r = unsafe {
+        crate::real::getsockopt(fd, libc::SOL_SOCKET, opt, std::ptr::addr_of_mut!(tv).cast(), &mut len)
+    };
     if r != 0 || (tv.tv_sec == 0 && tv.tv_usec == 0) {
         return None;
     }

@@ -81,4 +81,6 @@ real! {
     sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t;
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t;
     fork() -> libc::pid_t;
+    setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int;
+    getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int;
 }

@@ -57,6 +57,8 @@ shims! {
     sendfile64(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t => ops::sendfile(out, inp, off, n);
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t => ops::splice(inp, ioff, out, ooff, n, flags);
     fork() -> pid_t => ops::fork();
+    setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int => ops::setsockopt(fd, level, name, val, len);
+    getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int => ops::getsockopt(fd, level, name, val, len);
     __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t => {
         if n > buflen { libc::abort() }
         ops::read(fd, buf, n)

@@ -10,6 +10,15 @@ static void client(int port) {
     socklen_t el = sizeof err;
     CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0, "SO_ERROR");
     say("client: connected, SO_ERROR %d, POLLOUT %d", err, (p.revents & POLLOUT) != 0);
+    int nd = -1;
+    socklen_t nl = sizeof nd;
+    CHECK(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &nd, &nl) == 0, "getsockopt TCP_NODELAY");
+    say("client: TCP_NODELAY by default %d", nd);
+    int one = 1;
+    CHECK(setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) == 0, "setsockopt TCP_NODELAY");
+    nl = sizeof nd;
+    CHECK(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &nd, &nl) == 0, "getsockopt TCP_NODELAY");
+    say("client: TCP_NODELAY after setting it %d", nd);
     char c;
     CHECK(read(s, &c, 1) == -1, "read on empty");
     say("client: empty read gives EAGAIN %d", errno == EAGAIN || errno == EWOULDBLOCK);

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Unmodified programs with and without `ivcom run`, side by side: redis-benchmark against
+# redis-server (one client without pipelining, and fifty clients) and iperf3 (one stream,
+# both directions). Each round runs the plain TCP case and the ivcom case back to back, so
+# both see the same machine; the medians over the rounds and their ratios are printed.
+#
+#   scripts/bench-apps.sh              3 rounds
+#   ROUNDS=5 scripts/bench-apps.sh
+#
+# Needs redis-server, redis-tools and iperf3 (apt-get install redis-server redis-tools iperf3).
+# Targets from issue 4: redis-benchmark -c 1 -P 1 GET >= 4x plain TCP; iperf3 >= 2.5x.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+REQUESTS=${REQUESTS:-100000}
+SECONDS_IPERF=${SECONDS_IPERF:-5}
+for tool in redis-server redis-benchmark redis-cli iperf3; do
+    command -v "$tool" >/dev/null || { echo "bench-apps: $tool is missing (apt-get install redis-server redis-tools iperf3)" >&2; exit 1; }
+done
+
+cargo build --release -q
+IVCOM=$PWD/target/release/ivcom
+WORK=$(mktemp -d)
+export IVCOM_RUNTIME_DIR=$WORK/run
+SERVER_PID=
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# with MODE (plain|ivcom) CMD...: runs CMD plainly or under ivcom.
+with() {
+    local mode=$1; shift
+    if [ "$mode" = ivcom ]; then "$IVCOM" run -- "$@"; else "$@"; fi
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
+
+# redis MODE CLIENTS TEST: requests per second of redis-benchmark.
+redis() {
+    local mode=$1 clients=$2 test=$3 port
+    port=$(free_port)
+    with "$mode" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+    with "$mode" redis-benchmark -p "$port" -n "$REQUESTS" -c "$clients" -P 1 -t "$test" --csv 2>/dev/null |
+        awk -F'","' -v t="${test^^}" 'index($1, t) {print $2}'
+    redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+
+# iperf MODE [-R]: receiver's Mbit/s of one iperf3 stream.
+iperf() {
+    local mode=$1; shift
+    local port
+    port=$(free_port)
+    with "$mode" iperf3 -s -1 -p "$port" >/dev/null 2>&1 &
+    SERVER_PID=$!
+    sleep 0.3
+    with "$mode" iperf3 -c 127.0.0.1 -p "$port" -t "$SECONDS_IPERF" -f m "$@" 2>/dev/null |
+        awk '/receiver/ {for (i = 1; i <= NF; i++) if ($i == "Mbits/sec") print $(i-1)}'
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+declare -A R
+cases=("redis GET -c 1 -P 1|redis MODE 1 get" "redis SET -c 1 -P 1|redis MODE 1 set" "redis GET -c 50|redis MODE 50 get"
+       "iperf3 client->server|iperf MODE" "iperf3 server->client (-R)|iperf MODE -R")
+for round in $(seq "$ROUNDS"); do
+    echo "round $round/$ROUNDS" >&2
+    for c in "${cases[@]}"; do
+        name=${c%%|*}; cmd=${c#*|}
+        for mode in plain ivcom; do
+            v=$(${cmd/MODE/$mode} || true)
+            R["$name|$mode"]+="${v:-nan} "
+        done
+    done
+done
+
+printf '\n%-28s %14s %14s %8s  %s\n' "case (median of $ROUNDS)" "plain TCP" "ivcom run" "ratio" "target"
+for c in "${cases[@]}"; do
+    name=${c%%|*}
+    p=$(tr ' ' '\n' <<<"${R[$name|plain]}" | grep -v '^$' | median)
+    i=$(tr ' ' '\n' <<<"${R[$name|ivcom]}" | grep -v '^$' | median)
+    unit=req/s; target=""
+    case $name in iperf3*) unit=Mbit/s ;; esac
+    case $name in "redis GET -c 1 -P 1") target=">= 4x" ;; iperf3*) target=">= 2.5x" ;; esac
+    ratio=$(awk -v a="$i" -v b="$p" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else print "n/a"}')
+    printf '%-28s %14s %14s %8s  %s\n' "$name" "$p $unit" "$i $unit" "$ratio" "$target"
+done
+echo
+echo "each round: plain, then under ivcom run; raw values per round:"
+for c in "${cases[@]}"; do name=${c%%|*}; echo "  $name: plain [${R[$name|plain]% }] ivcom [${R[$name|ivcom]% }]"; done
