@@ -230,7 +230,7 @@ impl TcpConn {
             shut_wr: AtomicBool::new(false),
             sleepers: AtomicU32::new(0),
             last_close_check: AtomicU64::new(0),
-            tcp_opts: [AtomicI32::new(-1), AtomicI32::new(0)],
+            tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
             wake_lock: Mutex::new(()),
             events: AtomicU64::new(0),
         }

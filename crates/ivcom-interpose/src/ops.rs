@@ -290,7 +290,7 @@ pub unsafe fn getsockopt(
             if val.is_null() || len.is_null() || (unsafe { *len } as usize) < std::mem::size_of::<c_int>() {
                 return fail(libc::EINVAL);
             }
-            let v = c.tcp_option(i).load(std::sync::atomic::Ordering::Relaxed).max(0).min(1);
+            let v = (c.tcp_option(i).load(std::sync::atomic::Ordering::Relaxed) != 0) as c_int;
             // SAFETY: the program's buffer and length (checked above).
             unsafe {
                 val.cast::<c_int>().write_unaligned(v);
