@@ -58,6 +58,11 @@ pub fn library() -> Result<PathBuf> {
     )
 }
 
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     let lib = library()?;
     let mut preload = OsString::from(&lib);
@@ -87,8 +92,24 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         cmd.env(ENV_RING, r.to_string());
     }
-    let status =
-        cmd.status().with_context(|| format!("cannot run {}", PathBuf::from(&a.command[0]).display()))?;
+    let mut child =
+        cmd.spawn().with_context(|| format!("cannot run {}", PathBuf::from(&a.command[0]).display()))?;
+    // SIGTERM and SIGHUP sent to `ivcom run` are meant for the program (SIGINT from a
+    // terminal reaches the whole process group already).
+    let pid = child.id() as i32;
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP])
+            .context("cannot install signal handlers")?;
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+            unsafe { libc_kill(pid, sig) };
+        }
+    });
+    let status = child.wait().context("waiting for the program")?;
+    handle.close();
+    let _ = forwarder.join();
     // Announcements of listeners that died without closing (killed) are withdrawn here.
     ivcom_interpose::announce::sweep(&ivcom_interpose::settings::get().dir);
     Ok(match (status.code(), status.signal()) {

@@ -241,16 +241,26 @@ fn switched_off_everything_stays_tcp() {
     scene.assert_clean();
 }
 
-/// A child process killed if the test ends early.
+/// A child process (spawned with [`spawn_group`]) whose whole process group is killed if the
+/// test ends early: `ivcom run` and the program it started.
 struct Reaped(Option<Child>);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
         if let Some(c) = &mut self.0 {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+/// Spawns `c` as the leader of a new process group.
+fn spawn_group(c: &mut Command) -> Child {
+    use std::os::unix::process::CommandExt;
+    c.process_group(0).spawn().expect("spawn")
 }
 
 /// Starts `t_split server` (under ivcom or not) and returns it with its port.
@@ -265,7 +275,7 @@ fn split_server(scene: &Scene, under_ivcom: bool) -> (Reaped, u16) {
         c.args(["server", portfile.to_str().unwrap()]);
         c
     };
-    let child = Reaped(Some(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()));
+    let child = Reaped(Some(spawn_group(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))));
     let start = Instant::now();
     let port = loop {
         if let Ok(s) = std::fs::read_to_string(&portfile) {
@@ -617,7 +627,7 @@ fn containers_in_two_network_namespaces() {
     // The server in namespace b, under ivcom; the runtime directory is shared (a bind mount
     // between containers; here the same filesystem).
     let mut server = ns.exec(1, scene.ivcom(&[], &prog, &["server", portfile.to_str().unwrap()]));
-    let mut server = Reaped(Some(server.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()));
+    let mut server = Reaped(Some(spawn_group(server.stdout(Stdio::piped()).stderr(Stdio::piped()))));
     wait_until("the server in namespace b", Duration::from_secs(20), || portfile.exists());
     let port = std::fs::read_to_string(&portfile).unwrap().trim().to_string();
     let dst = format!("10.{subnet}.0.2");
