@@ -648,3 +648,39 @@ fn containers_in_two_network_namespaces() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("connect"), "{}", String::from_utf8_lossy(&o.stderr));
     scene.assert_clean();
 }
+
+#[test]
+fn exec_children_are_under_ivcom_too() {
+    // The client is a child a shell execs; it inherits the preload and is accelerated.
+    let scene = Scene::new("exec");
+    let (mut server, port) = split_server(&scene, true);
+    let prog = c_bin("t_split");
+    let script = format!("exec {} client {port}", prog.display());
+    let out = sorted_stdout(
+        &output_within(scene.ivcom(&[], Path::new("/bin/sh"), &["-c", &script]), Duration::from_secs(60)),
+        "sh -c",
+    );
+    assert_eq!(out, vec!["client: 1049546 bytes echoed intact".to_string()]);
+    let s = server.0.take().unwrap().wait_with_output().unwrap();
+    assert!(s.status.success());
+    assert!(scene.log_text().contains("connect: listener claimed the channel"), "{}", scene.log_text());
+    scene.assert_clean();
+}
+
+#[test]
+fn setup_failures_fall_back_to_tcp() {
+    // A runtime directory that cannot be created: nothing is announced, everything works.
+    let scene = Scene::new("broken-dir");
+    let blocker = scene.dir.join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let prog = c_bin("t_stream");
+    let want = sorted_stdout(&output_within(Command::new(&prog), Duration::from_secs(120)), "plain");
+    let mut c = scene.ivcom(&[], &prog, &[]);
+    c.env("IVCOM_RUNTIME_DIR", blocker.join("run"));
+    let got =
+        sorted_stdout(&output_within(c, Duration::from_secs(120)), "under ivcom with a broken runtime dir");
+    assert_eq!(got, want);
+    let log = scene.log_text();
+    assert!(log.contains("not announced"), "{log}");
+    assert!(!log.contains("connection accelerated"), "{log}");
+}
