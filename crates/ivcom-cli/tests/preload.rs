@@ -231,6 +231,11 @@ fn killed_peers() {
 }
 
 #[test]
+fn exec_takes_connections_over() {
+    same_over_shared_memory("t_exec", &[]);
+}
+
+#[test]
 fn switched_off_everything_stays_tcp() {
     let prog = c_bin("t_stream");
     let scene = Scene::new("off");
@@ -499,6 +504,62 @@ fn redis_under_ivcom() {
 }
 
 #[test]
+fn redis_daemonized() {
+    // `--daemonize yes`: redis forks, the parent exits (and so does `ivcom run`), the daemon
+    // keeps its announced listener and accelerates connections.
+    let scene = Scene::new("redis-daemon");
+    let port = free_port().to_string();
+    let pidfile = scene.dir.join("redis.pid");
+    let dir = scene.dir.join("redis");
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = scene
+        .ivcom(
+            &[],
+            &need("redis-server"),
+            &[
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                pidfile.to_str().unwrap(),
+                "--dir",
+                dir.to_str().unwrap(),
+            ],
+        )
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until("the daemon answers", Duration::from_secs(20), || {
+        Command::new(need("redis-cli"))
+            .args(["-p", &port, "ping"])
+            .output()
+            .map(|o| o.stdout.starts_with(b"PONG"))
+            .unwrap_or(false)
+    });
+    redis_benchmark(Some(&scene), &port, &["-n", "5000", "-c", "1", "-t", "set,get"]);
+    redis_cli(Some(&scene), &port, &["shutdown", "nosave"], None);
+    wait_until("the daemon exits", Duration::from_secs(20), || {
+        Command::new(need("redis-cli"))
+            .args(["-p", &port, "ping"])
+            .output()
+            .map(|o| !o.stdout.starts_with(b"PONG"))
+            .unwrap_or(true)
+    });
+    let log = scene.log_text();
+    assert!(log.contains("channel claimed; connection accelerated"), "{log}");
+    wait_until("the daemon withdraws its announcement", Duration::from_secs(20), || {
+        std::fs::read_dir(scene.runtime().join("tcp")).map(|r| r.count() == 0).unwrap_or(true)
+    });
+}
+
+#[test]
 fn redis_mixed_with_plain_tcp() {
     // A server under ivcom, a client that is not; then the reverse.
     let scene = Scene::new("redis-mixed");
@@ -640,6 +701,21 @@ fn containers_in_two_network_namespaces() {
     assert!(log.contains(&format!("connect fd 3 to {dst}:{port}: channel registered")), "{log}");
     assert!(log.contains("connection accelerated"), "{log}");
     assert!(scene.counters().get("ring_rx").copied().unwrap_or(0) >= 2 << 20, "{log}");
+    // A client in the server's own namespace, at that namespace's (non-loopback) address.
+    std::fs::remove_file(&portfile).unwrap();
+    let mut server2 = ns.exec(1, scene.ivcom(&[], &prog, &["server", portfile.to_str().unwrap()]));
+    let mut server2 = Reaped(Some(spawn_group(server2.stdout(Stdio::piped()).stderr(Stdio::piped()))));
+    wait_until("the second server in namespace b", Duration::from_secs(20), || portfile.exists());
+    let port2 = std::fs::read_to_string(&portfile).unwrap().trim().to_string();
+    let local = ns.exec(1, scene.ivcom(&[], &prog, &["client", &port2, &dst]));
+    let out = sorted_stdout(&output_within(local, Duration::from_secs(60)), "client in namespace b");
+    assert_eq!(out, vec!["client: 1049546 bytes echoed intact".to_string()]);
+    assert!(server2.0.take().unwrap().wait_with_output().unwrap().status.success());
+    assert!(
+        scene.log_text().contains(&format!("connect fd 3 to {dst}:{port2}: channel registered")),
+        "{}",
+        scene.log_text()
+    );
     // The same client to an address of its own namespace reaches nothing there: plain TCP
     // is tried and refused, as without ivcom.
     let refused = ns.exec(0, scene.ivcom(&[], &prog, &["client", &port, &format!("10.{subnet}.0.1")]));

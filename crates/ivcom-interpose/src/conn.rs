@@ -28,6 +28,9 @@ pub type Errno = c_int;
 /// A result carrying an errno.
 pub type R<T> = Result<T, Errno>;
 
+/// The name of our memfds (`/proc/PID/fd/N` -> `/memfd:ivcom-tcp (deleted)`).
+pub const MEMFD_NAME: &str = "ivcom-tcp";
+
 /// Largest region the listener's side maps (two 64 MiB rings and the header).
 const MAX_REGION: u64 = 4096 + 2 * (64 << 20);
 
@@ -75,6 +78,9 @@ enum RxMode {
 #[derive(Debug)]
 pub struct TcpConn {
     map: MappedRegion,
+    /// The region's memfd, kept open without close-on-exec so that a new program image of
+    /// this process can take the connection over ([`TcpConn::resume`]).
+    region_fd: OwnedFd,
     side: Side,
     plain: AtomicBool,
     claim_seen: AtomicBool,
@@ -197,15 +203,18 @@ unsafe fn buf<'a>(v: &iovec) -> &'a [u8] {
 }
 
 impl TcpConn {
-    fn new(map: MappedRegion, side: Side, params: &Params) -> Self {
+    fn new(map: MappedRegion, region_fd: OwnedFd, side: Side, params: &Params) -> Self {
         let acceptor = side == Side::Acceptor;
         let (mine, theirs) = if acceptor {
             (Direction::ToConnector, Direction::ToListener)
         } else {
             (Direction::ToListener, Direction::ToConnector)
         };
+        // Inherited across exec (see `region_fd`); a failure only loses that.
+        let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::empty());
         TcpConn {
             map,
+            region_fd,
             side,
             plain: AtomicBool::new(false),
             claim_seen: AtomicBool::new(acceptor),
@@ -236,14 +245,64 @@ impl TcpConn {
         }
     }
 
-    /// A new channel for a connection this process is making, and its memfd (to register).
-    pub fn connector(ring: u64) -> io::Result<(Self, OwnedFd)> {
+    /// A new channel for connection `tuple` that this process is making (register
+    /// [`TcpConn::region_fd`] with the listener).
+    pub fn connector(ring: u64, tuple: &crate::net::Tuple) -> io::Result<Self> {
         let params = Params { capacity: [ring, ring], max_message: None };
         let size = params.region_size().map_err(io::Error::other)?;
-        let fd = ivcom_ring::shm::create_memfd(size)?;
+        let fd = ivcom_ring::shm::create_memfd_named(MEMFD_NAME, size)?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         layout::init(map.region(), &params).map_err(io::Error::other)?;
-        Ok((Self::new(map, Side::Connector, &params), fd))
+        tcp::store_tuple(map.region(), &tuple.to_bytes()).map_err(io::Error::other)?;
+        Ok(Self::new(map, fd, Side::Connector, &params))
+    }
+
+    /// The region's memfd.
+    pub fn region_fd(&self) -> BorrowedFd<'_> {
+        self.region_fd.as_fd()
+    }
+
+    /// Takes over a connection a previous program image of this process carried (after
+    /// `exec`): `fd` is its inherited memfd, `side` which end the socket is. Every index and
+    /// count is read back from the region (and validated on use, as always).
+    pub fn resume(fd: OwnedFd, side: Side) -> io::Result<Self> {
+        let size = ivcom_ring::shm::check_memfd(fd.as_fd(), MAX_REGION)?;
+        let map = MappedRegion::map(fd.as_fd(), 0, size)?;
+        let params = layout::validate_shape(map.region(), false)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let region = map.region();
+        let (mine, theirs) = match side {
+            Side::Acceptor => (Direction::ToConnector, Direction::ToListener),
+            Side::Connector => (Direction::ToListener, Direction::ToConnector),
+        };
+        let (gm, gt) = (params.ring(mine), params.ring(theirs));
+        let bad = |e| io::Error::other(e);
+        let tail = tcp::published_tail(region, &gm).map_err(bad)?;
+        let head = tcp::published_head(region, &gt).map_err(bad)?;
+        let claimed = tcp::claimed(region).map_err(bad)?;
+        let switch = tcp::switch_offset(region).map_err(bad)?;
+        let sent = tcp::sent_count(region).map_err(bad)?;
+        let read = tcp::read_count(region).map_err(bad)?;
+        let c = Self::new(map, fd, side, &params);
+        {
+            let mut tx = lock(&c.tx);
+            tx.w = StreamWriter::resume(gm, tail);
+            if side == Side::Connector {
+                tx.switched = switch.is_some();
+                tx.tcp_sent = sent;
+            }
+            c.switched.store(tx.switched, Ordering::Release);
+        }
+        {
+            let mut rx = lock(&c.rx);
+            rx.r = StreamReader::resume(gt, head);
+            if side == Side::Acceptor {
+                rx.tcp_read = read;
+                rx.peer_switch = switch;
+            }
+        }
+        c.claim_seen.store(side == Side::Acceptor || claimed, Ordering::Release);
+        Ok(c)
     }
 
     /// Claims the channel a connecting peer registered (an untrusted memfd).
@@ -257,7 +316,7 @@ impl TcpConn {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "channel already claimed"));
         }
         tcp::claim(map.region()).map_err(io::Error::other)?;
-        Ok(Self::new(map, Side::Acceptor, &params))
+        Ok(Self::new(map, fd, Side::Acceptor, &params))
     }
 
     fn region(&self) -> &ShmRegion {
@@ -370,16 +429,7 @@ impl TcpConn {
         use rustix::net::RecvFlags;
         let _w = lock(&self.wake_lock);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
-            let mut p = [libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 }];
-            // SAFETY: a local pollfd array of length 1.
-            if unsafe { crate::real::poll(p.as_mut_ptr(), 1, 0) } == 1 {
-                if p[0].revents & libc::POLLRDHUP != 0 {
-                    self.eof.store(true, Ordering::Release);
-                }
-                if p[0].revents & libc::POLLERR != 0 {
-                    self.note_sock_error(fd);
-                }
-            }
+            self.note_hangup(fd);
             return;
         }
         let mut scratch = [0u8; 256];
@@ -465,6 +515,7 @@ impl TcpConn {
                             }
                             if !peek {
                                 rx.tcp_read += n;
+                                let _ = tcp::store_read(self.region(), rx.tcp_read);
                             }
                             if n == 0 {
                                 continue;
@@ -574,6 +625,7 @@ impl TcpConn {
                     return Err(errno());
                 }
                 tx.tcp_sent += n as u64;
+                let _ = tcp::store_sent(self.region(), tx.tcp_sent);
                 return Ok(n as usize);
             }
         }
@@ -630,6 +682,12 @@ impl TcpConn {
             return;
         }
         self.last_close_check.store(now, Ordering::Relaxed);
+        self.note_hangup(fd);
+    }
+
+    /// Asks the kernel, without taking any byte off the socket, whether the peer's FIN or a
+    /// reset has arrived, and notes it.
+    fn note_hangup(&self, fd: c_int) {
         let mut p = [libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 }];
         // SAFETY: a local pollfd array of length 1.
         if unsafe { crate::real::poll(p.as_mut_ptr(), 1, 0) } == 1 {

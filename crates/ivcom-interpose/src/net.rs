@@ -46,6 +46,18 @@ pub struct Tuple {
     pub dst: Endpoint,
 }
 
+impl Tuple {
+    /// The 36-byte form recorded in a channel's region (see `ivcom_ring::layout::off::TCP_TUPLE`).
+    pub fn to_bytes(&self) -> [u8; 36] {
+        let mut b = [0u8; 36];
+        b[..16].copy_from_slice(&self.src.ip.octets());
+        b[16..18].copy_from_slice(&self.src.port.to_le_bytes());
+        b[18..34].copy_from_slice(&self.dst.ip.octets());
+        b[34..36].copy_from_slice(&self.dst.port.to_le_bytes());
+        b
+    }
+}
+
 /// IPv4 mapped into IPv6; IPv6 unchanged.
 pub fn norm(ip: IpAddr) -> Ipv6Addr {
     match ip {

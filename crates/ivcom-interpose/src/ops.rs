@@ -88,14 +88,14 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
         local = net::local(fd)?;
     }
     let tuple = Tuple { src: Endpoint::of(local), dst: dst_ep };
-    let (conn, region) = match TcpConn::connector(s.ring) {
+    let conn = match TcpConn::connector(s.ring, &tuple) {
         Ok(x) => x,
         Err(e) => {
             crate::decision!("connect fd {fd}: cannot create a channel ({e}); plain TCP");
             return None;
         }
     };
-    match announce::register(&sock, &tuple, std::os::fd::AsFd::as_fd(&region)) {
+    match announce::register(&sock, &tuple, conn.region_fd()) {
         Ok(reg) => conn.hold_registration(reg),
         Err(e) => {
             crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", sock.display());
@@ -969,6 +969,88 @@ pub unsafe fn splice(
 pub unsafe fn fork() -> libc::pid_t {
     // SAFETY: passed on unchanged.
     table::around_fork(|| unsafe { real::fork() })
+}
+
+/// At start: takes over the accelerated connections a previous program image of this
+/// process left open across `exec` (their memfds are inherited; each records its tuple), and
+/// closes inherited memfds whose connection did not come along.
+pub fn at_start() {
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else { return };
+    let mut memfds = Vec::new();
+    let mut socks = Vec::new();
+    for e in rd.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<c_int>().ok()) else { continue };
+        let Ok(link) = std::fs::read_link(e.path()) else { continue };
+        let link = link.to_string_lossy().into_owned();
+        if link.starts_with(&format!("/memfd:{}", crate::conn::MEMFD_NAME)) {
+            memfds.push(fd);
+        } else if link.starts_with("socket:") {
+            socks.push(fd);
+        }
+    }
+    if memfds.is_empty() {
+        return;
+    }
+    // The recorded tuple of each inherited region.
+    let mut regions: Vec<(c_int, [u8; 36])> = Vec::new();
+    for &m in &memfds {
+        // SAFETY: a descriptor inherited by this process, borrowed for this call.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(m) };
+        let Ok(size) = ivcom_ring::shm::check_memfd(b, 4096 + 2 * (64 << 20)) else { continue };
+        let Ok(map) = ivcom_ring::MappedRegion::map(b, 0, size) else { continue };
+        if let Ok(t) = ivcom_ring::layout::tcp::tuple(map.region()) {
+            regions.push((m, t));
+        }
+    }
+    let mut taken: std::collections::BTreeMap<c_int, Arc<TcpConn>> = std::collections::BTreeMap::new();
+    let mut consumed = std::collections::BTreeSet::new();
+    for s in socks {
+        if s as usize >= MAX_FD || net::tcp_domain(s).is_none() {
+            continue;
+        }
+        let (Some(local), Some(peer)) = (net::local(s), net::peer(s)) else { continue };
+        let (l, p) = (Endpoint::of(local), Endpoint::of(peer));
+        let as_connector = Tuple { src: l, dst: p }.to_bytes();
+        let as_acceptor = Tuple { src: p, dst: l }.to_bytes();
+        for &(m, t) in &regions {
+            let side = if t == as_connector {
+                crate::conn::Side::Connector
+            } else if t == as_acceptor {
+                crate::conn::Side::Acceptor
+            } else {
+                continue;
+            };
+            let conn = match taken.get(&m) {
+                Some(c) => c.clone(),
+                None if consumed.contains(&m) => continue,
+                None => {
+                    consumed.insert(m);
+                    // SAFETY: the inherited memfd becomes the connection's; nothing else owns it.
+                    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(m) };
+                    match TcpConn::resume(owned, side) {
+                        Ok(c) => {
+                            let c = Arc::new(c);
+                            taken.insert(m, c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            crate::decision!("exec: cannot take over fd {s} ({e})");
+                            continue;
+                        }
+                    }
+                }
+            };
+            table::set(s, Entry::Conn(conn));
+            crate::decision!("exec: took over accelerated connection fd {s} ({l} - {p})");
+            break;
+        }
+    }
+    for m in memfds {
+        if !consumed.contains(&m) {
+            // SAFETY: an inherited memfd of ours that no connection came along with.
+            unsafe { real::close(m) };
+        }
+    }
 }
 
 /// At exit: withdraw announcements no other process holds; log the counters.

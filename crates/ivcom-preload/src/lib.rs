@@ -86,6 +86,7 @@ extern "C" fn at_exit() {
 }
 
 extern "C" fn init() {
+    ops::at_start();
     // SAFETY: registering a plain function to run at exit.
     unsafe { libc::atexit(at_exit) };
 }

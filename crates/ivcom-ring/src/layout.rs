@@ -75,14 +75,24 @@ pub mod off {
     /// TCP handoff (channels that shadow a TCP connection, made by the preload library):
     /// `u32` written by the listener's side only: non-zero once it has claimed the channel.
     pub const TCP_CLAIM: usize = 2048;
+    /// TCP handoff: `u64` written by the listener's side only: data bytes it has read from
+    /// TCP (before the connecting side's switch point); lets a new program image resume.
+    pub const TCP_READ: usize = 2048 + 8;
     /// TCP handoff: `u64` written by the connecting side only: `0` while it still writes its
     /// data over TCP; `n + 1` once it has switched to ring 0 after `n` bytes sent over TCP.
     pub const TCP_SWITCH: usize = 2048 + super::LINE;
+    /// TCP handoff: `u64` written by the connecting side only: bytes it has sent over TCP.
+    pub const TCP_SENT: usize = 2048 + super::LINE + 8;
+    /// TCP handoff: the connection's tuple, written by the connecting side before it
+    /// registers: its address (16 bytes, IPv6 or IPv4-mapped), port (u16), then the
+    /// destination's address and port. 36 bytes.
+    pub const TCP_TUPLE: usize = 2048 + super::LINE + 16;
 }
 
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= HEADER_SIZE);
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= off::TCP_CLAIM);
 const _: () = assert!(off::TCP_SWITCH + LINE <= HEADER_SIZE);
+const _: () = assert!(off::TCP_TUPLE + 36 <= off::TCP_SWITCH + LINE);
 
 /// The two handoff words of a channel that shadows a TCP connection (see
 /// `docs/region-layout.md`, "TCP handoff"). Each has one writer; the other side only loads.
@@ -95,6 +105,48 @@ pub mod tcp {
     /// by the listener's side before this store.
     pub fn claim(region: &ShmRegion) -> Result<(), OutOfBounds> {
         region.store_u32(off::TCP_CLAIM, 1, Ordering::Release)
+    }
+
+    /// Listener's side: records how many data bytes it has read from TCP.
+    pub fn store_read(region: &ShmRegion, n: u64) -> Result<(), OutOfBounds> {
+        region.store_u64(off::TCP_READ, n, Ordering::Release)
+    }
+
+    /// The listener's side's count of data bytes read from TCP.
+    pub fn read_count(region: &ShmRegion) -> Result<u64, OutOfBounds> {
+        region.load_u64(off::TCP_READ, Ordering::Acquire)
+    }
+
+    /// Connecting side: records how many bytes it has sent over TCP.
+    pub fn store_sent(region: &ShmRegion, n: u64) -> Result<(), OutOfBounds> {
+        region.store_u64(off::TCP_SENT, n, Ordering::Release)
+    }
+
+    /// The connecting side's count of bytes sent over TCP.
+    pub fn sent_count(region: &ShmRegion) -> Result<u64, OutOfBounds> {
+        region.load_u64(off::TCP_SENT, Ordering::Acquire)
+    }
+
+    /// Connecting side: records the connection's tuple (36 bytes, see [`off::TCP_TUPLE`]).
+    pub fn store_tuple(region: &ShmRegion, tuple: &[u8; 36]) -> Result<(), OutOfBounds> {
+        region.write_bytes(off::TCP_TUPLE, tuple)
+    }
+
+    /// The recorded tuple (a peer-written value: only ever compared, never trusted).
+    pub fn tuple(region: &ShmRegion) -> Result<[u8; 36], OutOfBounds> {
+        let mut b = [0u8; 36];
+        region.read_bytes(off::TCP_TUPLE, &mut b)?;
+        Ok(b)
+    }
+
+    /// The producer index of ring `g` as published (for resuming after `exec`).
+    pub fn published_tail(region: &ShmRegion, g: &crate::RingGeometry) -> Result<u64, OutOfBounds> {
+        region.load_u64(g.ctrl + off::TAIL, Ordering::Acquire)
+    }
+
+    /// The consumer index of ring `g` as published (for resuming after `exec`).
+    pub fn published_head(region: &ShmRegion, g: &crate::RingGeometry) -> Result<u64, OutOfBounds> {
+        region.load_u64(g.ctrl + off::HEAD, Ordering::Acquire)
     }
 
     /// Whether the listener's side has claimed the channel.

@@ -479,6 +479,12 @@ impl StreamWriter {
         Self { g, st: ProducerState::new(g.capacity, 0) }
     }
 
+    /// A writer taking over a ring whose producer index is `tail` (a new program image of
+    /// the same process, after `exec`); the consumer's index is validated on first use.
+    pub fn resume(g: RingGeometry, tail: u64) -> Self {
+        Self { g, st: ProducerState::new(g.capacity, tail) }
+    }
+
     /// The control block accessor for this ring.
     #[inline]
     pub fn ctrl<'a>(&self, shm: &'a ShmRegion) -> Result<ShmCtrl<'a>, OutOfBounds> {
@@ -528,6 +534,11 @@ impl StreamReader {
     /// A reader for the ring at `g` (validated geometry), starting empty at index 0.
     pub fn new(g: RingGeometry) -> Self {
         Self { g, st: ConsumerState::new(g.capacity, 0) }
+    }
+
+    /// A reader taking over a ring whose consumer index is `head` (after `exec`).
+    pub fn resume(g: RingGeometry, head: u64) -> Self {
+        Self { g, st: ConsumerState::new(g.capacity, head) }
     }
 
     /// The control block accessor for this ring.

@@ -225,7 +225,12 @@ const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW);
 
 /// Creates a sealed, zero-filled memfd of `size` bytes.
 pub fn create_memfd(size: usize) -> std::io::Result<std::os::fd::OwnedFd> {
-    let fd = rustix::fs::memfd_create("ivcom", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    create_memfd_named("ivcom", size)
+}
+
+/// [`create_memfd`] with the name `/proc/PID/fd` shows (`memfd:NAME`).
+pub fn create_memfd_named(name: &str, size: usize) -> std::io::Result<std::os::fd::OwnedFd> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     rustix::fs::ftruncate(&fd, size as u64)?;
     rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL)?;
     Ok(fd)
