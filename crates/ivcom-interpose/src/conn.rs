@@ -425,7 +425,8 @@ impl TcpConn {
     /// about to block in the kernel. A thread that announces after we took bytes re-checks
     /// the ring after announcing, and sees what those bytes stood for; `wake_lock` makes the
     /// two exclusive. Otherwise only FIN and RST are noted.
-    fn drain(&self, _rx: &Rx, fd: c_int) {
+    /// `_held`: the caller holds the receive lock (the lock order is `rx`, then `wake_lock`).
+    fn drain(&self, _held: &Rx, fd: c_int) {
         use rustix::net::RecvFlags;
         let _w = lock(&self.wake_lock);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
