@@ -179,7 +179,8 @@ pub unsafe fn wait(
     // SAFETY: the caller's array of `max` events.
     let out = unsafe { std::slice::from_raw_parts_mut(events, max) };
     let mut kev = vec![epoll_event { events: 0, u64: 0 }; max];
-    let deadline = timeout.map(|t| Instant::now() + t);
+    // A timeout too long to represent waits forever.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let kernel = |kev: &mut [epoll_event], t: Option<Duration>, mask: *const sigset_t| -> c_int {
         let ms = t.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int);
         // SAFETY: `kev` is a local array of its length.

@@ -334,7 +334,8 @@ fn sock_timeout(fd: c_int, opt: c_int) -> Option<Instant> {
     if r != 0 || (tv.tv_sec == 0 && tv.tv_usec == 0) {
         return None;
     }
-    Some(Instant::now() + Duration::new(tv.tv_sec as u64, (tv.tv_usec as u32).saturating_mul(1000)))
+    Instant::now()
+        .checked_add(Duration::new(tv.tv_sec.max(0) as u64, (tv.tv_usec.clamp(0, 999_999) as u32) * 1000))
 }
 
 fn advance(iov: &[iovec], mut skip: usize) -> Vec<iovec> {

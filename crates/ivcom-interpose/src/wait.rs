@@ -149,7 +149,8 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
     }
     // SAFETY: the caller's array, used by this call alone.
     let app = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
-    let deadline = timeout.map(|t| Instant::now() + t);
+    // A timeout too long to represent waits forever.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let mut k: Vec<pollfd> = app.to_vec();
     let mut spun = false;
     let mut slept = false;
