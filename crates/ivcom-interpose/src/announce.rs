@@ -425,4 +425,23 @@ mod tests {
         assert!(dual.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         let _ = Ipv6Addr::LOCALHOST;
     }
+
+    proptest::proptest! {
+        /// Whatever a process of the same user sends or writes, reading it neither panics
+        /// nor accepts something malformed; well-formed values round-trip.
+        #[test]
+        fn untrusted_input_is_parsed_safely(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+                                            text in ".{0,200}",
+                                            netns in proptest::prelude::any::<u64>(),
+                                            ip in proptest::prelude::any::<[u8; 16]>(),
+                                            port in proptest::prelude::any::<u16>(),
+                                            v6only in proptest::prelude::any::<bool>()) {
+            if let Some(t) = decode(&bytes) {
+                proptest::prop_assert_eq!(encode(&t).to_vec(), bytes.clone());
+            }
+            let _ = Announcement::parse(&text);
+            let a = Announcement { netns, bound: Endpoint { ip: Ipv6Addr::from(ip), port }, locals: vec![Ipv6Addr::from(ip)], v6only };
+            proptest::prop_assert_eq!(Announcement::parse(&a.render()), Some(a));
+        }
+    }
 }
