@@ -32,7 +32,7 @@ pub type R<T> = Result<T, Errno>;
 pub const MEMFD_NAME: &str = "ivcom-tcp";
 
 /// Largest region the listener's side maps (two 64 MiB rings and the header).
-const MAX_REGION: u64 = 4096 + 2 * (64 << 20);
+pub const MAX_REGION: u64 = 4096 + 2 * (64 << 20);
 
 /// Which end of the connection this process holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,21 @@ enum RxMode {
     Tcp { limit: Option<u64> },
     /// The ring carries data; TCP carries only wakeups (and FIN/RST).
     Ring,
+}
+
+/// What `poll` and `epoll` report for a connection, in TCP's terms.
+#[derive(Debug, Clone, Copy)]
+pub struct Readiness {
+    /// Data, EOF or an error to read (if input was asked for).
+    pub readable: bool,
+    /// Room to write (if output was asked for).
+    pub writable: bool,
+    /// The peer's FIN has arrived (`POLLRDHUP`).
+    pub peer_closed: bool,
+    /// Both directions are shut (`POLLHUP`).
+    pub hangup: bool,
+    /// A reset or other socket error (`POLLERR`, with `POLLHUP`).
+    pub error: bool,
 }
 
 /// A connection carried (or about to be carried) over a channel.
@@ -703,9 +718,7 @@ impl TcpConn {
 
     /// Whether data the peer sent is still unread here.
     pub fn has_unread(&self) -> bool {
-        let mut rx = lock(&self.rx);
-        matches!(self.rx_mode(&mut rx), Ok(RxMode::Ring))
-            && rx.r.available(self.region()).map(|n| n > 0).unwrap_or(false)
+        matches!(self.ring_bytes(), Some(Ok(n)) if n > 0)
     }
 
     /// Whether writes go over TCP still (the connector before the claim).
@@ -760,9 +773,32 @@ impl TcpConn {
 
     /// Data is in the ring now (cheap: for polling loops).
     pub fn ring_has_data(&self) -> bool {
+        // A broken ring counts as ready: the next read reports the error.
+        match self.ring_bytes() {
+            Some(Ok(n)) => n > 0,
+            Some(Err(_)) => true,
+            None => false,
+        }
+    }
+
+    /// Bytes waiting in the ring; `None` while data still comes over TCP.
+    fn ring_bytes(&self) -> Option<Result<u64, ivcom_ring::RingError>> {
         let mut rx = lock(&self.rx);
-        matches!(self.rx_mode(&mut rx), Ok(RxMode::Ring))
-            && rx.r.available(self.region()).map(|n| n > 0).unwrap_or(true)
+        match self.rx_mode(&mut rx) {
+            Ok(RxMode::Ring) => Some(rx.r.available(self.region())),
+            _ => None,
+        }
+    }
+
+    /// Readiness as the program would see it from TCP, for the directions it asks about.
+    pub fn readiness(&self, fd: c_int, want_in: bool, want_out: bool) -> Readiness {
+        Readiness {
+            readable: want_in && self.readable(),
+            writable: want_out && self.writable(|| crate::wait::kernel_writable(fd)),
+            peer_closed: self.peer_closed(),
+            hangup: self.peer_closed() && self.write_shut(),
+            error: self.has_error(),
+        }
     }
 
     /// Writable as the program would see it. `kernel_out`: what the kernel says about TCP

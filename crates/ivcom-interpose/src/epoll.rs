@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use libc::{c_int, epoll_event, sigset_t};
 
 use crate::conn::TcpConn;
-use crate::settings::{count, COUNTERS};
-use crate::wait::{kernel_writable, remaining, set_errno, spin, SHORT_SLEEP};
+use crate::wait::{ready_in_memory, set_errno, spin, Armed};
 
 const TAG: u64 = 0x1f0c_a11e_0000_0000;
 const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
@@ -111,23 +110,21 @@ impl EpollSet {
             let c = &reg.conn;
             let want = reg.events;
             let et = want & libc::EPOLLET as u32 != 0;
+            let rd = c.readiness(fd, want & libc::EPOLLIN as u32 != 0, want & libc::EPOLLOUT as u32 != 0);
             let mut in_part = 0u32;
-            if want & libc::EPOLLIN as u32 != 0 && c.readable() {
+            if rd.readable {
                 in_part |= libc::EPOLLIN as u32;
             }
-            if c.peer_closed() {
+            if rd.peer_closed {
                 in_part |= want & libc::EPOLLRDHUP as u32;
-                if c.write_shut() {
-                    in_part |= libc::EPOLLHUP as u32;
-                }
             }
-            if c.has_error() {
+            if rd.hangup {
+                in_part |= libc::EPOLLHUP as u32;
+            }
+            if rd.error {
                 in_part |= (libc::EPOLLERR | libc::EPOLLHUP) as u32;
             }
-            let mut out_part = 0u32;
-            if want & libc::EPOLLOUT as u32 != 0 && c.writable(|| kernel_writable(fd)) {
-                out_part |= libc::EPOLLOUT as u32;
-            }
+            let mut out_part = if rd.writable { libc::EPOLLOUT as u32 } else { 0 };
             if et {
                 if in_part != 0 {
                     let sig = c.in_signature();
@@ -205,8 +202,7 @@ pub unsafe fn wait(
             let hit = spin(deadline, || {
                 i = i.wrapping_add(1);
                 snap.iter().any(|(c, w)| {
-                    (w & libc::EPOLLIN as u32 != 0 && c.ring_has_data())
-                        || (w & libc::EPOLLOUT as u32 != 0 && !c.tx_on_tcp() && c.writable(|| false))
+                    ready_in_memory(c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)
                 }) || (i.is_multiple_of(32) && {
                     // Now and then, whether anything else in the set is ready.
                     probed = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null()).max(0);
@@ -224,42 +220,16 @@ pub unsafe fn wait(
                 continue;
             }
         }
-        let mut armed = Vec::with_capacity(snap.len() * 2);
-        let mut go = true;
-        let mut short = false;
-        for (c, w) in &snap {
-            for read in [true, false] {
-                let wants = if read { w & libc::EPOLLIN as u32 != 0 } else { w & libc::EPOLLOUT as u32 != 0 };
-                if !wants {
-                    continue;
-                }
-                if c.arm(read) {
-                    armed.push((c.clone(), read));
-                    short |= c.crowded() || (!read && c.peer_closed());
-                } else {
-                    go = false;
-                }
-            }
-        }
-        if !go {
-            for (c, read) in &armed {
-                c.disarm(*read);
-            }
+        let armed = Armed::new(
+            snap.iter().map(|(c, w)| (&**c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)),
+        );
+        if armed.ready() {
             continue;
         }
-        let mut t = remaining(deadline);
-        if short {
-            t = Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)));
-        }
-        count(&COUNTERS.sleeps, 1);
-        let k = kernel(&mut kev, t, mask);
+        let k = kernel(&mut kev, armed.timeout(deadline), mask);
         let e = std::io::Error::last_os_error();
-        if k == 0 && short {
-            count(&COUNTERS.capped, 1);
-        }
-        for (c, read) in &armed {
-            c.disarm(*read);
-        }
+        armed.slept(k);
+        drop(armed);
         if k < 0 {
             set_errno(e.raw_os_error().unwrap_or(libc::EINTR));
             return -1;

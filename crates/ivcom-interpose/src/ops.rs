@@ -997,7 +997,7 @@ pub fn at_start() {
     for &m in &memfds {
         // SAFETY: a descriptor inherited by this process, borrowed for this call.
         let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(m) };
-        let Ok(size) = ivcom_ring::shm::check_memfd(b, 4096 + 2 * (64 << 20)) else { continue };
+        let Ok(size) = ivcom_ring::shm::check_memfd(b, crate::conn::MAX_REGION) else { continue };
         let Ok(map) = ivcom_ring::MappedRegion::map(b, 0, size) else { continue };
         if let Ok(t) = ivcom_ring::layout::tcp::tuple(map.region()) {
             regions.push((m, t));

@@ -63,20 +63,82 @@ pub fn spin(deadline: Option<Instant>, mut check: impl FnMut() -> bool) -> bool 
     }
 }
 
+/// Whether shared memory alone shows `c` ready: data in the ring for a reader, ring space for
+/// a writer whose data goes into the ring. Cheap: the polling loops call it.
+pub fn ready_in_memory(c: &TcpConn, read: bool, write: bool) -> bool {
+    (read && c.ring_has_data()) || (write && !c.tx_on_tcp() && c.writable(|| false))
+}
+
+/// Sleep announcements on a set of connections ([`TcpConn::arm`]), withdrawn when dropped.
+/// Drop it before taking wakeup bytes off the sockets ([`TcpConn::absorb`]).
+pub struct Armed<'a> {
+    list: Vec<(&'a TcpConn, bool)>,
+    ready: bool,
+    short: bool,
+}
+
+impl<'a> Armed<'a> {
+    /// Announces sleep on each connection for reading and for writing, as asked.
+    pub fn new(wants: impl IntoIterator<Item = (&'a TcpConn, bool, bool)>) -> Self {
+        let mut a = Armed { list: Vec::new(), ready: false, short: false };
+        for (c, r, w) in wants {
+            for (read, on) in [(true, r), (false, w)] {
+                if !on {
+                    continue;
+                }
+                if c.arm(read) {
+                    a.list.push((c, read));
+                    a.short |= c.crowded() || (!read && c.peer_closed());
+                } else {
+                    a.ready = true;
+                }
+            }
+        }
+        a
+    }
+
+    /// Something became ready while announcing: do not sleep.
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    /// How long to sleep: until `deadline`, but at most [`SHORT_SLEEP`] while another thread
+    /// waits on one of the connections, or a writer waits for space after the peer's FIN.
+    pub fn timeout(&self, deadline: Option<Instant>) -> Option<Duration> {
+        let t = remaining(deadline);
+        if self.short {
+            Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)))
+        } else {
+            t
+        }
+    }
+
+    /// Counts a sleep that woke with `events` kernel events.
+    pub fn slept(&self, events: c_int) {
+        count(&COUNTERS.sleeps, 1);
+        if events == 0 && self.short {
+            count(&COUNTERS.capped, 1);
+        }
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        for (c, read) in &self.list {
+            c.disarm(*read);
+        }
+    }
+}
+
 /// Blocks until `conn` may be readable (`read`) or writable, or `deadline` passes
 /// (`Err(EAGAIN)`). Signals do not end the wait (as `SA_RESTART` does for TCP).
 pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>) -> R<()> {
-    let ready = |c: &TcpConn| {
-        if read {
-            c.ring_has_data() || c.peer_closed() || c.has_error()
-        } else {
-            !c.tx_on_tcp() && c.writable(|| false)
-        }
-    };
-    if spin(deadline, || ready(conn)) {
+    let ready = || ready_in_memory(conn, read, !read) || (read && (conn.peer_closed() || conn.has_error()));
+    if spin(deadline, ready) {
         return Ok(());
     }
-    if !conn.arm(read) {
+    let armed = Armed::new([(conn, read, !read)]);
+    if armed.ready() {
         return Ok(());
     }
     let closed = conn.peer_closed();
@@ -87,18 +149,10 @@ pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>)
     if !read && conn.tx_on_tcp() {
         events |= libc::POLLOUT;
     }
-    let mut t = remaining(deadline);
-    if conn.crowded() || (!read && closed) {
-        t = Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)));
-    }
     let mut p = [pollfd { fd, events, revents: 0 }];
-    count(&COUNTERS.sleeps, 1);
-    let short = conn.crowded() || (!read && closed);
-    let r = kernel_poll(&mut p, t, std::ptr::null());
-    if r == 0 && short {
-        count(&COUNTERS.capped, 1);
-    }
-    conn.disarm(read);
+    let r = kernel_poll(&mut p, armed.timeout(deadline), std::ptr::null());
+    armed.slept(r);
+    drop(armed);
     if r > 0 {
         conn.absorb(fd);
     }
@@ -110,20 +164,22 @@ pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>)
 
 /// The `poll` events of one connection as the program would see them from TCP.
 fn revents_of(c: &TcpConn, fd: c_int, events: i16) -> i16 {
+    let (inp, out) = (libc::POLLIN | libc::POLLRDNORM, libc::POLLOUT | libc::POLLWRNORM);
+    let rd = c.readiness(fd, events & inp != 0, events & out != 0);
     let mut r = 0;
-    if events & (libc::POLLIN | libc::POLLRDNORM) != 0 && c.readable() {
-        r |= events & (libc::POLLIN | libc::POLLRDNORM);
+    if rd.readable {
+        r |= events & inp;
     }
-    if events & (libc::POLLOUT | libc::POLLWRNORM) != 0 && c.writable(|| kernel_writable(fd)) {
-        r |= events & (libc::POLLOUT | libc::POLLWRNORM);
+    if rd.writable {
+        r |= events & out;
     }
-    if c.peer_closed() {
+    if rd.peer_closed {
         r |= events & libc::POLLRDHUP;
-        if c.write_shut() {
-            r |= libc::POLLHUP;
-        }
     }
-    if c.has_error() {
+    if rd.hangup {
+        r |= libc::POLLHUP;
+    }
+    if rd.error {
         r |= libc::POLLERR | libc::POLLHUP;
     }
     r
@@ -155,14 +211,11 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
     let mut spun = false;
     let mut slept = false;
     loop {
-        let mut short = false;
         for (i, c) in &ours {
             let want = app[*i].events;
             let mut e = 0;
             if !c.peer_closed() {
                 e |= libc::POLLIN | libc::POLLRDHUP;
-            } else if want & (libc::POLLOUT | libc::POLLWRNORM) != 0 {
-                short = true;
             }
             if want & (libc::POLLOUT | libc::POLLWRNORM) != 0 && c.tx_on_tcp() {
                 e |= libc::POLLOUT;
@@ -189,8 +242,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                 i = i.wrapping_add(1);
                 ours.iter().any(|(j, c)| {
                     let w = app[*j].events;
-                    (w & libc::POLLIN != 0 && c.ring_has_data())
-                        || (w & libc::POLLOUT != 0 && !c.tx_on_tcp() && c.writable(|| false))
+                    ready_in_memory(c, w & libc::POLLIN != 0, w & libc::POLLOUT != 0)
                 }) || (others && i.is_multiple_of(32) && {
                     let mut probe = k.clone();
                     kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0
@@ -200,55 +252,27 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                 continue;
             }
         }
-        let mut armed = Vec::with_capacity(ours.len() * 2);
-        let mut go = true;
-        for (i, c) in &ours {
+        let armed = Armed::new(ours.iter().map(|(i, c)| {
             let w = app[*i].events;
-            for read in [true, false] {
-                let wants = if read {
-                    w & (libc::POLLIN | libc::POLLRDNORM) != 0
-                } else {
-                    w & (libc::POLLOUT | libc::POLLWRNORM) != 0
-                };
-                if wants {
-                    if c.arm(read) {
-                        armed.push((c.clone(), read));
-                        short |= c.crowded();
-                    } else {
-                        go = false;
-                    }
-                }
+            (&**c, w & (libc::POLLIN | libc::POLLRDNORM) != 0, w & (libc::POLLOUT | libc::POLLWRNORM) != 0)
+        }));
+        if armed.ready() {
+            continue;
+        }
+        let r = kernel_poll(&mut k, armed.timeout(deadline), mask);
+        let e = std::io::Error::last_os_error();
+        armed.slept(r);
+        drop(armed);
+        if r < 0 {
+            set_errno(e.raw_os_error().unwrap_or(libc::EINTR));
+            return -1;
+        }
+        for (i, c) in &ours {
+            if k[*i].revents != 0 {
+                c.absorb(app[*i].fd);
             }
         }
-        if go {
-            let mut t = remaining(deadline);
-            if short {
-                t = Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)));
-            }
-            count(&COUNTERS.sleeps, 1);
-            let r = kernel_poll(&mut k, t, mask);
-            let e = std::io::Error::last_os_error();
-            if r == 0 && short {
-                count(&COUNTERS.capped, 1);
-            }
-            for (c, read) in &armed {
-                c.disarm(*read);
-            }
-            if r < 0 {
-                set_errno(e.raw_os_error().unwrap_or(libc::EINTR));
-                return -1;
-            }
-            for (i, c) in &ours {
-                if k[*i].revents != 0 {
-                    c.absorb(app[*i].fd);
-                }
-            }
-            slept = true;
-        } else {
-            for (c, read) in &armed {
-                c.disarm(*read);
-            }
-        }
+        slept = true;
     }
 }
 
