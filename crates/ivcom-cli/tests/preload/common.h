@@ -40,6 +40,23 @@ __attribute__((unused)) static void say(const char *fmt, ...) {
     fflush(stdout);
 }
 
+/* The loopback address of the family (::1 when v6, else 127.0.0.1) and `port`. */
+static socklen_t loopback(int v6, int port, struct sockaddr_storage *ss) {
+    memset(ss, 0, sizeof *ss);
+    if (v6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_addr = in6addr_loopback;
+        a->sin6_port = htons((uint16_t)port);
+        return sizeof *a;
+    }
+    struct sockaddr_in *a = (struct sockaddr_in *)ss;
+    a->sin_family = AF_INET;
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a->sin_port = htons((uint16_t)port);
+    return sizeof *a;
+}
+
 /* A listening socket on 127.0.0.1 (or ::1 when v6) at an ephemeral port. */
 __attribute__((unused)) static int listen_any(int v6, int *port) {
     int s = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
@@ -47,19 +64,7 @@ __attribute__((unused)) static int listen_any(int v6, int *port) {
     int one = 1;
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    socklen_t len;
-    if (v6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-        a->sin6_family = AF_INET6;
-        a->sin6_addr = in6addr_loopback;
-        len = sizeof *a;
-    } else {
-        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-        a->sin_family = AF_INET;
-        a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        len = sizeof *a;
-    }
+    socklen_t len = loopback(v6, 0, &ss);
     CHECK(bind(s, (struct sockaddr *)&ss, len) == 0, "bind");
     CHECK(listen(s, 64) == 0, "listen");
     len = sizeof ss;
@@ -72,21 +77,7 @@ __attribute__((unused)) static int connect_to(int v6, int port, int nonblock) {
     int s = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | (nonblock ? SOCK_NONBLOCK : 0), 0);
     CHECK(s >= 0, "socket");
     struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    socklen_t len;
-    if (v6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-        a->sin6_family = AF_INET6;
-        a->sin6_addr = in6addr_loopback;
-        a->sin6_port = htons(port);
-        len = sizeof *a;
-    } else {
-        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-        a->sin_family = AF_INET;
-        a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        a->sin_port = htons(port);
-        len = sizeof *a;
-    }
+    socklen_t len = loopback(v6, port, &ss);
     int r = connect(s, (struct sockaddr *)&ss, len);
     CHECK(r == 0 || (nonblock && errno == EINPROGRESS), "connect");
     return s;
