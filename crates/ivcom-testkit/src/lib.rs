@@ -1,0 +1,245 @@
+//! Test-only helpers for the security tests (never linked into a shipped binary).
+//!
+//! The security tests act out attacks as another local user would: they need root to create
+//! two unprivileged users ([`users`]) and network namespaces ([`NetNs`]), and they bound every
+//! child process they start ([`run_bounded`], [`Bounded`]), ending only those, by PID. Run
+//! without root, [`users`] returns `None` and the tests print a note and pass without
+//! asserting anything (the README's test command runs them as root in CI).
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Names of the two unprivileged users the tests create (or reuse): a victim and an attacker.
+pub const USER_NAMES: [&str; 2] = ["ivcomsec-victim", "ivcomsec-attacker"];
+
+/// An unprivileged local user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+fn lookup(name: &str) -> Option<User> {
+    let out = Command::new("getent").args(["passwd", name]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    let f: Vec<&str> = line.trim().split(':').collect();
+    Some(User { name: name.to_owned(), uid: f.get(2)?.parse().ok()?, gid: f.get(3)?.parse().ok()? })
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The victim and the attacker, created with `useradd` if they do not exist; `None` (with a
+/// note on stderr naming `test`) when not running as root.
+pub fn users(test: &str) -> Option<(User, User)> {
+    if !is_root() {
+        eprintln!("note: {test} needs root (it creates unprivileged users); skipped");
+        return None;
+    }
+    let mut got = Vec::new();
+    for name in USER_NAMES {
+        if lookup(name).is_none() {
+            let st = Command::new("useradd")
+                .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name])
+                .status()
+                .expect("run useradd");
+            // Another test process may have created it at the same moment.
+            assert!(st.success() || lookup(name).is_some(), "useradd {name} failed");
+        }
+        got.push(lookup(name).unwrap_or_else(|| panic!("user {name} missing after useradd")));
+    }
+    let b = got.pop().expect("two users");
+    let a = got.pop().expect("two users");
+    Some((a, b))
+}
+
+impl User {
+    /// A command that runs `program` as this user (no supplementary groups), with an
+    /// environment holding only `PATH`, `HOME=/` and `TMPDIR=/tmp`.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env("HOME", "/")
+            .env("TMPDIR", "/tmp")
+            .uid(self.uid)
+            .gid(self.gid);
+        c
+    }
+}
+
+/// A fresh scratch directory `/tmp/ivcomsec-<name>-<pid>`, mode 0755 (every user can reach
+/// what is below it), removed when dropped.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Creates it (replacing a leftover of the same name).
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ivcomsec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create scratch directory");
+        chmod(&p, 0o755);
+        Scratch(p)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A subdirectory owned by `user` with `mode`.
+    pub fn dir_for(&self, sub: &str, user: &User, mode: u32) -> PathBuf {
+        let p = self.0.join(sub);
+        std::fs::create_dir_all(&p).expect("create directory");
+        chown(&p, user.uid, user.gid);
+        chmod(&p, mode);
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `chmod` that panics with the path on failure.
+pub fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+}
+
+/// `chown` (not following a final symlink) that panics with the path on failure.
+pub fn chown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+}
+
+/// A child process that is killed (by its PID, with its process group) if still running when
+/// dropped.
+#[derive(Debug)]
+pub struct Bounded(pub Child);
+
+impl Bounded {
+    /// Starts `cmd` in a process group of its own, stdout and stderr piped.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        Bounded(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    /// Waits at most `limit`; kills it when it overstays. Returns its output and whether it
+    /// exited by itself in time.
+    pub fn finish(mut self, limit: Duration) -> (Output, bool) {
+        let deadline = Instant::now() + limit;
+        let mut in_time = true;
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    in_time = false;
+                    self.kill();
+                    break;
+                }
+            }
+        }
+        let status = self.0.wait().expect("wait for child");
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            let _ = o.read_to_end(&mut stdout);
+        }
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_end(&mut stderr);
+        }
+        (Output { status, stdout, stderr }, in_time)
+    }
+
+    fn kill(&mut self) {
+        let pid = self.0.id() as libc::pid_t;
+        // SAFETY: signalling the process group of a child we started (its pgid is its pid).
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = self.0.kill();
+    }
+}
+
+impl Drop for Bounded {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `cmd` to completion within `limit` (killing it if it overstays); returns its output
+/// and whether it finished in time.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, bool) {
+    Bounded::spawn(cmd).finish(limit)
+}
+
+/// A network namespace made for one test (`ip netns add`), deleted when dropped.
+#[derive(Debug)]
+pub struct NetNs {
+    /// Its name under `/run/netns`.
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `ivcomsec-<tag>-<pid>` with its loopback up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("ivcomsec-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} failed (needs root and iproute2)");
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n NAME ARGS...` and panics if it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let ok = Command::new("ip").arg("-n").arg(&self.name).args(args).status().is_ok_and(|s| s.success());
+        assert!(ok, "ip -n {} {args:?} failed", self.name);
+    }
+
+    /// A command that runs `argv` inside this namespace (as root; wrap with `setpriv` to drop
+    /// to a user).
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(argv);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The argv prefix that drops from root to `user` (no supplementary groups) before running
+/// a program: for commands that must first enter a namespace as root.
+pub fn setpriv_as(user: &User) -> Vec<String> {
+    vec![
+        "setpriv".into(),
+        format!("--reuid={}", user.uid),
+        format!("--regid={}", user.gid),
+        "--clear-groups".into(),
+        "--".into(),
+    ]
+}
