@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ivcom_interpose::settings::{ENV_ACCEL, ENV_LOG, ENV_RING, ENV_SPIN};
+use ivcom_interpose::settings::{ENV_ACCEL, ENV_LOG, ENV_MAX_RING, ENV_RING, ENV_SPIN};
 
 /// Environment variable naming the preload library to use instead of the one next to `ivcom`.
 pub const ENV_LIB: &str = "IVCOM_PRELOAD_LIB";
@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Ring capacity per direction of each new connection, in KiB (rounded up to a power of two).
     #[arg(long, value_name = "KIB")]
     ring_kib: Option<u64>,
+    /// The largest ring per direction, in KiB, that accepted connections may bring (larger
+    /// registrations stay on plain TCP; default 4096, never less than --ring-kib).
+    #[arg(long, value_name = "KIB")]
+    max_ring_kib: Option<u64>,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -92,6 +96,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         cmd.env(ENV_RING, r.to_string());
     }
+    if let Some(r) = a.max_ring_kib {
+        if r < 4 {
+            bail!("--max-ring-kib must be at least 4");
+        }
+        cmd.env(ENV_MAX_RING, r.to_string());
+    }
+    let dir = ivcom_interpose::settings::runtime_dir();
+    if let (Err(why), false) = (&dir, a.off) {
+        eprintln!("ivcom run: {why}; every connection stays on plain TCP");
+    }
     let mut child =
         cmd.spawn().with_context(|| format!("cannot run {}", PathBuf::from(&a.command[0]).display()))?;
     // SIGTERM and SIGHUP sent to `ivcom run` are meant for the program (SIGINT from a
@@ -111,7 +125,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     handle.close();
     let _ = forwarder.join();
     // Announcements of listeners that died without closing (killed) are withdrawn here.
-    ivcom_interpose::announce::sweep(&ivcom_interpose::settings::get().dir);
+    if let Ok(dir) = &dir {
+        ivcom_interpose::announce::sweep(dir);
+    }
     Ok(match (status.code(), status.signal()) {
         (Some(c), _) => ExitCode::from(c.clamp(0, 255) as u8),
         (None, Some(s)) => ExitCode::from((128 + s).clamp(0, 255) as u8),

@@ -7,30 +7,65 @@
 //! `flock` on `.ann` for as long as any process has the listening socket open; a file nobody
 //! holds is stale and whoever finds it removes it.
 //!
-//! A registration is one packet on its own connection to `.sock`: the connection's 4-tuple
-//! and the channel's memfd. The connecting side keeps its end open until it sees the claim
-//! (or gives up); a registration whose connection has hung up is dropped unclaimed.
+//! A registration is one packet on its own connection to `.sock`: the connection's 4-tuple,
+//! the channel's memfd and the connecting TCP socket itself. The accepting side claims the
+//! channel only if that socket is the other end of the connection it accepted, and answers
+//! with a claim packet carrying its accepted socket, which the connecting side checks the same
+//! way before it uses the ring ([`crate::verify`]). Nothing in the runtime directory is
+//! trusted further: the directory must be the user's own ([`ivcom::rundir`]), files are opened
+//! relative to it without following links or blocking, must be the user's regular files and
+//! are read with a size bound, and both ends of a registration connection check each other's
+//! credentials (`SO_PEERCRED`).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
+use ivcom::rundir::RuntimeDir;
+use libc::c_int;
 use rustix::fs::{FlockOperation, Mode, OFlags};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 use crate::net::{is_loopback, is_unspecified, Endpoint, Tuple};
 
 const MAGIC: &[u8; 4] = b"IVTC";
-const VERSION: u32 = 1;
-const REG_LEN: usize = 4 + 4 + 2 * (16 + 2);
+const VERSION: u16 = 2;
+/// Packet kinds on a registration connection.
+const KIND_REGISTER: u16 = 1;
+const KIND_CLAIM: u16 = 2;
+const HEADER_LEN: usize = 8;
+const REG_LEN: usize = HEADER_LEN + 2 * (16 + 2);
+
+/// Largest announcement file read (a wildcard listener lists its namespace's addresses).
+pub const MAX_ANNOUNCEMENT: u64 = 64 * 1024;
+/// Most registrations a listener keeps waiting for their connections to be accepted; past
+/// it the oldest are dropped (their connections stay on plain TCP). Each holds three
+/// descriptors (the registration connection, the memfd, the connecting socket).
+pub const MAX_PENDING: usize = 256;
+/// Most directory entries looked at per `connect` (the directory is the user's own; this only
+/// bounds the work a flooded directory can cause).
+const MAX_SCAN: usize = 4096;
+
+fn header(kind: u16) -> [u8; HEADER_LEN] {
+    let mut b = [0u8; HEADER_LEN];
+    b[..4].copy_from_slice(MAGIC);
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[6..8].copy_from_slice(&kind.to_le_bytes());
+    b
+}
+
+fn kind_of(b: &[u8]) -> Option<u16> {
+    if b.len() < HEADER_LEN || &b[..4] != MAGIC || b[4..6] != VERSION.to_le_bytes() {
+        return None;
+    }
+    Some(u16::from_le_bytes([b[6], b[7]]))
+}
 
 /// Encodes a registration packet.
 pub fn encode(t: &Tuple) -> [u8; REG_LEN] {
     let mut b = [0u8; REG_LEN];
-    b[..4].copy_from_slice(MAGIC);
-    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    b[..HEADER_LEN].copy_from_slice(&header(KIND_REGISTER));
     b[8..24].copy_from_slice(&t.src.ip.octets());
     b[24..26].copy_from_slice(&t.src.port.to_le_bytes());
     b[26..42].copy_from_slice(&t.dst.ip.octets());
@@ -40,7 +75,7 @@ pub fn encode(t: &Tuple) -> [u8; REG_LEN] {
 
 /// Decodes a registration packet; `None` for anything else.
 pub fn decode(b: &[u8]) -> Option<Tuple> {
-    if b.len() != REG_LEN || &b[..4] != MAGIC || b[4..8] != VERSION.to_le_bytes() {
+    if b.len() != REG_LEN || kind_of(b)? != KIND_REGISTER {
         return None;
     }
     let ip = |r: std::ops::Range<usize>| -> Option<std::net::Ipv6Addr> {
@@ -51,6 +86,11 @@ pub fn decode(b: &[u8]) -> Option<Tuple> {
         src: Endpoint { ip: ip(8..24)?, port: port(24) },
         dst: Endpoint { ip: ip(26..42)?, port: port(42) },
     })
+}
+
+/// Whether `b` is a claim packet.
+pub fn is_claim(b: &[u8]) -> bool {
+    b.len() == HEADER_LEN && kind_of(b) == Some(KIND_CLAIM)
 }
 
 /// What an `.ann` file says.
@@ -78,7 +118,8 @@ impl Announcement {
         s
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// Parses an announcement (untrusted text of the user's own runtime directory).
+    pub fn parse(s: &str) -> Option<Self> {
         let mut lines = s.lines();
         if lines.next()? != format!("ivcom-tcp {VERSION}") {
             return None;
@@ -134,6 +175,26 @@ struct Pending {
     tuple: Tuple,
     conn: OwnedFd,
     region: OwnedFd,
+    /// The connecting side's TCP socket: proof of which connection this is.
+    socket: OwnedFd,
+}
+
+/// A registration matched to an accepted connection.
+#[derive(Debug)]
+pub struct Registration {
+    /// The channel's memfd (untrusted: validate before use).
+    pub region: OwnedFd,
+    /// The registration connection, to answer with the claim ([`confirm`]).
+    pub conn: OwnedFd,
+}
+
+/// Tells the connecting side on `conn` that its channel is claimed, handing it the accepted
+/// socket as proof. Failure only means the connecting side gave up (it then stays on TCP).
+pub fn confirm(conn: &OwnedFd, accepted: c_int) -> io::Result<()> {
+    // SAFETY: `accepted` is the descriptor `accept` just returned to the call we serve; it is
+    // open for the duration of this call.
+    let s = unsafe { BorrowedFd::borrow_raw(accepted) };
+    ivcom::sys::send_packet(conn.as_fd(), &header(KIND_CLAIM), &[s])
 }
 
 /// An announced listening socket.
@@ -141,42 +202,21 @@ struct Pending {
 pub struct Listening {
     sock: OwnedFd,
     lock: Option<OwnedFd>,
-    ann: PathBuf,
-    sock_path: PathBuf,
+    dir: &'static RuntimeDir,
+    stem: String,
     stash: Mutex<Vec<Pending>>,
-}
-
-fn ensure_dir(dir: &Path) -> io::Result<()> {
-    match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-        Err(rustix::io::Errno::NOENT) => {
-            if let Some(parent) = dir.parent() {
-                ensure_dir(parent)?;
-            }
-            return ensure_dir(dir);
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let st = rustix::fs::stat(dir)?;
-    if st.st_uid != rustix::process::geteuid().as_raw() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} belongs to another user", dir.display()),
-        ));
-    }
-    Ok(())
-}
-
-fn unix_addr(p: &Path) -> io::Result<SocketAddrUnix> {
-    Ok(SocketAddrUnix::new(p)?)
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
 impl Listening {
-    /// Announces a listener bound to `bound` in namespace `netns`.
-    pub fn announce(dir: &Path, bound: Endpoint, netns: u64, v6only: bool) -> io::Result<Self> {
-        ensure_dir(dir)?;
+    /// Announces a listener bound to `bound` in namespace `netns`, in `dir` (the verified
+    /// `tcp` directory).
+    pub fn announce(dir: &'static RuntimeDir, bound: Endpoint, netns: u64, v6only: bool) -> io::Result<Self> {
         let locals = if is_unspecified(&bound.ip) { crate::net::local_addrs() } else { Vec::new() };
         let ann = Announcement { netns, bound, locals, v6only };
         let stem = format!(
@@ -186,180 +226,272 @@ impl Listening {
             rustix::process::getpid().as_raw_nonzero(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let sock_path = dir.join(format!("{stem}.sock"));
-        let ann_path = dir.join(format!("{stem}.ann"));
-        let tmp = dir.join(format!("{stem}.tmp"));
-        let _ = rustix::fs::unlink(&sock_path);
+        let (sock_name, ann_name, tmp) =
+            (format!("{stem}.sock"), format!("{stem}.ann"), format!("{stem}.tmp"));
+        let _ = dir.unlink(&sock_name);
         let sock = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )?;
-        rustix::net::bind(&sock, &unix_addr(&sock_path)?)?;
-        rustix::net::listen(&sock, 1024)?;
+        rustix::net::bind(&sock, &dir.unix_addr(&sock_name)?)?;
         let lock = (|| -> io::Result<OwnedFd> {
-            let f = rustix::fs::open(
+            // Only we may register: the directory is ours, and so is the socket file.
+            dir.chmod(&sock_name, 0o600)?;
+            rustix::net::listen(&sock, MAX_PENDING as i32)?;
+            let f = dir.open_file(
                 &tmp,
-                OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC,
+                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
                 Mode::from_raw_mode(0o600),
             )?;
             rustix::io::write(&f, ann.render().as_bytes())?;
             rustix::fs::flock(&f, FlockOperation::LockShared)?;
-            rustix::fs::rename(&tmp, &ann_path)?;
+            dir.rename(&tmp, &ann_name)?;
             Ok(f)
         })();
         let lock = match lock {
             Ok(l) => l,
             Err(e) => {
-                let _ = rustix::fs::unlink(&tmp);
-                let _ = rustix::fs::unlink(&sock_path);
+                let _ = dir.unlink(&tmp);
+                let _ = dir.unlink(&sock_name);
                 return Err(e);
             }
         };
-        Ok(Listening { sock, lock: Some(lock), ann: ann_path, sock_path, stash: Mutex::new(Vec::new()) })
+        Ok(Listening { sock, lock: Some(lock), dir, stem, stash: Mutex::new(Vec::new()) })
     }
 
-    /// Where the announcement lives.
-    pub fn path(&self) -> &Path {
-        &self.ann
+    /// The name of the announcement file in the runtime directory's `tcp/`.
+    pub fn name(&self) -> String {
+        format!("{}.ann", self.stem)
     }
 
-    /// Takes the live registration for `tuple`, if there is one: the channel's memfd.
-    pub fn take(&self, tuple: &Tuple) -> Option<OwnedFd> {
-        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-        // New registrations first: they were all sent before their TCP handshakes started.
-        while let Ok(conn) =
-            rustix::net::accept_with(&self.sock, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
-        {
+    /// Takes in the registrations that arrived (at most [`MAX_PENDING`] kept).
+    fn collect(&self, stash: &mut Vec<Pending>) {
+        for _ in 0..MAX_PENDING {
+            let Ok(conn) = rustix::net::accept_with(&self.sock, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+            else {
+                break;
+            };
+            // Only our own user registers (the socket file is 0600 in our own directory;
+            // this also holds if either was changed behind our back).
             match rustix::net::sockopt::socket_peercred(&conn) {
-                Ok(c) if c.uid == rustix::process::geteuid() => {}
+                Ok(c) if c.uid.as_raw() == euid() => {}
                 _ => continue,
             }
             let mut buf = [0u8; REG_LEN + 1];
-            if let Ok((n, mut fds)) = ivcom::sys::recv_packet(conn.as_fd(), &mut buf) {
-                if let (Some(t), 1) = (decode(&buf[..n]), fds.len()) {
-                    let region = fds.pop().expect("one descriptor");
-                    // A newer registration of the same tuple replaces an older one.
-                    stash.retain(|p| p.tuple != t);
-                    stash.push(Pending { tuple: t, conn, region });
-                }
+            let Ok((n, fds)) = ivcom::sys::recv_packet(conn.as_fd(), &mut buf) else { continue };
+            let (Some(tuple), Ok([region, socket])) = (decode(&buf[..n]), <[OwnedFd; 2]>::try_from(fds))
+            else {
+                continue;
+            };
+            if stash.len() >= MAX_PENDING {
+                stash.remove(0);
             }
+            stash.push(Pending { tuple, conn, region, socket });
         }
         // Registrations whose connecting side hung up are dead.
-        if !stash.is_empty() {
-            let mut fds: Vec<rustix::event::PollFd<'_>> = stash
-                .iter()
-                .map(|p| rustix::event::PollFd::new(&p.conn, rustix::event::PollFlags::RDHUP))
-                .collect();
-            let _ = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }));
-            let dead: Vec<bool> = fds
-                .iter()
-                .map(|f| {
-                    f.revents().intersects(
-                        rustix::event::PollFlags::HUP
-                            | rustix::event::PollFlags::RDHUP
-                            | rustix::event::PollFlags::ERR,
-                    )
-                })
-                .collect();
-            drop(fds);
-            let mut i = 0;
-            stash.retain(|_| {
-                i += 1;
-                !dead[i - 1]
-            });
+        if stash.is_empty() {
+            return;
         }
-        let at = stash.iter().position(|p| p.tuple == *tuple)?;
-        Some(stash.swap_remove(at).region)
+        use rustix::event::{PollFd, PollFlags};
+        let mut fds: Vec<PollFd<'_>> = stash.iter().map(|p| PollFd::new(&p.conn, PollFlags::RDHUP)).collect();
+        let _ = rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }));
+        let dead: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR))
+            .collect();
+        drop(fds);
+        let mut i = 0;
+        stash.retain(|_| {
+            i += 1;
+            !dead[i - 1]
+        });
+    }
+
+    /// Takes the registration of the connection `accepted` (whose ends are `tuple`: the peer
+    /// as `src`, our address as `dst`), if there is one whose connecting socket proves to be
+    /// the other end of it. Registrations for the tuple that fail the proof are dropped, and
+    /// why is logged.
+    pub fn take(&self, tuple: &Tuple, accepted: c_int) -> Option<Registration> {
+        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+        self.collect(&mut stash);
+        let ours = Tuple { src: tuple.dst, dst: tuple.src };
+        let our_netns = crate::verify::netns_cookie(accepted)?;
+        let mut i = 0;
+        while i < stash.len() {
+            if stash[i].tuple != *tuple {
+                i += 1;
+                continue;
+            }
+            let p = stash.remove(i);
+            match crate::verify::other_end(p.socket.as_fd(), &ours, our_netns) {
+                Ok(()) => return Some(Registration { region: p.region, conn: p.conn }),
+                Err(e) => crate::decision!("accept from {}: registration ignored: {e}", tuple.src),
+            }
+        }
+        None
     }
 }
-
 impl Drop for Listening {
     fn drop(&mut self) {
         // Close our hold on the announcement, then remove it if no other process (a fork
         // sharing the listening socket) still holds it.
         self.lock = None;
-        remove_if_stale(&self.ann);
-        let _ = &self.sock_path;
+        remove_if_stale(self.dir, &self.name());
     }
+}
+
+/// Opens an announcement file without following a link or blocking (a FIFO planted in its
+/// place must not hang us), and checks that it is a regular file of ours of bounded size.
+fn open_announcement(dir: &RuntimeDir, name: &str) -> Option<(OwnedFd, u64)> {
+    let f = dir.open_file(name, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY, Mode::empty()).ok()?;
+    let st = rustix::fs::fstat(&f).ok()?;
+    let regular = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+    (regular && st.st_uid == euid() && (st.st_size as u64) <= MAX_ANNOUNCEMENT)
+        .then_some((f, st.st_size as u64))
+}
+
+/// Reads and parses an announcement (see [`open_announcement`]); at most
+/// [`MAX_ANNOUNCEMENT`] bytes are read whatever the file claims.
+fn read_announcement(f: &OwnedFd, size: u64) -> Option<Announcement> {
+    let mut buf = vec![0u8; size.min(MAX_ANNOUNCEMENT) as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::read(f, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return None,
+        }
+    }
+    Announcement::parse(std::str::from_utf8(&buf[..got]).ok()?)
 }
 
 /// Removes an announcement (both files) that no process holds. Returns whether it was stale.
-pub fn remove_if_stale(ann: &Path) -> bool {
-    let Ok(f) = rustix::fs::open(ann, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) else {
-        return false;
-    };
+pub fn remove_if_stale(dir: &RuntimeDir, ann: &str) -> bool {
+    let Some((f, _)) = open_announcement(dir, ann) else { return false };
     if rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
         return false;
     }
-    let _ = rustix::fs::unlink(ann.with_extension("sock"));
-    let _ = rustix::fs::unlink(ann);
+    if let Some(stem) = ann.strip_suffix(".ann") {
+        let _ = dir.unlink(&format!("{stem}.sock"));
+    }
+    let _ = dir.unlink(ann);
     true
 }
 
-/// Removes every stale announcement in `dir` (what `ivcom run` does after its program exits).
-pub fn sweep(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
-    let mut n = 0;
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "ann") && remove_if_stale(&p) {
-            n += 1;
+/// Names of the entries of `dir` (at most [`MAX_SCAN`]).
+fn entries(dir: &RuntimeDir) -> Vec<String> {
+    let Ok(mut rd) = rustix::fs::Dir::read_from(dir.fd()) else { return Vec::new() };
+    let mut out = Vec::new();
+    while let Some(Ok(e)) = rd.read() {
+        if out.len() >= MAX_SCAN {
+            break;
+        }
+        if let Ok(n) = e.file_name().to_str() {
+            out.push(n.to_owned());
         }
     }
-    n
+    out
 }
 
-/// Finds a live announced listener that a connection to `dst` reaches; returns the path of
-/// its registration socket.
-pub fn find(dir: &Path, dst: &Endpoint, my_netns: u64) -> Option<PathBuf> {
+/// Removes every stale announcement in `dir` (what `ivcom run` does after its program exits).
+pub fn sweep(dir: &RuntimeDir) -> usize {
+    entries(dir).iter().filter(|n| n.ends_with(".ann") && remove_if_stale(dir, n)).count()
+}
+
+/// A live announced listener that a connection reaches.
+#[derive(Debug)]
+pub struct Found {
+    /// Name of its registration socket in the directory.
+    pub sock: String,
+    /// What it announced.
+    pub announcement: Announcement,
+}
+
+/// Finds a live announced listener that a connection to `dst` reaches.
+pub fn find(dir: &RuntimeDir, dst: &Endpoint, my_netns: u64) -> Option<Found> {
     let prefix = format!("{}-", dst.port);
-    let rd = rustix::fs::Dir::read_from(
-        rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?,
-    )
-    .ok()?;
     let mut addrs: Option<Vec<std::net::Ipv6Addr>> = None;
     let mut my_addrs = || addrs.get_or_insert_with(crate::net::local_addrs).clone();
     // The kernel gives a connection to a listener bound to the exact address before a
     // wildcard one; so do we.
-    let mut wildcard: Option<PathBuf> = None;
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+    let mut wildcard: Option<Found> = None;
+    for name in entries(dir) {
         if !name.starts_with(&prefix) || !name.ends_with(".ann") {
             continue;
         }
-        let path = dir.join(&name);
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let Some(a) = Announcement::parse(&text) else { continue };
-        if !a.serves(dst, my_netns, &mut my_addrs) {
+        let Some((f, size)) = open_announcement(dir, &name) else { continue };
+        let Some(a) = read_announcement(&f, size) else { continue };
+        drop(f);
+        if !a.serves(dst, my_netns, &mut my_addrs) || remove_if_stale(dir, &name) {
             continue;
         }
-        if remove_if_stale(&path) {
-            continue;
+        let found = Found { sock: name.replace(".ann", ".sock"), announcement: a };
+        if found.announcement.bound.ip == dst.ip {
+            return Some(found);
         }
-        if a.bound.ip == dst.ip {
-            return Some(path.with_extension("sock"));
-        }
-        wildcard.get_or_insert(path.with_extension("sock"));
+        wildcard.get_or_insert(found);
     }
     wildcard
 }
 
-/// Registers a connection with a listener: connects to its registration socket and sends
-/// the tuple and the channel's memfd. The returned socket stays open while the registration
-/// is meant to be live.
-pub fn register(sock: &Path, tuple: &Tuple, region: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+/// Registers a connection with a listener: connects to its registration socket `sock` in
+/// `dir`, checks that a process of our own user serves it, and sends the tuple, the channel's
+/// memfd and the connecting TCP socket `tcp`. The returned socket stays open while the
+/// registration is meant to be live; the claim arrives on it ([`recv_claim`]).
+pub fn register(
+    dir: &RuntimeDir,
+    sock: &str,
+    tuple: &Tuple,
+    region: BorrowedFd<'_>,
+    tcp: c_int,
+) -> io::Result<OwnedFd> {
     let s = rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
         SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )?;
-    rustix::net::connect(&s, &unix_addr(sock)?)?;
-    ivcom::sys::send_packet(s.as_fd(), &encode(tuple), &[region])?;
-    let _ = s.as_raw_fd();
+    rustix::net::connect(&s, &dir.unix_addr(sock)?)?;
+    let cred = rustix::net::sockopt::socket_peercred(&s)?;
+    if cred.uid.as_raw() != euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{sock} is served by uid {}, not ours", cred.uid.as_raw()),
+        ));
+    }
+    // SAFETY: `tcp` is the program's socket for the `connect` call we serve; it is open for
+    // the duration of this call.
+    let tcp = unsafe { BorrowedFd::borrow_raw(tcp) };
+    ivcom::sys::send_packet(s.as_fd(), &encode(tuple), &[region, tcp])?;
     Ok(s)
+}
+
+/// What arrived on a registration connection.
+#[derive(Debug)]
+pub enum Claim {
+    /// Nothing yet.
+    NotYet,
+    /// The claim and the socket that proves it (still to be checked).
+    Claimed(OwnedFd),
+    /// The connection ended or carried something else: no claim will come.
+    Never(String),
+}
+
+/// Reads the claim from a registration connection, without blocking.
+pub fn recv_claim(reg: BorrowedFd<'_>) -> Claim {
+    let mut buf = [0u8; HEADER_LEN + 1];
+    match ivcom::sys::recv_packet(reg, &mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Claim::NotYet,
+        Err(e) => Claim::Never(format!("registration connection failed ({e})")),
+        Ok((0, _)) => Claim::Never("the listener's side closed the registration without a claim".into()),
+        Ok((n, fds)) => match <[OwnedFd; 1]>::try_from(fds) {
+            Ok([s]) if is_claim(&buf[..n]) => Claim::Claimed(s),
+            _ => Claim::Never("malformed claim".into()),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -102,6 +102,11 @@ pub struct TcpConn {
     /// Mirror of the connector's `Tx::switched`, readable without the lock.
     switched: AtomicBool,
     registration: Mutex<Option<OwnedFd>>,
+    /// The connector's connection as it names it (`src`: its own address, `dst`: the
+    /// listener's), and the cookie of its socket's network namespace: what the accepting
+    /// side's socket must mirror ([`crate::verify::other_end`]).
+    ends: crate::net::Tuple,
+    netns_cookie: u64,
     tx: Mutex<Tx>,
     rx: Mutex<Rx>,
     eof: AtomicBool,
@@ -218,7 +223,13 @@ unsafe fn buf<'a>(v: &iovec) -> &'a [u8] {
 }
 
 impl TcpConn {
-    fn new(map: MappedRegion, region_fd: OwnedFd, side: Side, params: &Params) -> Self {
+    fn new(
+        map: MappedRegion,
+        region_fd: OwnedFd,
+        side: Side,
+        params: &Params,
+        ends: (crate::net::Tuple, u64),
+    ) -> Self {
         let acceptor = side == Side::Acceptor;
         let (mine, theirs) = if acceptor {
             (Direction::ToConnector, Direction::ToListener)
@@ -235,6 +246,8 @@ impl TcpConn {
             claim_seen: AtomicBool::new(acceptor),
             switched: AtomicBool::new(acceptor),
             registration: Mutex::new(None),
+            ends: ends.0,
+            netns_cookie: ends.1,
             tx: Mutex::new(Tx {
                 w: StreamWriter::new(params.ring(mine)),
                 switched: acceptor,
@@ -260,16 +273,17 @@ impl TcpConn {
         }
     }
 
-    /// A new channel for connection `tuple` that this process is making (register
-    /// [`TcpConn::region_fd`] with the listener).
-    pub fn connector(ring: u64, tuple: &crate::net::Tuple) -> io::Result<Self> {
+    /// A new channel for connection `tuple` that this process is making from a socket in the
+    /// network namespace with cookie `netns_cookie` (register [`TcpConn::region_fd`] with the
+    /// listener).
+    pub fn connector(ring: u64, tuple: &crate::net::Tuple, netns_cookie: u64) -> io::Result<Self> {
         let params = Params { capacity: [ring, ring], max_message: None };
         let size = params.region_size().map_err(io::Error::other)?;
         let fd = ivcom_ring::shm::create_memfd_named(MEMFD_NAME, size)?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         layout::init(map.region(), &params).map_err(io::Error::other)?;
         tcp::store_tuple(map.region(), &tuple.to_bytes()).map_err(io::Error::other)?;
-        Ok(Self::new(map, fd, Side::Connector, &params))
+        Ok(Self::new(map, fd, Side::Connector, &params, (*tuple, netns_cookie)))
     }
 
     /// The region's memfd.
@@ -298,7 +312,7 @@ impl TcpConn {
         let switch = tcp::switch_offset(region).map_err(bad)?;
         let sent = tcp::sent_count(region).map_err(bad)?;
         let read = tcp::read_count(region).map_err(bad)?;
-        let c = Self::new(map, fd, side, &params);
+        let c = Self::new(map, fd, side, &params, (crate::net::Tuple::UNKNOWN, 0));
         {
             let mut tx = lock(&c.tx);
             tx.w = StreamWriter::resume(gm, tail);
@@ -320,9 +334,10 @@ impl TcpConn {
         Ok(c)
     }
 
-    /// Claims the channel a connecting peer registered (an untrusted memfd).
-    pub fn acceptor(fd: OwnedFd) -> io::Result<Self> {
-        let size = ivcom_ring::shm::check_memfd(fd.as_fd(), MAX_REGION)?;
+    /// Claims the channel a connecting peer registered (an untrusted memfd of at most
+    /// `max_region` bytes).
+    pub fn acceptor(fd: OwnedFd, max_region: u64) -> io::Result<Self> {
+        let size = ivcom_ring::shm::check_memfd(fd.as_fd(), max_region.min(MAX_REGION))?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         // Not `validate`: the connecting side may already have announced sleep on its ring.
         let params = layout::validate_shape(map.region(), false)
@@ -331,7 +346,7 @@ impl TcpConn {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "channel already claimed"));
         }
         tcp::claim(map.region()).map_err(io::Error::other)?;
-        Ok(Self::new(map, fd, Side::Acceptor, &params))
+        Ok(Self::new(map, fd, Side::Acceptor, &params, (crate::net::Tuple::UNKNOWN, 0)))
     }
 
     fn region(&self) -> &ShmRegion {
@@ -389,13 +404,33 @@ impl TcpConn {
         if self.claim_seen.load(Ordering::Acquire) {
             return true;
         }
-        if tcp::claimed(self.region()).unwrap_or(false) {
-            self.claim_seen.store(true, Ordering::Release);
-            *lock(&self.registration) = None;
-            count(&COUNTERS.accelerated, 1);
-            crate::decision!("connect: listener claimed the channel; connection accelerated");
-            return true;
+        if self.side == Side::Acceptor || self.is_plain() || !tcp::claimed(self.region()).unwrap_or(false) {
+            return false;
         }
+        // The claim word is written by whoever holds the region: it only says that a claim
+        // message should be on the registration connection. That message carries the
+        // accepting side's socket, which must prove to be the other end of our connection.
+        let mut reg = lock(&self.registration);
+        let Some(r) = reg.as_ref() else { return false };
+        let why = match crate::announce::recv_claim(r.as_fd()) {
+            crate::announce::Claim::NotYet => return false,
+            crate::announce::Claim::Never(why) => why,
+            crate::announce::Claim::Claimed(s) => {
+                match crate::verify::other_end(s.as_fd(), &self.ends, self.netns_cookie) {
+                    Ok(()) => {
+                        *reg = None;
+                        drop(reg);
+                        self.claim_seen.store(true, Ordering::Release);
+                        count(&COUNTERS.accelerated, 1);
+                        crate::decision!("connect: listener claimed the channel; connection accelerated");
+                        return true;
+                    }
+                    Err(e) => format!("claim refused: {e}"),
+                }
+            }
+        };
+        drop(reg);
+        self.become_plain(&why);
         false
     }
 

@@ -18,4 +18,5 @@ pub mod ops;
 pub mod real;
 pub mod settings;
 pub mod table;
+pub mod verify;
 pub mod wait;

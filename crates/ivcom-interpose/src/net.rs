@@ -47,6 +47,13 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// A placeholder where the tuple is not needed (the accepting side, which checks the
+    /// connector's socket when it claims).
+    pub const UNKNOWN: Tuple = Tuple {
+        src: Endpoint { ip: Ipv6Addr::UNSPECIFIED, port: 0 },
+        dst: Endpoint { ip: Ipv6Addr::UNSPECIFIED, port: 0 },
+    };
+
     /// The 36-byte form recorded in a channel's region (see `ivcom_ring::layout::off::TCP_TUPLE`).
     pub fn to_bytes(&self) -> [u8; 36] {
         let mut b = [0u8; 36];

@@ -68,10 +68,25 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
     let domain = net::tcp_domain(fd)?;
     let s = settings::get();
     let dst_ep = Endpoint::of(dst);
-    let Some(sock) = announce::find(&s.dir, &dst_ep, net::netns()) else {
+    let dir = match &s.dir {
+        Ok(d) => d,
+        Err(why) => {
+            crate::decision!("connect fd {fd} to {dst_ep}: no usable runtime directory ({why}); plain TCP");
+            return None;
+        }
+    };
+    let my_netns = net::netns();
+    let Some(found) = announce::find(dir, &dst_ep, my_netns) else {
         crate::decision!("connect fd {fd} to {dst_ep}: no listener under ivcom; plain TCP");
         return None;
     };
+    if found.announcement.netns != my_netns && !crate::verify::can_check_other_netns() {
+        // We could not check the listener's claim (crate::verify): do not offer a channel.
+        crate::decision!(
+            "connect fd {fd} to {dst_ep}: listener is in another network namespace and this process cannot verify it (no CAP_NET_ADMIN); plain TCP"
+        );
+        return None;
+    }
     let mut local = net::local(fd)?;
     if local.port() == 0 {
         // Bind now, so the tuple is known before the handshake.
@@ -88,17 +103,21 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
         local = net::local(fd)?;
     }
     let tuple = Tuple { src: Endpoint::of(local), dst: dst_ep };
-    let conn = match TcpConn::connector(s.ring, &tuple) {
+    let Some(cookie) = crate::verify::netns_cookie(fd) else {
+        crate::decision!("connect fd {fd}: the kernel reports no network namespace cookie; plain TCP");
+        return None;
+    };
+    let conn = match TcpConn::connector(s.ring, &tuple, cookie) {
         Ok(x) => x,
         Err(e) => {
             crate::decision!("connect fd {fd}: cannot create a channel ({e}); plain TCP");
             return None;
         }
     };
-    match announce::register(&sock, &tuple, conn.region_fd()) {
+    match announce::register(dir, &found.sock, &tuple, conn.region_fd(), fd) {
         Ok(reg) => conn.hold_registration(reg),
         Err(e) => {
-            crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", sock.display());
+            crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", found.sock);
             count(&COUNTERS.fallbacks, 1);
             return None;
         }
@@ -120,9 +139,13 @@ pub unsafe fn listen(fd: c_int, backlog: c_int) -> c_int {
     if let Some(domain) = net::tcp_domain(fd) {
         if let Some(local) = net::local(fd) {
             let v6only = domain == libc::AF_INET6 && net::v6only(fd);
-            match Listening::announce(&settings::get().dir, Endpoint::of(local), net::netns(), v6only) {
+            let announced = match &settings::get().dir {
+                Ok(dir) => Listening::announce(dir, Endpoint::of(local), net::netns(), v6only),
+                Err(why) => Err(std::io::Error::other(format!("no usable runtime directory: {why}"))),
+            };
+            match announced {
                 Ok(l) => {
-                    crate::decision!("listen fd {fd} on {local}: announced at {}", l.path().display());
+                    crate::decision!("listen fd {fd} on {local}: announced as {}", l.name());
                     table::set(fd, Entry::Listener(Arc::new(l)));
                 }
                 Err(err) => crate::decision!("listen fd {fd} on {local}: not announced ({err})"),
@@ -168,12 +191,18 @@ fn claim(l: &Listening, nfd: c_int) {
         return;
     }
     let tuple = Tuple { src: Endpoint::of(peer), dst: Endpoint::of(local) };
-    let Some(region) = l.take(&tuple) else {
+    let Some(reg) = l.take(&tuple, nfd) else {
         crate::decision!("accept fd {nfd} from {peer}: no registration; plain TCP");
         return;
     };
-    match TcpConn::acceptor(region) {
+    let announce::Registration { region, conn: reg } = reg;
+    match TcpConn::acceptor(region, settings::get().max_region) {
         Ok(c) => {
+            // The connecting side uses the ring only once it has checked this socket.
+            if let Err(e) = announce::confirm(&reg, nfd) {
+                crate::decision!("accept fd {nfd} from {peer}: the connecting side gave up ({e}); plain TCP");
+                return;
+            }
             c.tcp_option(0).store(
                 net::sockopt(nfd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0),
                 std::sync::atomic::Ordering::Relaxed,

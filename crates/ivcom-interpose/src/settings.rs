@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use ivcom::rundir::{DirAccess, RuntimeDir};
+
 /// `IVCOM_ACCEL=0` (or `off`, `no`, `false`) turns acceleration off: every call goes to the
 /// kernel unchanged.
 pub const ENV_ACCEL: &str = "IVCOM_ACCEL";
@@ -16,6 +18,11 @@ pub const ENV_LOG: &str = "IVCOM_PRELOAD_LOG";
 pub const ENV_SPIN: &str = "IVCOM_SPIN_US";
 /// `IVCOM_RING_KIB`: capacity of each direction's ring of a new connection (default 512).
 pub const ENV_RING: &str = "IVCOM_RING_KIB";
+/// `IVCOM_MAX_RING_KIB`: the largest ring (per direction) an accepting side takes from a
+/// connecting one (default 4096, and never less than its own `IVCOM_RING_KIB`); a larger
+/// registration stays on plain TCP. Ring pages are charged to whoever touches them, so this
+/// bounds the memory a connecting peer can make a server hold.
+pub const ENV_MAX_RING: &str = "IVCOM_MAX_RING_KIB";
 
 /// What the environment asked for.
 #[derive(Debug)]
@@ -26,8 +33,12 @@ pub struct Settings {
     pub spin: Duration,
     /// Ring capacity per direction (a power of two).
     pub ring: u64,
-    /// Where listeners are announced: `<runtime dir>/tcp`.
-    pub dir: PathBuf,
+    /// Largest region an accepting side maps (header and two rings of at most
+    /// `IVCOM_MAX_RING_KIB`).
+    pub max_region: u64,
+    /// Where listeners are announced: `<runtime dir>/tcp`, opened and verified as the user's
+    /// own ([`ivcom::rundir`]); `Err` says why there is none (then nothing is accelerated).
+    pub dir: Result<RuntimeDir, String>,
     log: Option<OwnedFd>,
 }
 
@@ -44,22 +55,45 @@ impl Settings {
         let spin = Duration::from_micros(parse_env::<u64>(ENV_SPIN).unwrap_or(100).min(1_000_000));
         let kib = parse_env::<u64>(ENV_RING).unwrap_or(512).clamp(4, 64 * 1024);
         let ring = (kib * 1024).next_power_of_two();
-        let dir = ivcom::Options::new().resolved_runtime_dir().join("tcp");
+        let max_kib = parse_env::<u64>(ENV_MAX_RING).unwrap_or(4096).clamp(4, 64 * 1024);
+        let max_ring = (max_kib * 1024).next_power_of_two().max(ring);
+        let max_region = ivcom_ring::layout::HEADER_SIZE as u64 + 2 * max_ring;
+        let dir = runtime_dir();
         let log = match std::env::var_os(ENV_LOG) {
             Some(v) if v == "stderr" => rustix::io::dup(rustix::stdio::stderr()).ok(),
-            Some(v) if !v.is_empty() => {
-                use rustix::fs::{Mode, OFlags};
-                rustix::fs::open(
-                    PathBuf::from(v).as_path(),
-                    OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o644),
-                )
-                .ok()
-            }
+            Some(v) if !v.is_empty() => open_log(&PathBuf::from(v)),
             _ => None,
         };
-        Settings { enabled, spin, ring, dir, log }
+        Settings { enabled, spin, ring, max_region, dir, log }
     }
+}
+
+/// The verified `tcp` directory under the runtime directory.
+pub fn runtime_dir() -> Result<RuntimeDir, String> {
+    RuntimeDir::resolve(&ivcom::Options::new())
+        .and_then(|d| d.subdir("tcp", DirAccess::Private))
+        .map_err(|e| e.to_string())
+}
+
+/// Opens the decision log for appending: created 0600, never through a symbolic link, and
+/// only a regular file of our own user (forks and exec'd programs append to the same file).
+fn open_log(path: &std::path::Path) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let f = rustix::fs::open(
+        path,
+        OFlags::WRONLY
+            | OFlags::APPEND
+            | OFlags::CREATE
+            | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK,
+        Mode::from_raw_mode(0o600),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&f).ok()?;
+    let ours = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+        && st.st_uid == rustix::process::geteuid().as_raw();
+    ours.then_some(f)
 }
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();

@@ -126,7 +126,8 @@ pub fn chmod(p: &Path, mode: u32) {
 
 /// `chown` (not following a final symlink) that panics with the path on failure.
 pub fn chown(p: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
 }
 
 /// A child process that is killed (by its PID, with its process group) if still running when

@@ -1,0 +1,739 @@
+//! Attacks on `ivcom run` by another local user and by another process of the same user (a
+//! co-tenant container sharing the runtime directory), acted out as root with two
+//! unprivileged users (`ivcom-testkit`). Each test asserts what the attacker obtains (nothing)
+//! and what the victim gets (its real peer, or plain TCP). Without root they print a note and
+//! pass. The attacker's side is this test binary re-run in a role (`SEC_ROLE`).
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ivcom_ring::layout::{self, tcp, Direction, Params};
+use ivcom_ring::{MappedRegion, StreamReader, StreamWriter};
+use ivcom_testkit::{Bounded, Scratch, User};
+
+const IVCOM: &str = env!("CARGO_BIN_EXE_ivcom");
+const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/preload");
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The preload library beside the `ivcom` binary, built if this test run did not build it.
+fn preload_lib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = Path::new(IVCOM).parent().expect("bin dir").to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "ivcom-preload"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().expect("cargo build").success(), "building the preload library failed");
+        dir.join("libivcom_preload.so")
+    })
+    .clone()
+}
+
+/// `sec_echo` (tests/preload/sec_echo.c), compiled once into a directory every user can read.
+fn echo_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ivcomsec-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = dir.join("sec_echo");
+        let st = Command::new("cc")
+            .args(["-O1", "-Wall", "-Werror", "-o"])
+            .arg(&out)
+            .arg(Path::new(SRC).join("sec_echo.c"))
+            .status()
+            .expect("a C compiler (`cc`) is needed: apt-get install gcc");
+        assert!(st.success(), "compiling sec_echo.c failed");
+        out
+    })
+    .clone()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `user` runs `ivcom run [extra] -- sec_echo ARGS` (or plain `sec_echo` when `ivcom` is
+/// false) with `env`.
+fn echo(user: &User, ivcom: bool, extra: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = if ivcom {
+        let mut c = user.command(IVCOM);
+        c.arg("run").args(extra).arg("--").arg(echo_bin());
+        c
+    } else {
+        user.command(echo_bin())
+    };
+    c.args(args).env("IVCOM_PRELOAD_LIB", preload_lib());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Starts the real server and waits until it listens.
+fn start_server(cmd: &mut Command) -> Bounded {
+    let mut s = Bounded::spawn(cmd);
+    let out = s.0.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+    assert_eq!(line.trim(), "listening", "server did not start");
+    s
+}
+
+/// A runtime directory owned by `user`, mode 0700, under `scratch`.
+fn runtime_for(scratch: &Scratch, user: &User) -> PathBuf {
+    scratch.dir_for("run", user, 0o700)
+}
+
+/// Where `user` writes decision logs under `scratch`.
+fn log_path(scratch: &Scratch, user: &User, name: &str) -> PathBuf {
+    scratch.dir_for("logs", user, 0o755).join(name)
+}
+
+// ---------------------------------------------------------------------------------------
+// The attacker's roles.
+
+fn role() -> Option<String> {
+    std::env::var("SEC_ROLE").ok()
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("role needs ${name}"))
+}
+
+fn escaped(b: &[u8]) -> String {
+    b.iter()
+        .map(|&c| if (32..127).contains(&c) { (c as char).to_string() } else { format!("\\x{c:02x}") })
+        .collect()
+}
+
+/// An established TCP socket of the attacker's own (what it can offer as "proof").
+fn own_tcp_socket() -> (std::net::TcpListener, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    (l, s)
+}
+
+/// Reads what arrives in `ring` of `map` for `secs`, printing `stolen <bytes>` for any bytes
+/// (and answering the first line with `fake:` in the other ring when `answer` is set).
+fn steal(map: &MappedRegion, params: &Params, from: Direction, answer: Option<Direction>, secs: u64) {
+    let mut r = StreamReader::new(params.ring(from));
+    let mut w = answer.map(|d| StreamWriter::new(params.ring(d)));
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut got = Vec::new();
+    while Instant::now() < end {
+        let mut b = [0u8; 4096];
+        match r.try_read(map.region(), &mut b, &mut || {}) {
+            Ok(n) if n > 0 => {
+                println!("stolen {}", escaped(&b[..n]));
+                got.extend_from_slice(&b[..n]);
+                if let (Some(w), true) = (w.as_mut(), got.contains(&b'\n')) {
+                    let _ = w.try_write(map.region(), b"fake:injected\n", &mut || {});
+                }
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// Role `plant`: makes `SEC_DIR` (and parents) world-writable if missing, announces
+/// `SEC_ADDR:SEC_PORT` there (in namespace `SEC_NETNS`, `self` for its own) in every
+/// announcement version, and for `SEC_SECONDS` claims every registration it gets and reads the
+/// victim's data from the ring.
+fn role_plant() {
+    let dir = PathBuf::from(env("SEC_DIR"));
+    for d in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        if !d.exists() {
+            std::fs::create_dir(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+    }
+    let port: u16 = env("SEC_PORT").parse().unwrap();
+    let addr: std::net::Ipv4Addr = env("SEC_ADDR").parse().unwrap();
+    let netns = match env("SEC_NETNS").as_str() {
+        "self" => {
+            std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap()
+        }
+        n => n.parse().unwrap(),
+    };
+    let mut socks = Vec::new();
+    let mut locks = Vec::new();
+    for version in [1, 2] {
+        let stem = format!("{port}-{netns}-{}-{version}", std::process::id());
+        let text = format!(
+            "ivcom-tcp {version}\nnetns {netns}\naddr {}\nport {port}\nv6only 0\nlocal {}\n",
+            addr.to_ipv6_mapped(),
+            addr.to_ipv6_mapped()
+        );
+        let ann = dir.join(format!("{stem}.ann"));
+        std::fs::write(&ann, text).unwrap();
+        let f = std::fs::File::open(&ann).unwrap();
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockShared).unwrap();
+        locks.push(f);
+        let path = dir.join(format!("{stem}.sock"));
+        let s =
+            rustix::net::socket(rustix::net::AddressFamily::UNIX, rustix::net::SocketType::SEQPACKET, None)
+                .unwrap();
+        rustix::net::bind(&s, &rustix::net::SocketAddrUnix::new(&path).unwrap()).unwrap();
+        rustix::net::listen(&s, 64).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        socks.push((version, s));
+    }
+    println!("planted");
+    let _ = std::io::stdout().flush();
+    let end = Instant::now() + Duration::from_secs(env("SEC_SECONDS").parse().unwrap());
+    let (_l, proof) = own_tcp_socket();
+    while Instant::now() < end {
+        for (version, s) in &socks {
+            let mut p = [rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)];
+            if rustix::event::poll(&mut p, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 20_000_000 }))
+                .unwrap_or(0)
+                == 0
+            {
+                continue;
+            }
+            let conn = rustix::net::accept(s).unwrap();
+            let mut buf = [0u8; 128];
+            let Ok((_, fds)) = ivcom::sys::recv_packet(conn.as_fd(), &mut buf) else { continue };
+            println!("registration v{version} with {} descriptors", fds.len());
+            let Some(memfd) = fds.into_iter().next() else { continue };
+            let size = rustix::fs::fstat(&memfd).unwrap().st_size as usize;
+            let map = MappedRegion::map(memfd.as_fd(), 0, size).unwrap();
+            let params = layout::validate_shape(map.region(), false).unwrap();
+            tcp::claim(map.region()).unwrap();
+            if *version == 2 {
+                // The claim message, with the only kind of socket this user can offer.
+                let mut h = Vec::from(*b"IVTC");
+                h.extend_from_slice(&2u16.to_le_bytes());
+                h.extend_from_slice(&2u16.to_le_bytes());
+                let _ = ivcom::sys::send_packet(conn.as_fd(), &h, &[proof.as_fd()]);
+            }
+            steal(&map, &params, Direction::ToListener, Some(Direction::ToConnector), 4);
+            drop(conn);
+        }
+    }
+}
+
+/// The 4-tuples (client, server) of established connections to `port` in this namespace.
+fn tuples_to(port: u16) -> Vec<(std::net::SocketAddrV4, std::net::SocketAddrV4)> {
+    let parse = |s: &str| -> Option<std::net::SocketAddrV4> {
+        let (ip, p) = s.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        Some(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::from(u32::from_be(ip)),
+            u16::from_str_radix(p, 16).ok()?,
+        ))
+    };
+    let t = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    t.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote) = (parse(f.get(1)?)?, parse(f.get(2)?)?);
+            (f.get(3) == Some(&"01") && local.port() == port).then_some((remote, local))
+        })
+        .collect()
+}
+
+/// Role `register`: same user as a server under `ivcom run` (`SEC_DIR` is its `tcp`
+/// directory), watches `/proc/net/tcp` for a client connection to `SEC_PORT` and registers a
+/// channel of its own for that 4-tuple (in every registration version), then reads what the
+/// server writes into it.
+fn role_register() {
+    let dir = PathBuf::from(env("SEC_DIR"));
+    let port: u16 = env("SEC_PORT").parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(env("SEC_SECONDS").parse().unwrap());
+    let (_l, proof) = own_tcp_socket();
+    while Instant::now() < end {
+        let Some((client, server)) = tuples_to(port).into_iter().next() else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let mut held = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(&format!("{port}-")) || !name.ends_with(".sock") {
+                continue;
+            }
+            for version in [1u32, 2] {
+                let params = Params { capacity: [65536, 65536], max_message: None };
+                let size = params.region_size().unwrap();
+                let memfd = ivcom_ring::shm::create_memfd_named("ivcom-tcp", size).unwrap();
+                let map = MappedRegion::map(memfd.as_fd(), 0, size).unwrap();
+                layout::init(map.region(), &params).unwrap();
+                let mut b = Vec::from(*b"IVTC");
+                if version == 1 {
+                    b.extend_from_slice(&1u32.to_le_bytes());
+                } else {
+                    b.extend_from_slice(&2u16.to_le_bytes());
+                    b.extend_from_slice(&1u16.to_le_bytes());
+                }
+                for a in [client, server] {
+                    b.extend_from_slice(&a.ip().to_ipv6_mapped().octets());
+                    b.extend_from_slice(&a.port().to_le_bytes());
+                }
+                let s = rustix::net::socket(
+                    rustix::net::AddressFamily::UNIX,
+                    rustix::net::SocketType::SEQPACKET,
+                    None,
+                )
+                .unwrap();
+                if rustix::net::connect(&s, &rustix::net::SocketAddrUnix::new(e.path()).unwrap()).is_err() {
+                    continue;
+                }
+                let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+                    if version == 1 { vec![memfd.as_fd()] } else { vec![memfd.as_fd(), proof.as_fd()] };
+                if ivcom::sys::send_packet(s.as_fd(), &b, &fds).is_ok() {
+                    println!("registered v{version} for {client} -> {server}");
+                }
+                held.push((s, memfd, map, params));
+            }
+        }
+        let _ = std::io::stdout().flush();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < deadline {
+            for (_, _, map, params) in &held {
+                let mut r = StreamReader::new(params.ring(Direction::ToConnector));
+                let mut b = [0u8; 4096];
+                if let Ok(n @ 1..) = r.try_read(map.region(), &mut b, &mut || {}) {
+                    println!("stolen {}", escaped(&b[..n]));
+                }
+            }
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        return;
+    }
+}
+
+/// Role `flood`: opens `SEC_COUNT` registration connections to the first registration socket
+/// of `SEC_DIR` (well-formed registrations with a memfd and a socket each) and holds them
+/// for `SEC_SECONDS`.
+fn role_flood() {
+    let dir = PathBuf::from(env("SEC_DIR"));
+    let count: usize = env("SEC_COUNT").parse().unwrap();
+    let sock = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("a registration socket");
+    let (_l, proof) = own_tcp_socket();
+    let params = Params { capacity: [4096, 4096], max_message: None };
+    let size = params.region_size().unwrap();
+    let memfd = ivcom_ring::shm::create_memfd_named("ivcom-tcp", size).unwrap();
+    let mut held: Vec<OwnedFd> = Vec::new();
+    for i in 0..count {
+        let s = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        if rustix::net::connect(&s, &rustix::net::SocketAddrUnix::new(&sock).unwrap()).is_err() {
+            continue;
+        }
+        let mut b = Vec::from(*b"IVTC");
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&[0u8; 36]);
+        b[8 + 16..8 + 18].copy_from_slice(&(i as u16).to_le_bytes());
+        let _ = ivcom::sys::send_packet(s.as_fd(), &b, &[memfd.as_fd(), proof.as_fd()]);
+        held.push(s);
+    }
+    println!("flooded {}", held.len());
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(env("SEC_SECONDS").parse().unwrap()));
+    let _ = held.iter().map(|h| h.as_raw_fd()).count();
+}
+
+#[test]
+fn attacker_roles() {
+    match role().as_deref() {
+        Some("plant") => role_plant(),
+        Some("register") => role_register(),
+        Some("flood") => role_flood(),
+        Some(r) => panic!("unknown role {r}"),
+        None => return,
+    }
+    std::process::exit(0);
+}
+
+fn attacker(user: &User, role: &str, vars: &[(&str, &str)]) -> Command {
+    let mut c = user.command(std::env::current_exe().unwrap());
+    c.args(["--exact", "attacker_roles", "--nocapture", "--test-threads", "1"]).env("SEC_ROLE", role);
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Waits for the attacker to print `ready_line`.
+fn start_attacker(cmd: &mut Command, ready: &str) -> Bounded {
+    let mut a = Bounded::spawn(cmd);
+    let out = a.0.stdout.take().expect("stdout");
+    let mut r = std::io::BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut r, &mut line).unwrap() > 0, "attacker died before {ready}");
+        if line.contains(ready) {
+            break;
+        }
+    }
+    // Keep its output flowing into the pipe for `finish`.
+    a.0.stdout = Some(r.into_inner());
+    a
+}
+
+fn assert_nothing_stolen(out: &std::process::Output) {
+    let o = text(&out.stdout);
+    assert!(!o.contains("stolen"), "the attacker read the victim's data:\n{o}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The attacks.
+
+/// Another user creates the victim's fallback runtime directory (`$TMPDIR/ivcom-UID`, used
+/// when `XDG_RUNTIME_DIR` is unset) before the victim's first use and announces the port the
+/// victim's client connects to. The victim's client must get the real server's answer (the
+/// directory is refused, the connection stays on TCP) and the attacker nothing.
+#[test]
+fn another_user_cannot_take_the_fallback_runtime_directory() {
+    let Some((victim, bad)) = ivcom_testkit::users("another_user_cannot_take_the_fallback_runtime_directory")
+    else {
+        return;
+    };
+    let fallback = PathBuf::from(format!("/tmp/ivcom-{}", victim.uid));
+    let _ = std::fs::remove_dir_all(&fallback);
+    let port = free_port();
+    let p = port.to_string();
+    let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
+    let planted = start_attacker(
+        &mut attacker(
+            &bad,
+            "plant",
+            &[
+                ("SEC_DIR", &fallback.join("tcp").to_string_lossy()),
+                ("SEC_PORT", &p),
+                ("SEC_ADDR", "127.0.0.1"),
+                ("SEC_NETNS", "self"),
+                ("SEC_SECONDS", "8"),
+            ],
+        ),
+        "planted",
+    );
+    let (client, in_time) = ivcom_testkit::run_bounded(
+        &mut echo(&victim, true, &[], &["client", "127.0.0.1", &p, "secret"], &[]),
+        LIMIT,
+    );
+    let (stolen, _) = planted.finish(LIMIT);
+    let _ = server.0.kill();
+    let _ = std::fs::remove_dir_all(&fallback);
+    assert!(in_time, "the victim's client hung");
+    assert_eq!(text(&client.stdout).trim(), "real:secret", "client stderr: {}", text(&client.stderr));
+    assert!(
+        text(&client.stderr).contains(&fallback.to_string_lossy().into_owned()),
+        "ivcom run should say which runtime directory it refused: {}",
+        text(&client.stderr)
+    );
+    assert_nothing_stolen(&stolen);
+    assert!(!text(&stolen.stdout).contains("registration"), "the victim registered with the attacker");
+}
+
+/// A process of the same user that shares the runtime directory (another container) announces
+/// the address the victim connects to, in its own namespace or a made-up one, and claims
+/// what registers with it. The victim's client must get the real (plain) server's answer and
+/// the attacker none of its data.
+#[test]
+fn same_user_announcement_cannot_hijack_a_client() {
+    let Some((victim, _)) = ivcom_testkit::users("same_user_announcement_cannot_hijack_a_client") else {
+        return;
+    };
+    let scratch = Scratch::new("hijack");
+    let run = runtime_for(&scratch, &victim);
+    let run_s = run.to_string_lossy().into_owned();
+    for netns in ["self", "4026599999"] {
+        let port = free_port();
+        let p = port.to_string();
+        let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
+        let planted = start_attacker(
+            &mut attacker(
+                &victim,
+                "plant",
+                &[
+                    ("SEC_DIR", &run.join("tcp").to_string_lossy()),
+                    ("SEC_PORT", &p),
+                    ("SEC_ADDR", "127.0.0.1"),
+                    ("SEC_NETNS", netns),
+                    ("SEC_SECONDS", "6"),
+                ],
+            ),
+            "planted",
+        );
+        let log = log_path(&scratch, &victim, &format!("client-{netns}.log"));
+        let (client, in_time) = ivcom_testkit::run_bounded(
+            &mut echo(
+                &victim,
+                true,
+                &["--log", &log.to_string_lossy()],
+                &["client", "127.0.0.1", &p, "secret"],
+                &[("IVCOM_RUNTIME_DIR", &run_s)],
+            ),
+            LIMIT,
+        );
+        let (stolen, _) = planted.finish(LIMIT);
+        let _ = server.0.kill();
+        assert!(in_time, "the victim's client hung");
+        assert_eq!(
+            text(&client.stdout).trim(),
+            "real:secret",
+            "netns {netns}: the client must get the real server's answer; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert_nothing_stolen(&stolen);
+    }
+}
+
+/// A process of the same user reads a plain client's 4-tuple from `/proc/net/tcp` and
+/// registers a channel for it before the victim's server (under `ivcom run`) accepts. The
+/// server must not claim it: the attacker gets none of the server's reply and the client gets
+/// it whole over TCP.
+#[test]
+fn a_registration_for_someone_elses_connection_is_never_claimed() {
+    let Some((victim, _)) =
+        ivcom_testkit::users("a_registration_for_someone_elses_connection_is_never_claimed")
+    else {
+        return;
+    };
+    let scratch = Scratch::new("register");
+    let run = runtime_for(&scratch, &victim);
+    let run_s = run.to_string_lossy().into_owned();
+    let port = free_port();
+    let p = port.to_string();
+    let log = log_path(&scratch, &victim, "server.log");
+    let mut server = start_server(&mut echo(
+        &victim,
+        true,
+        &["--log", &log.to_string_lossy()],
+        &["server", "127.0.0.1", &p, "1500"],
+        &[("IVCOM_RUNTIME_DIR", &run_s)],
+    ));
+    let reg = Bounded::spawn(&mut attacker(
+        &victim,
+        "register",
+        &[("SEC_DIR", &run.join("tcp").to_string_lossy()), ("SEC_PORT", &p), ("SEC_SECONDS", "20")],
+    ));
+    let (client, in_time) = ivcom_testkit::run_bounded(
+        &mut echo(&victim, false, &[], &["client", "127.0.0.1", &p, "secret"], &[]),
+        LIMIT,
+    );
+    let (stolen, _) = reg.finish(LIMIT);
+    let _ = server.0.kill();
+    assert!(in_time, "the client hung");
+    assert!(text(&stolen.stdout).contains("registered"), "the attack did not run: {}", text(&stolen.stdout));
+    assert_eq!(
+        text(&client.stdout).trim(),
+        "real:secret",
+        "the plain client must get the server's reply; server log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_nothing_stolen(&stolen);
+}
+
+/// A FIFO and a link to `/dev/zero` planted as announcements (by a process that can write the
+/// directory) must not hang `connect` or `ivcom run`'s exit sweep, nor make it read without
+/// bound.
+#[test]
+fn planted_fifos_and_links_do_not_hang_connect() {
+    let Some((victim, _)) = ivcom_testkit::users("planted_fifos_and_links_do_not_hang_connect") else {
+        return;
+    };
+    let scratch = Scratch::new("fifo");
+    let run = runtime_for(&scratch, &victim);
+    let tcp_dir = scratch.dir_for("run/tcp", &victim, 0o700);
+    let port = free_port();
+    let p = port.to_string();
+    let fifo = tcp_dir.join(format!("{port}-1-1-0.ann"));
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    ivcom_testkit::chown(&fifo, victim.uid, victim.gid);
+    std::os::unix::fs::symlink("/dev/zero", tcp_dir.join(format!("{port}-1-1-1.ann"))).unwrap();
+    ivcom_testkit::chown(&tcp_dir.join(format!("{port}-1-1-1.ann")), victim.uid, victim.gid);
+    let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
+    let (client, in_time) = ivcom_testkit::run_bounded(
+        &mut echo(
+            &victim,
+            true,
+            &[],
+            &["client", "127.0.0.1", &p, "hello"],
+            &[("IVCOM_RUNTIME_DIR", &run.to_string_lossy())],
+        ),
+        Duration::from_secs(20),
+    );
+    let _ = server.0.kill();
+    assert!(in_time, "connect (or ivcom run's exit sweep) hung on a planted FIFO or link");
+    assert_eq!(text(&client.stdout).trim(), "real:hello");
+}
+
+/// Registrations held open by the thousand must not take a server's descriptors: the server
+/// keeps a bounded number and still serves.
+#[test]
+fn a_registration_flood_is_bounded() {
+    let Some((victim, _)) = ivcom_testkit::users("a_registration_flood_is_bounded") else {
+        return;
+    };
+    let scratch = Scratch::new("flood");
+    let run = runtime_for(&scratch, &victim);
+    let run_s = run.to_string_lossy().into_owned();
+    let port = free_port();
+    let p = port.to_string();
+    let mut server = start_server(&mut echo(
+        &victim,
+        true,
+        &[],
+        &["server", "127.0.0.1", &p, "3000"],
+        &[("IVCOM_RUNTIME_DIR", &run_s)],
+    ));
+    let flood = start_attacker(
+        &mut attacker(
+            &victim,
+            "flood",
+            &[("SEC_DIR", &run.join("tcp").to_string_lossy()), ("SEC_COUNT", "3000"), ("SEC_SECONDS", "15")],
+        ),
+        "flooded",
+    );
+    let (client, in_time) = ivcom_testkit::run_bounded(
+        &mut echo(
+            &victim,
+            true,
+            &[],
+            &["client", "127.0.0.1", &p, "hello"],
+            &[("IVCOM_RUNTIME_DIR", &run_s)],
+        ),
+        LIMIT,
+    );
+    // The server has accepted by now (it answered); count what it holds.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", server_pid(&server))).map(|d| d.count()).unwrap_or(0);
+    drop(flood);
+    let _ = server.0.kill();
+    assert!(in_time, "the client hung");
+    assert_eq!(text(&client.stdout).trim(), "real:hello", "{}", text(&client.stderr));
+    assert!(fds < 900, "the server holds {fds} descriptors after a flood of 3000 registrations");
+}
+
+/// The PID of the program `ivcom run` started (its only child).
+fn server_pid(s: &Bounded) -> u32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", s.0.id())).unwrap_or_default();
+    children.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or(s.0.id())
+}
+
+/// A connector that asks for huge rings (pinning memory charged to the server) gets plain
+/// TCP from a server with the default cap, and both ends still work.
+#[test]
+fn a_connector_cannot_make_the_server_map_huge_rings() {
+    let Some((victim, _)) = ivcom_testkit::users("a_connector_cannot_make_the_server_map_huge_rings") else {
+        return;
+    };
+    let scratch = Scratch::new("bigring");
+    let run = runtime_for(&scratch, &victim);
+    let run_s = run.to_string_lossy().into_owned();
+    let port = free_port();
+    let p = port.to_string();
+    let log = log_path(&scratch, &victim, "server.log");
+    let mut server = start_server(&mut echo(
+        &victim,
+        true,
+        &["--log", &log.to_string_lossy()],
+        &["server", "127.0.0.1", &p, "0"],
+        &[("IVCOM_RUNTIME_DIR", &run_s)],
+    ));
+    let (client, in_time) = ivcom_testkit::run_bounded(
+        &mut echo(
+            &victim,
+            true,
+            &["--ring-kib", "65536"],
+            &["client", "127.0.0.1", &p, "hello"],
+            &[("IVCOM_RUNTIME_DIR", &run_s)],
+        ),
+        LIMIT,
+    );
+    let _ = server.0.finish_or_kill();
+    assert!(in_time);
+    assert_eq!(text(&client.stdout).trim(), "real:hello");
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(l.contains("registered channel refused"), "the server should refuse the huge region:\n{l}");
+    assert!(!l.contains("channel claimed"), "the server claimed a huge region:\n{l}");
+}
+
+trait FinishOrKill {
+    fn finish_or_kill(&mut self) -> std::io::Result<()>;
+}
+
+impl FinishOrKill for std::process::Child {
+    fn finish_or_kill(&mut self) -> std::io::Result<()> {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if self.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill()
+    }
+}
+
+/// The decision log is created 0600 and never written through a link another user planted.
+#[test]
+fn the_decision_log_is_private_and_follows_no_link() {
+    let Some((victim, bad)) = ivcom_testkit::users("the_decision_log_is_private_and_follows_no_link") else {
+        return;
+    };
+    let scratch = Scratch::new("log");
+    let run = runtime_for(&scratch, &victim);
+    let shared = scratch.dir_for("shared", &bad, 0o777);
+    let precious = scratch.dir_for("victim-home", &victim, 0o700).join("precious");
+    std::fs::write(&precious, "keep me\n").unwrap();
+    ivcom_testkit::chown(&precious, victim.uid, victim.gid);
+    let link = shared.join("ivcom.log");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    ivcom_testkit::chown(&link, bad.uid, bad.gid);
+    let fresh = scratch.dir_for("victim-logs", &victim, 0o755).join("fresh.log");
+    let port = free_port();
+    let p = port.to_string();
+    for log in [&link, &fresh] {
+        let (_, in_time) = ivcom_testkit::run_bounded(
+            &mut echo(
+                &victim,
+                true,
+                &["--log", &log.to_string_lossy()],
+                &["server", "127.0.0.1", &p, "0"],
+                &[("IVCOM_RUNTIME_DIR", &run.to_string_lossy())],
+            )
+            .env("SEC_UNUSED", "1"),
+            Duration::from_secs(3),
+        );
+        let _ = in_time; // the server waits for a client; it is killed after 3 s
+    }
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        "keep me\n",
+        "the log was written through the link"
+    );
+    let mode = std::fs::metadata(&fresh).expect("the log was created").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the decision log is readable by others");
+}
