@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use ivcom_ring::layout::{MAX_CAPACITY, MIN_CAPACITY};
 
+use crate::rundir::DirAccess;
+
 /// Environment variable naming the runtime directory where listeners live.
 pub const ENV_RUNTIME_DIR: &str = "IVCOM_RUNTIME_DIR";
 /// Environment variable with the polling budget in microseconds (0 = sleep at once).
@@ -83,6 +85,7 @@ pub struct Options {
     handshake_timeout: Option<Duration>,
     max_message: Option<u32>,
     agent: Option<PathBuf>,
+    dir_access: Option<DirAccess>,
 }
 
 impl Options {
@@ -92,10 +95,27 @@ impl Options {
     }
 
     /// Directory where listeners' sockets live (default: `$IVCOM_RUNTIME_DIR`,
-    /// `$XDG_RUNTIME_DIR/ivcom`, `/run/ivcom` for root, else `/tmp/ivcom-UID`).
+    /// `$XDG_RUNTIME_DIR/ivcom`, `/run/ivcom` for root, else `$TMPDIR/ivcom-UID`). It must be
+    /// owned by this process's uid and closed to others (see [`crate::rundir::RuntimeDir`]).
     pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.runtime_dir = Some(dir.into());
         self
+    }
+
+    /// Who besides its owner may use the runtime directory a listener binds in (default:
+    /// [`DirAccess::Group`] of the group of [`Access::Group`], else [`DirAccess::Private`]).
+    /// A directory is created with this access and refused if it is wider.
+    pub fn dir_access(mut self, access: DirAccess) -> Self {
+        self.dir_access = Some(access);
+        self
+    }
+
+    /// The runtime directory's access chosen explicitly or implied by [`Options::access`].
+    pub fn runtime_dir_access(&self) -> DirAccess {
+        self.dir_access.unwrap_or(match self.access {
+            Access::Group(g) => DirAccess::Group(g),
+            _ => DirAccess::Private,
+        })
     }
 
     /// Ring capacity per direction in bytes: a power of two from 4 KiB to 1 GiB. Set on the

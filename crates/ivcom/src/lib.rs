@@ -30,6 +30,7 @@ mod config;
 mod conn;
 mod message;
 mod rendezvous;
+pub mod rundir;
 mod signal;
 mod stream;
 pub mod sys;

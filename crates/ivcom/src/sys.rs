@@ -252,22 +252,60 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<rustix::net::UCred> {
 }
 
 /// An exclusive `flock` on a directory, released on drop. Serialises the check-and-replace of
-/// stale socket files among ivcom processes without creating any file.
+/// stale socket files among ivcom processes without creating any file. Anyone who can open the
+/// directory can hold the same lock, so taking it is always bounded by a timeout.
 #[derive(Debug)]
 pub struct DirLock {
     _fd: OwnedFd,
 }
 
+/// How long ivcom waits for a runtime directory's lock before giving up.
+pub const DIR_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest sleep between two attempts to take a [`DirLock`].
+const LOCK_RETRY_MAX: Duration = Duration::from_millis(20);
+
 impl DirLock {
-    /// Locks `dir`, blocking until it is free.
+    /// Locks `dir` (opened without following a final symlink), waiting at most
+    /// [`DIR_LOCK_TIMEOUT`].
     pub fn acquire(dir: &Path) -> io::Result<Self> {
-        use rustix::fs::{open, FlockOperation, Mode, OFlags};
-        let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        use rustix::fs::{open, Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = open(dir, flags, Mode::empty())?;
+        Self::acquire_fd(fd, DIR_LOCK_TIMEOUT, dir)
+    }
+
+    /// Locks the directory open at `fd` (a fresh open of it: `flock` locks belong to the open
+    /// file description), retrying `LOCK_EX | LOCK_NB` until `timeout` has passed. `dir` names
+    /// it in errors. Errors: `TimedOut` when another process held it all along.
+    pub fn acquire_fd(fd: OwnedFd, timeout: Duration, dir: &Path) -> io::Result<Self> {
+        use rustix::fs::FlockOperation;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = Duration::from_micros(200);
         loop {
-            match rustix::fs::flock(&fd, FlockOperation::LockExclusive) {
+            match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => return Ok(Self { _fd: fd }),
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "runtime directory {} stayed locked by another process for {timeout:?}; \
+                                 whoever holds the lock can open the directory: check who (`fuser -v {}`)",
+                                dir.display(),
+                                dir.display()
+                            ),
+                        ));
+                    }
+                    std::thread::sleep(pause.min(deadline - now));
+                    pause = (pause * 2).min(LOCK_RETRY_MAX);
+                }
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    return Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", dir.display())));
+                }
             }
         }
     }
