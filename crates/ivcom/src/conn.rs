@@ -121,7 +121,7 @@ impl ListenerFile {
     fn remove_if_stale(&self) {
         let Ok(_lock) = self.dir.lock(STALE_LOCK_TIMEOUT) else { return };
         let Ok(st) = self.dir.stat(&self.file) else { return };
-        if (st.st_dev as u64, st.st_ino as u64) != self.id {
+        if crate::rundir::file_id(&st) != self.id {
             return;
         }
         let Ok(addr) = self.dir.unix_addr(&self.file) else { return };

@@ -274,7 +274,7 @@ impl Drop for Listener {
         match dir.lock(DROP_LOCK_TIMEOUT) {
             Ok(_lock) => {
                 if let Ok(st) = dir.stat(&self.file) {
-                    if (st.st_dev as u64, st.st_ino as u64) == self.ino {
+                    if crate::rundir::file_id(&st) == self.ino {
                         let _ = dir.unlink(&self.file);
                     }
                 }
@@ -370,7 +370,7 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
         dir: Some(dir),
         file,
         path,
-        ino: (st.st_dev as u64, st.st_ino as u64),
+        ino: crate::rundir::file_id(&st),
         opts: opts.clone(),
         messages,
         via_agent: false,
@@ -553,7 +553,7 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         ));
     }
     let listener_file =
-        dir.stat(&file).ok().map(|st| ListenerFile { dir, file, id: (st.st_dev as u64, st.st_ino as u64) });
+        dir.stat(&file).ok().map(|st| ListenerFile { dir, file, id: crate::rundir::file_id(&st) });
     sys::set_timeouts(s, Some(opts.handshake()))?;
     let closed = || {
         io::Error::new(

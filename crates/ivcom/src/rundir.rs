@@ -306,6 +306,13 @@ impl RuntimeDir {
     }
 }
 
+/// The (device, inode) pair that identifies a file, from its `stat`.
+// The fields' widths differ between targets; on some the casts are no-ops.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn file_id(st: &Stat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
 fn set_access(fd: BorrowedFd<'_>, path: &Path, access: DirAccess) -> io::Result<()> {
     if let Some(g) = access.group() {
         rustix::fs::fchown(fd, None, Some(rustix::fs::Gid::from_raw(g))).map_err(|e| {
