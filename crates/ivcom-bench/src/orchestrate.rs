@@ -36,7 +36,8 @@ impl RuntimeDir {
             .mode(0o700)
             .create(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        std::fs::create_dir(path.join("ivcom"))?;
+        // ivcom refuses a runtime directory open to others.
+        std::fs::DirBuilder::new().mode(0o700).create(path.join("ivcom"))?;
         Ok(RuntimeDir(path))
     }
 }

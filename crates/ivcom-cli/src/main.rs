@@ -26,6 +26,7 @@ enum Command {
     /// Measure ivcom side by side with TCP, Unix sockets and shared-memory floors.
     Bench(ivcom_bench::BenchArgs),
     /// Accept one connection on NAME and pipe stdin/stdout through it (like `nc -l`).
+    /// Refused connection attempts (another uid, a bad handshake) are reported and skipped.
     Listen {
         /// Listener name (1-64 of A-Z a-z 0-9 . _ -).
         name: String,
@@ -34,6 +35,14 @@ enum Command {
         /// Who may connect: same-uid, group:GID, uids:UID[,UID...], or anyone.
         #[arg(long, default_value = "same-uid", value_parser = parse_access)]
         access: ivcom::Access,
+        /// Largest ring capacity per direction, in bytes, a connector may choose
+        /// [default: 4194304, or --capacity if larger].
+        #[arg(long)]
+        max_capacity: Option<usize>,
+        /// Share the runtime directory with this group (mode 0750, group GID) so that its
+        /// members can reach the socket [default: the group of --access group:GID; else private, 0700].
+        #[arg(long, value_name = "GID")]
+        dir_group: Option<u32>,
     },
     /// Connect to NAME and pipe stdin/stdout through the channel (like `nc`).
     Connect {
@@ -41,6 +50,10 @@ enum Command {
         name: String,
         #[command(flatten)]
         chan: ChannelArgs,
+        /// Which listeners to trust (the uid serving the socket and owning the runtime
+        /// directory): same-uid, group:GID, uids:UID[,UID...], or anyone. Root is always trusted.
+        #[arg(long, default_value = "same-uid", value_parser = parse_access)]
+        access: ivcom::Access,
     },
     /// Run a program so that its TCP connections to co-resident programs that also run under
     /// ivcom go over shared memory; every other connection stays plain TCP (docs/preload.md).
@@ -226,17 +239,26 @@ fn run(cli: Cli) -> Result<()> {
         Command::Agent(args) => agent::run(&args),
         Command::VmChan(cmd) => vmchan::run(cmd),
         Command::Run(_) => unreachable!("handled in main"),
-        Command::Listen { name, chan, access } => {
-            let opts = chan.options().access(access);
+        Command::Listen { name, chan, access, max_capacity, dir_group } => {
+            let mut opts = chan.options().access(access);
+            if let Some(max) = max_capacity {
+                opts = opts.max_capacity(max);
+            }
+            if let Some(g) = dir_group {
+                opts = opts.dir_access(ivcom::rundir::DirAccess::Group(g));
+            }
             let listener = ivcom::Listener::bind_with(&name, &opts)
                 .with_context(|| format!("cannot listen on {name:?}"))?;
             eprintln!("ivcom: listening on {name:?} ({})", listener.path().display());
-            let stream = listener.accept().context("accepting a connection")?;
+            // `incoming` reports refused connectors (a warning) and keeps waiting for one it
+            // admits; only a failure of the listening socket itself ends it.
+            let stream =
+                listener.incoming().next().expect("incoming never ends").context("accepting a connection")?;
             drop(listener);
             pipe(stream)
         }
-        Command::Connect { name, chan } => {
-            let stream = ivcom::Stream::connect_with(&name, &chan.options())
+        Command::Connect { name, chan, access } => {
+            let stream = ivcom::Stream::connect_with(&name, &chan.options().access(access))
                 .with_context(|| format!("cannot connect to {name:?}"))?;
             pipe(stream)
         }

@@ -30,6 +30,10 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// about 5-20 µs on KVM and 100-300 µs under software emulation (docs/vm-harness.md). A
 /// budget shorter than that lets a busy pair fall into alternating sleeps.
 pub const DEFAULT_VM_SPIN: Duration = Duration::from_micros(500);
+/// Default largest ring capacity per direction a listener accepts from a connector (unless
+/// its own [`Options::capacity`] is larger): a connector chooses the region's size, and the
+/// listener maps it, so this bounds the memory one connection can make a listener hold.
+pub const DEFAULT_MAX_CAPACITY: usize = 4 << 20;
 /// Default maximum message size of message channels.
 pub const DEFAULT_MAX_MESSAGE: u32 = 64 * 1024;
 /// Default time a handshake step may take before it is abandoned.
@@ -50,7 +54,8 @@ pub enum Access {
 }
 
 impl Access {
-    /// Whether a peer with `uid`/`gid` may connect to a listener running as `own_uid`.
+    /// Whether a peer with `uid`/`gid` may connect to a listener running as `own_uid` (on a
+    /// listener), or may serve a connector running as `own_uid` (on a connector).
     pub fn allows(&self, own_uid: u32, uid: u32, gid: u32) -> bool {
         if uid == own_uid || uid == 0 {
             return true;
@@ -86,6 +91,7 @@ pub struct Options {
     max_message: Option<u32>,
     agent: Option<PathBuf>,
     dir_access: Option<DirAccess>,
+    max_capacity: Option<usize>,
 }
 
 impl Options {
@@ -126,6 +132,41 @@ impl Options {
         self
     }
 
+    /// Largest ring capacity per direction, in bytes, a listener accepts from a connector
+    /// (default: [`DEFAULT_MAX_CAPACITY`] or the listener's own [`Options::capacity`] if
+    /// larger). A connector asking for more is refused (`REFUSE`, bad region) with an error
+    /// naming the limit on both sides. Ignored on the connecting side.
+    pub fn max_capacity(mut self, bytes: usize) -> Self {
+        self.max_capacity = Some(bytes);
+        self
+    }
+
+    /// The largest ring capacity a listener with these options accepts, validated against its
+    /// own offered capacity.
+    pub(crate) fn capacity_limit(&self) -> io::Result<u64> {
+        let own = self.chosen_capacity()?;
+        match self.max_capacity {
+            Some(max) => {
+                if max < MIN_CAPACITY as usize {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "maximum ring capacity {max} is below the smallest ring ({MIN_CAPACITY} bytes)"
+                        ),
+                    ));
+                }
+                if let Some(c) = own.filter(|&c| c > max) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("ring capacity {c} exceeds the maximum ring capacity {max} set for the same listener"),
+                    ));
+                }
+                Ok(max as u64)
+            }
+            None => Ok(DEFAULT_MAX_CAPACITY.max(own.unwrap_or(0)) as u64),
+        }
+    }
+
     /// Polling budget before a wait sleeps (default 50 µs, 500 µs through a VM agent, or
     /// `$IVCOM_SPIN_US`); zero sleeps at once on every wait.
     pub fn spin(mut self, budget: Duration) -> Self {
@@ -133,7 +174,12 @@ impl Options {
         self
     }
 
-    /// Which peers a listener admits (default: same uid).
+    /// Which peers a listener admits, and which a connector trusts (default: same uid; root
+    /// is always admitted and trusted). A listener checks the connecting process's
+    /// credentials; a connector checks the listening process's credentials and the owner of
+    /// the runtime directory it connects through (a directory owned by an untrusted uid, or
+    /// writable by others, is refused), so that only a listener of a trusted uid can receive
+    /// what it sends.
     pub fn access(mut self, access: Access) -> Self {
         self.access = access;
         self

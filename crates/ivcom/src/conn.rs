@@ -3,8 +3,6 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -102,24 +100,32 @@ pub(crate) struct Conn {
 /// How long a probe of a listener whose process may be exiting waits to be reset.
 const STALE_PROBE_WAIT: Duration = Duration::from_millis(100);
 
+/// How long the connecting side waits for the runtime directory's lock to clean up a stale
+/// socket file (it gives up quietly: the next bind of the name replaces the file).
+const STALE_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
+
 /// A listener's socket file as the connecting side saw it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct ListenerFile {
-    pub dir: PathBuf,
-    pub path: PathBuf,
+    /// The verified runtime directory it is in.
+    pub dir: crate::rundir::RuntimeDir,
+    /// Its name there.
+    pub file: String,
     pub id: (u64, u64),
 }
 
 impl ListenerFile {
     /// Removes the file if it is still the one we connected to and nobody listens on it
-    /// (its listener was killed). Serialised with binds by the directory lock.
+    /// (its listener was killed). Serialised with binds by the directory lock; everything
+    /// goes through the directory's descriptor.
     fn remove_if_stale(&self) {
-        let Ok(_lock) = sys::DirLock::acquire(&self.dir) else { return };
-        let Ok(m) = std::fs::symlink_metadata(&self.path) else { return };
-        if (m.dev(), m.ino()) != self.id {
+        let Ok(_lock) = self.dir.lock(STALE_LOCK_TIMEOUT) else { return };
+        let Ok(st) = self.dir.stat(&self.file) else { return };
+        if crate::rundir::file_id(&st) != self.id {
             return;
         }
-        let stale = match sys::connect_seqpacket(&self.path) {
+        let Ok(addr) = self.dir.unix_addr(&self.file) else { return };
+        let stale = match sys::connect_seqpacket_at(&addr) {
             Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
             // A killed process closes its descriptors one by one: its listening socket may
             // still accept for a moment after our connection to it broke. It is stale if the
@@ -127,8 +133,11 @@ impl ListenerFile {
             Ok(probe) => sys::reset_within(probe.as_fd(), STALE_PROBE_WAIT),
         };
         if stale {
-            tracing::debug!("ivcom: removing stale socket file {}", self.path.display());
-            let _ = std::fs::remove_file(&self.path);
+            tracing::debug!(
+                "ivcom: removing stale socket file {}",
+                self.dir.path().join(&self.file).display()
+            );
+            let _ = self.dir.unlink(&self.file);
         }
     }
 }

@@ -40,8 +40,8 @@ pub mod vm;
 mod wait;
 
 pub use config::{
-    check_name, Access, Options, DEFAULT_CAPACITY, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN, ENV_AGENT,
-    ENV_CAPACITY, ENV_RUNTIME_DIR, ENV_SPIN_US,
+    check_name, Access, Options, DEFAULT_CAPACITY, DEFAULT_MAX_CAPACITY, DEFAULT_MAX_MESSAGE, DEFAULT_SPIN,
+    ENV_AGENT, ENV_CAPACITY, ENV_RUNTIME_DIR, ENV_SPIN_US,
 };
 pub use conn::Stats;
 pub use message::{MessageListener, MessageStream};

@@ -5,13 +5,16 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::fs::FileType;
 
 use ivcom_ring::layout::{self, Direction, Params, HEADER_SIZE, MAX_CAPACITY};
 
 use crate::config::{self, Options, DEFAULT_CAPACITY};
 use crate::conn::{Conn, ConnParts, ListenerFile};
+use crate::rundir::RuntimeDir;
 use crate::signal::Signal;
 use crate::sys::{self, Mapping};
 
@@ -140,26 +143,30 @@ fn refuse(sock: BorrowedFd<'_>, status: Status, err: io::Error) -> io::Error {
     err
 }
 
-fn socket_path(name: &str, opts: &Options) -> io::Result<(PathBuf, PathBuf)> {
+/// The socket file of listener `name` in a runtime directory.
+fn socket_file(name: &str) -> io::Result<String> {
     config::check_name(name)?;
-    let dir = opts.resolved_runtime_dir();
-    let path = dir.join(format!("{name}.sock"));
-    if path.as_os_str().len() >= 108 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket path {} is longer than a Unix socket address allows (107 bytes)", path.display()),
-        ));
-    }
-    Ok((dir, path))
+    Ok(format!("{name}.sock"))
 }
 
-fn ensure_dir(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// How long a dropped listener waits for the directory lock before leaving its socket file
+/// (a stale file is replaced by the next bind of the name).
+const DROP_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why an accepted connection produced no channel.
+pub(crate) enum AcceptError {
+    /// The listening socket itself failed (or the agent connection did).
+    Listener(io::Error),
+    /// One connector was refused (access policy, handshake, region); the listener is fine.
+    Refused(io::Error),
+}
+
+impl From<AcceptError> for io::Error {
+    fn from(e: AcceptError) -> Self {
+        match e {
+            AcceptError::Listener(e) | AcceptError::Refused(e) => e,
+        }
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot create runtime directory {}: {e}", dir.display()))
-    })
 }
 
 /// A named listener for channels from co-resident processes.
@@ -167,7 +174,10 @@ fn ensure_dir(dir: &Path) -> io::Result<()> {
 pub struct Listener {
     fd: OwnedFd,
     name: String,
-    dir: PathBuf,
+    /// The verified runtime directory (`None` through a VM agent).
+    dir: Option<RuntimeDir>,
+    /// Name of the socket file in `dir`.
+    file: String,
     path: PathBuf,
     ino: (u64, u64),
     opts: Options,
@@ -198,34 +208,51 @@ impl Listener {
         &self.path
     }
 
-    /// Waits for a connection and completes its handshake. A connection refused by the access
-    /// policy or failing the handshake returns an error (the listener stays usable);
-    /// connections that close before saying anything are skipped.
+    /// Waits for a connection and completes its handshake (each handshake is bounded by
+    /// [`Options::handshake_timeout`]). A connector refused by the access policy, or failing
+    /// the handshake (protocol error, bad or oversized region, silence past the timeout),
+    /// returns that connector's error: `PermissionDenied`, `InvalidData` or `TimedOut`. The
+    /// listener stays usable: call `accept` again (or use [`Listener::incoming`], which skips
+    /// refused connectors). Connections that close before saying anything are skipped.
     pub fn accept(&self) -> io::Result<crate::Stream> {
         self.accept_conn().map(crate::Stream::from_conn)
     }
 
-    /// An iterator over incoming connections.
+    /// An endless iterator over accepted channels. Connectors that are refused (access
+    /// policy, handshake or region errors) are logged at warn level (`tracing`) and skipped,
+    /// so a `for s in listener.incoming() { let s = s?; ... }` loop keeps serving after an
+    /// unauthorised attempt; the errors it yields are failures of the listening socket itself
+    /// (for example `EMFILE`).
     pub fn incoming(&self) -> impl Iterator<Item = io::Result<crate::Stream>> + '_ {
-        std::iter::repeat_with(move || self.accept())
+        std::iter::repeat_with(move || loop {
+            match self.accept_inner() {
+                Ok(c) => return Ok(crate::Stream::from_conn(c)),
+                Err(AcceptError::Refused(e)) => {
+                    tracing::warn!("ivcom: refused a connection to {:?}: {e}", self.name);
+                }
+                Err(AcceptError::Listener(e)) => return Err(e),
+            }
+        })
     }
 
     pub(crate) fn accept_conn(&self) -> io::Result<Conn> {
+        self.accept_inner().map_err(io::Error::from)
+    }
+
+    pub(crate) fn accept_inner(&self) -> Result<Conn, AcceptError> {
         if self.via_agent {
-            return crate::vm::local::accept(
-                self.fd.as_fd(),
-                self.opts.spin_budget_or(config::DEFAULT_VM_SPIN)?,
-            );
+            let spin = self.opts.spin_budget_or(config::DEFAULT_VM_SPIN).map_err(AcceptError::Listener)?;
+            return crate::vm::local::accept(self.fd.as_fd(), spin).map_err(AcceptError::Listener);
         }
         loop {
-            let sock = sys::accept(self.fd.as_fd())?;
+            let sock = sys::accept(self.fd.as_fd()).map_err(AcceptError::Listener)?;
             match serve(sock, &self.opts, self.messages, &self.name) {
                 Ok(c) => return Ok(c),
                 Err(RecvFail::Closed) => {
                     tracing::debug!("ivcom: a connection to {} closed during the handshake", self.name);
                     continue;
                 }
-                Err(RecvFail::Version(e) | RecvFail::Error(e)) => return Err(e),
+                Err(RecvFail::Version(e) | RecvFail::Error(e)) => return Err(AcceptError::Refused(e)),
             }
         }
     }
@@ -243,12 +270,16 @@ impl Drop for Listener {
             return; // the agent withdraws the name when our socket closes
         }
         // Remove our socket file, unless another listener has already replaced it.
-        if let Ok(_lock) = sys::DirLock::acquire(&self.dir) {
-            if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-                if (m.dev(), m.ino()) == self.ino {
-                    let _ = std::fs::remove_file(&self.path);
+        let Some(dir) = &self.dir else { return };
+        match dir.lock(DROP_LOCK_TIMEOUT) {
+            Ok(_lock) => {
+                if let Ok(st) = dir.stat(&self.file) {
+                    if crate::rundir::file_id(&st) == self.ino {
+                        let _ = dir.unlink(&self.file);
+                    }
                 }
             }
+            Err(e) => tracing::warn!("ivcom: leaving socket file {}: {e}", self.path.display()),
         }
     }
 }
@@ -273,7 +304,8 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
         return Ok(Listener {
             fd,
             name: name.to_owned(),
-            dir: agent.parent().map(Path::to_path_buf).unwrap_or_default(),
+            dir: None,
+            file: String::new(),
             path: agent,
             ino: (0, 0),
             opts: opts.clone(),
@@ -281,20 +313,29 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
             via_agent: true,
         });
     }
-    let (dir, path) = socket_path(name, opts)?;
-    opts.chosen_capacity()?;
+    let file = socket_file(name)?;
+    opts.capacity_limit()?;
     opts.spin_budget()?;
-    ensure_dir(&dir)?;
-    let _lock = sys::DirLock::acquire(&dir).map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot lock runtime directory {}: {e}", dir.display()))
-    })?;
-    let fd = match sys::bind_seqpacket(&path) {
+    let dir = RuntimeDir::resolve(opts)?;
+    let path = dir.path().join(&file);
+    let addr = dir.unix_addr(&file)?;
+    // Serialises the check-and-replace of a stale file among ivcom processes; bounded, as
+    // anyone who can open the directory can hold it.
+    let _lock = dir.lock(sys::DIR_LOCK_TIMEOUT)?;
+    let fd = match sys::bind_seqpacket_at(&addr) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            // Someone's socket file is there: a live listener answers a connect, a stale file
-            // left by a dead one is refused. Holding the directory lock, no other ivcom
-            // process can bind or replace it meanwhile.
-            match sys::connect_seqpacket(&path) {
+            // Something is there: a live listener answers a connect, a stale socket file left
+            // by a dead one is refused. Holding the directory lock, no other ivcom process can
+            // bind or replace it meanwhile; only we can write in the verified directory.
+            let st = dir.stat(&file)?;
+            if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket; remove it to listen on {name:?}", path.display()),
+                ));
+            }
+            match sys::connect_seqpacket_at(&addr) {
                 Ok(_probe) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
@@ -306,8 +347,8 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
                 }
                 Err(pe) if pe.kind() == io::ErrorKind::ConnectionRefused => {
                     tracing::info!("ivcom: replacing stale socket file {}", path.display());
-                    std::fs::remove_file(&path)?;
-                    sys::bind_seqpacket(&path)?
+                    dir.unlink(&file)?;
+                    sys::bind_seqpacket_at(&addr)?
                 }
                 Err(pe) => {
                     return Err(io::Error::new(
@@ -319,14 +360,17 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
         }
         Err(e) => return Err(io::Error::new(e.kind(), format!("cannot listen at {}: {e}", path.display()))),
     };
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(opts.socket_file_mode()))?;
-    let m = std::fs::symlink_metadata(&path)?;
+    // Through an O_PATH|O_NOFOLLOW descriptor of the entry in the verified directory: never a
+    // chmod of whatever a symlink swapped in at the path points to.
+    dir.chmod(&file, opts.socket_file_mode())?;
+    let st = dir.stat(&file)?;
     Ok(Listener {
         fd,
         name: name.to_owned(),
-        dir,
+        dir: Some(dir),
+        file,
         path,
-        ino: (m.dev(), m.ino()),
+        ino: crate::rundir::file_id(&st),
         opts: opts.clone(),
         messages,
         via_agent: false,
@@ -357,6 +401,8 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
     hello.extend_from_slice(&(if messages { opts.max_message_size() } else { 0 }).to_le_bytes());
     let cap = opts.chosen_capacity().map_err(fail)?.unwrap_or(0) as u64;
     hello.extend_from_slice(&cap.to_le_bytes());
+    let limit = opts.capacity_limit().map_err(fail)?;
+    hello.extend_from_slice(&limit.to_le_bytes());
     sys::send_packet(s, &hello, &[]).map_err(|e| match e.kind() {
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => RecvFail::Closed,
         _ => fail(e),
@@ -395,7 +441,19 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
         ))
     })?;
     let region_fail = |e: io::Error| fail(refuse(s, Status::BadRegion, e));
-    let max_size = HEADER_SIZE as u64 + 2 * MAX_CAPACITY;
+    let too_big = |what: String, allowed: u64| {
+        bad_data(format!(
+            "connecting peer's {what} is more than the {allowed} allowed by this listener's limit of \
+             {limit} bytes of ring per direction (Options::max_capacity)"
+        ))
+    };
+    // The connector chose the region's size and we are about to map it: refuse one larger than
+    // two rings of our limit before mapping anything (a peer pinning memory charged to us).
+    let max_size = HEADER_SIZE as u64 + 2 * limit.min(MAX_CAPACITY);
+    let size = rustix::fs::fstat(&memfd).map_err(|e| region_fail(e.into()))?.st_size as u64;
+    if size > max_size {
+        return Err(region_fail(too_big(format!("region of {size} bytes"), max_size)));
+    }
     let size = sys::check_memfd(memfd.as_fd(), max_size).map_err(region_fail)?;
     sys::check_eventfd(c_rx.as_fd()).map_err(region_fail)?;
     sys::check_eventfd(c_tx.as_fd()).map_err(region_fail)?;
@@ -408,6 +466,9 @@ fn serve(sock: OwnedFd, opts: &Options, messages: bool, name: &str) -> Result<Co
         };
         fail(refuse(s, status, bad_data(format!("connecting peer's region: {e}"))))
     })?;
+    if let Some(c) = params.capacity.iter().copied().find(|&c| c > limit) {
+        return Err(region_fail(too_big(format!("ring capacity of {c} bytes"), limit)));
+    }
     if let Some(max) = params.max_message {
         if max > opts.max_message_size() {
             let e = bad_data(format!(
@@ -444,10 +505,30 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         let spin = opts.spin_budget_or(config::DEFAULT_VM_SPIN)?;
         return crate::vm::local::connect(&agent, name, opts.handshake(), spin);
     }
-    let (dir, path) = socket_path(name, opts)?;
+    let file = socket_file(name)?;
     let chosen = opts.chosen_capacity()?;
     let spin = opts.spin_budget()?;
-    let sock = sys::connect_seqpacket(&path).map_err(|e| match e.kind() {
+    let own = sys::euid();
+    let policy = opts.access_policy();
+    let dir_path = opts.resolved_runtime_dir();
+    // Whoever owns the directory (or may write in it) decides which socket sits at a name: it
+    // must be us, root, or a uid our policy trusts, and nobody else may write in it.
+    let dir = RuntimeDir::open_existing(&dir_path, |uid, gid| policy.allows(own, uid, gid)).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "no ivcom listener named {name:?} (runtime directory {} does not exist)",
+                    dir_path.display()
+                ),
+            )
+        } else {
+            io::Error::new(e.kind(), format!("cannot connect to {name:?}: {e}"))
+        }
+    })?;
+    let path = dir.path().join(&file);
+    let addr = dir.unix_addr(&file)?;
+    let sock = sys::connect_seqpacket_at(&addr).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => io::Error::new(
             io::ErrorKind::ConnectionRefused,
             format!("no ivcom listener named {name:?} ({}: {e})", path.display()),
@@ -455,11 +536,24 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         k => io::Error::new(k, format!("cannot connect to {}: {e}", path.display())),
     })?;
     let s = sock.as_fd();
-    let listener_file = std::fs::symlink_metadata(&path).ok().map(|m| ListenerFile {
-        dir,
-        path: path.clone(),
-        id: (m.dev(), m.ino()),
-    });
+    // The listening process proves who it is before anything of ours moves: a socket bound by
+    // a uid we do not trust is left at once, unspoken to.
+    let cred = sys::peer_cred(s)?;
+    if !policy.allows(own, cred.uid.as_raw(), cred.gid.as_raw()) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "listener socket {} is served by uid {} (gid {}, pid {}), which this process (uid {own}) \
+                 does not trust (access policy {policy:?}); nothing was sent",
+                path.display(),
+                cred.uid.as_raw(),
+                cred.gid.as_raw(),
+                cred.pid.as_raw_nonzero(),
+            ),
+        ));
+    }
+    let listener_file =
+        dir.stat(&file).ok().map(|st| ListenerFile { dir, file, id: crate::rundir::file_id(&st) });
     sys::set_timeouts(s, Some(opts.handshake()))?;
     let closed = || {
         io::Error::new(
@@ -499,9 +593,25 @@ pub(crate) fn connect(name: &str, opts: &Options, messages: bool) -> io::Result<
         return Err(refuse(s, Status::Mode, e));
     }
     let offered = le_u64(&p.body, 8);
+    // Listeners since the capacity limit say the largest ring they accept (0: not said).
+    let limit = if p.body.len() >= 24 { le_u64(&p.body, 16) } else { 0 };
     let capacity = match chosen {
+        Some(c) if limit != 0 && c as u64 > limit => {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "ring capacity {c} exceeds the limit of listener {name:?} ({limit} bytes per direction; \
+                     its Options::max_capacity)"
+                ),
+            );
+            return Err(refuse(s, Status::BadRegion, e));
+        }
         Some(c) => c as u64,
         None if offered != 0 && config::check_capacity(offered as usize).is_ok() => offered,
+        None if limit != 0 && (DEFAULT_CAPACITY as u64) > limit => {
+            // The largest power of two within the listener's limit.
+            (1u64 << (63 - limit.leading_zeros())).max(layout::MIN_CAPACITY)
+        }
         None => DEFAULT_CAPACITY as u64,
     };
     let max_message = if messages {

@@ -114,19 +114,21 @@ impl RuntimeDir {
     }
 
     /// Opens an existing runtime directory to reach listeners in it, without creating
-    /// anything. Its owner must be this process's effective uid, root, or a uid `trusted`
-    /// accepts (the owner could plant any socket in it); nobody but the owner may write in it.
+    /// anything. Its owner must be this process's effective uid, root, or one that
+    /// `trusted(owner uid, directory gid)` accepts (the owner could plant any socket in it; a
+    /// non-root owner can only give it a group it belongs to); nobody but the owner may write
+    /// in it.
     /// A symlink at the last component is refused.
     ///
     /// Errors: `NotFound` when it does not exist; `PermissionDenied` naming the path, owner and
     /// mode otherwise.
-    pub fn open_existing(path: &Path, trusted: impl Fn(u32) -> bool) -> io::Result<Self> {
+    pub fn open_existing(path: &Path, trusted: impl Fn(u32, u32) -> bool) -> io::Result<Self> {
         let fd = rustix::fs::open(path, dir_flags(), Mode::empty()).map_err(|e| open_error(path, e))?;
         let dir = RuntimeDir { fd, path: path.to_path_buf() };
         let st = dir.fstat()?;
         check_is_dir(path, &st)?;
         let own = euid();
-        if st.st_uid != own && st.st_uid != 0 && !trusted(st.st_uid) {
+        if st.st_uid != own && st.st_uid != 0 && !trusted(st.st_uid, st.st_gid) {
             return Err(refusal(
                 path,
                 &st,
@@ -304,6 +306,13 @@ impl RuntimeDir {
     }
 }
 
+/// The (device, inode) pair that identifies a file, from its `stat`.
+// The fields' widths differ between targets; on some the casts are no-ops.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn file_id(st: &Stat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
 fn set_access(fd: BorrowedFd<'_>, path: &Path, access: DirAccess) -> io::Result<()> {
     if let Some(g) = access.group() {
         rustix::fs::fchown(fd, None, Some(rustix::fs::Gid::from_raw(g))).map_err(|e| {
@@ -471,9 +480,9 @@ mod tests {
         assert!(e.to_string().contains("owner uid 65534"), "{e}");
         assert!(e.to_string().contains("mode 0700"), "{e}");
         // Reaching listeners in it needs the owner's trust (root is always trusted).
-        let e = RuntimeDir::open_existing(&t.0, |_| false).unwrap_err();
+        let e = RuntimeDir::open_existing(&t.0, |_, _| false).unwrap_err();
         assert!(e.to_string().contains("does not trust"), "{e}");
-        RuntimeDir::open_existing(&t.0, |u| u == 65534).unwrap();
+        RuntimeDir::open_existing(&t.0, |u, _| u == 65534).unwrap();
     }
 
     #[test]
@@ -513,7 +522,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         assert!(e.to_string().contains("symbolic link"), "{e}");
         assert!(e.to_string().contains(&link.display().to_string()), "{e}");
-        let e = RuntimeDir::open_existing(&link, |_| true).unwrap_err();
+        let e = RuntimeDir::open_existing(&link, |_, _| true).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         let file = t.0.join("file");
         std::fs::write(&file, b"x").unwrap();
@@ -592,13 +601,13 @@ mod tests {
     #[test]
     fn open_existing_checks_owner_and_writers_but_creates_nothing() {
         let t = Tmp::new("existing");
-        let e = RuntimeDir::open_existing(&t.0.join("none"), |_| false).unwrap_err();
+        let e = RuntimeDir::open_existing(&t.0.join("none"), |_, _| false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
         assert!(!t.0.join("none").exists());
         std::fs::set_permissions(&t.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-        RuntimeDir::open_existing(&t.0, |_| false).unwrap();
+        RuntimeDir::open_existing(&t.0, |_, _| false).unwrap();
         std::fs::set_permissions(&t.0, std::fs::Permissions::from_mode(0o775)).unwrap();
-        let e = RuntimeDir::open_existing(&t.0, |_| true).unwrap_err();
+        let e = RuntimeDir::open_existing(&t.0, |_, _| true).unwrap_err();
         assert!(e.to_string().contains("write"), "{e}");
     }
 }

@@ -176,6 +176,27 @@ pub fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
     }
 }
 
+/// Binds a listening seqpacket socket at `addr` (for example a [`crate::rundir::RuntimeDir`]
+/// address, which reaches the directory through its descriptor).
+pub fn bind_seqpacket_at(addr: &SocketAddrUnix) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    rustix::net::bind(&fd, addr)?;
+    rustix::net::listen(&fd, 128)?;
+    Ok(fd)
+}
+
+/// Connects a seqpacket socket to `addr`.
+pub fn connect_seqpacket_at(addr: &SocketAddrUnix) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    loop {
+        match rustix::net::connect(&fd, addr) {
+            Ok(()) => return Ok(fd),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Accepts one connection.
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     loop {

@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use ivcom::rundir::DirAccess;
 use ivcom::{Access, Listener, Options, Stream};
 use ivcom_ring::layout::{off, Params};
 use support::raw;
@@ -103,13 +104,15 @@ fn peer_of_another_uid_is_refused_unless_allowed() {
         eprintln!("SKIPPED: uid {NOBODY} cannot run the test binary: {why}");
         return;
     }
-    let dir = TestDir::with_mode("uid", 0o755);
+    // The directory is shared with the peer's group (0750, group nobody): its owner alone
+    // may create names in it, members of the group may reach them.
+    let dir = TestDir::with_mode("uid", 0o750);
+    std::os::unix::fs::chown(dir.path(), None, Some(NOBODY)).unwrap();
+    let shared = || Options::new().runtime_dir(dir.path()).dir_access(DirAccess::Group(NOBODY));
     let t = Duration::from_secs(60);
 
     // Socket file open to all, default policy (same uid): the handshake refuses.
-    let l = std::sync::Arc::new(
-        Listener::bind_with(NAME, &Options::new().runtime_dir(dir.path()).socket_mode(0o666)).unwrap(),
-    );
+    let l = std::sync::Arc::new(Listener::bind_with(NAME, &shared().socket_mode(0o666)).unwrap());
     let accepted = accept_async(&l);
     let mut p = spawn_as_nobody(dir.path());
     let line = p.wait_line("CONNECT", t);
@@ -124,10 +127,8 @@ fn peer_of_another_uid_is_refused_unless_allowed() {
     drop(l);
 
     // The same peer, allowed by uid.
-    let l = std::sync::Arc::new(
-        Listener::bind_with(NAME, &Options::new().runtime_dir(dir.path()).access(Access::Uids(vec![NOBODY])))
-            .unwrap(),
-    );
+    let l =
+        std::sync::Arc::new(Listener::bind_with(NAME, &shared().access(Access::Uids(vec![NOBODY]))).unwrap());
     let accepted = accept_async(&l);
     let mut p = spawn_as_nobody(dir.path());
     let mut s = accepted.recv_timeout(t).unwrap().expect("accept of an allowed uid");
@@ -142,7 +143,7 @@ fn peer_of_another_uid_is_refused_unless_allowed() {
     drop(l);
 
     // Default socket mode (0600): the peer cannot even open the socket.
-    let l = Listener::bind_with(NAME, &Options::new().runtime_dir(dir.path())).unwrap();
+    let l = Listener::bind_with(NAME, &shared()).unwrap();
     let mode = std::fs::metadata(l.path()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let mut p = spawn_as_nobody(dir.path());

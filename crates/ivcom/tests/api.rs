@@ -20,6 +20,8 @@ mod tempdir {
             let p = std::env::temp_dir().join(format!("ivcom-test-{}-{tag}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).unwrap();
+            // Runtime directories must be closed to others.
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
             Self(p)
         }
         pub fn path(&self) -> &std::path::Path {
