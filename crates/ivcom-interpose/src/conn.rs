@@ -670,8 +670,11 @@ impl TcpConn {
                 self.switch_now(&mut tx);
             } else {
                 let m = msghdr_of(iov);
+                // While the claim may still come, a blocking write waits in our loop (which
+                // also wakes for the claim), not in the kernel.
+                let f = if self.claim_pending() { flags | libc::MSG_DONTWAIT } else { flags };
                 // SAFETY: `m` describes the program's own buffers for this call.
-                let n = unsafe { crate::real::sendmsg(fd, &m, flags) };
+                let n = unsafe { crate::real::sendmsg(fd, &m, f) };
                 if n < 0 {
                     return Err(errno());
                 }
@@ -756,6 +759,16 @@ impl TcpConn {
         matches!(self.ring_bytes(), Some(Ok(n)) if n > 0)
     }
 
+    /// Connector: registered, and the claim not seen yet. While it is, waits also announce
+    /// sleep for reading, so that the claiming side's wakeup makes this side read the claim
+    /// (which holds a reference to the claiming side's socket until it is read).
+    pub fn claim_pending(&self) -> bool {
+        self.side == Side::Connector
+            && !self.claim_seen.load(Ordering::Acquire)
+            && !self.is_plain()
+            && lock(&self.registration).is_some()
+    }
+
     /// Whether writes go over TCP still (the connector before the claim).
     pub fn tx_on_tcp(&self) -> bool {
         !lock(&self.tx).switched && !self.claimed()
@@ -776,6 +789,10 @@ impl TcpConn {
                         if self.side == Side::Connector && self.claimed() {
                             self.drain(&rx, fd);
                         } else {
+                            if self.side == Side::Connector {
+                                // The claim is queued before any byte the claiming side sends.
+                                self.become_plain("the listener sent data without claiming the channel");
+                            }
                             rx.tcp_data = true;
                         }
                     }
@@ -901,11 +918,18 @@ impl TcpConn {
             match rx.r.ctrl(region) {
                 Ok(c) if rx.sleepers == 0 => {
                     // Announce even while data still comes over TCP: the peer may switch.
-                    if rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
+                    if !rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
+                        false
+                    } else if self.side == Side::Connector
+                        && !self.claim_seen.load(Ordering::Acquire)
+                        && self.claimed()
+                    {
+                        // The claim arrived: data now comes from the ring; look again.
+                        let _ = rx.r.state().end_sleep(&c);
+                        false
+                    } else {
                         rx.sleepers = 1;
                         true
-                    } else {
-                        false
                     }
                 }
                 Ok(c) => {
@@ -942,6 +966,21 @@ impl TcpConn {
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// Acceptor, after sending the claim: signals the connecting side if it announced sleep
+    /// (it may have gone to sleep before the claim arrived; see [`TcpConn::arm`]).
+    pub fn wake_if_asleep(&self, fd: c_int) {
+        let mut tx = lock(&self.tx);
+        let region = self.region();
+        // SYNC: the claim message was queued (a system call) before this check; pairs with
+        // the connector's announce-then-read-the-claim in `arm`.
+        if let Ok(c) = tx.w.ctrl(region) {
+            if tx.w.state().publish(&c, 0).unwrap_or(false) {
+                drop(tx);
+                doorbell(fd);
+            }
+        }
     }
 
     /// Withdraws an announcement made by [`TcpConn::arm`].
