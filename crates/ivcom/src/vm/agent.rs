@@ -369,6 +369,15 @@ impl<P: Port> Agent<P> {
                 let _ = rustix::io::ioctl_fionbio(&sock, true);
                 let p = Packet::Error { errno: libc_errno::EACCES, message };
                 let _ = sys::send_packet(sock.as_fd(), &p.encode(), &[]);
+                // Read what it sent already (a few packets at most): closing with unread data
+                // would reset the connection and the process would not see the message.
+                let mut buf = [0u8; wire::MAX_PACKET];
+                for _ in 0..4 {
+                    if !matches!(rustix::net::recv(&sock, &mut buf, rustix::net::RecvFlags::DONTWAIT), Ok((n, _)) if n > 0)
+                    {
+                        break;
+                    }
+                }
                 return;
             }
             Err(e) => {

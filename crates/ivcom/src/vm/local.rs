@@ -44,7 +44,16 @@ fn connect_agent(agent: &Path) -> io::Result<OwnedFd> {
 
 fn recv(sock: BorrowedFd<'_>) -> io::Result<(Packet, Vec<OwnedFd>)> {
     let mut buf = [0u8; MAX_PACKET];
-    let (n, fds) = sys::recv_packet(sock, &mut buf)?;
+    let (n, fds) = sys::recv_packet(sock, &mut buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::ConnectionReset {
+            io::Error::new(
+                e.kind(),
+                "the ivcom agent reset the connection (an agent whose --access does not admit this uid does that; its log says)",
+            )
+        } else {
+            e
+        }
+    })?;
     if n == 0 {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
