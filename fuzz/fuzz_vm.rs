@@ -166,7 +166,10 @@ impl Member {
                 let id = value as u16;
                 if fd {
                     if Some(id) != self.id {
-                        assert!(!self.left.contains(&id), "told that id {id}, which it saw leave, joined again");
+                        assert!(
+                            !self.left.contains(&id),
+                            "told that id {id}, which it saw leave, joined again"
+                        );
                         self.present.insert(id);
                     }
                 } else {

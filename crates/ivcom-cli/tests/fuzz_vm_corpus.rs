@@ -246,10 +246,27 @@ fn daemon_session_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 (Read, 0),
             ]),
         ),
-        ("second-connection-refused", session(&[(Connect, 2), (Connect, 2), (Read, 0), (Close, 0), (Connect, 2), (Read, 0)])),
+        (
+            "second-connection-refused",
+            session(&[(Connect, 2), (Connect, 2), (Read, 0), (Close, 0), (Connect, 2), (Read, 0)]),
+        ),
         ("violation", session(&[(Connect, 0), (Connect, 1), (Read, 0), (Send, 0x31), (Read, 0), (Read, 0)])),
-        ("connect-close-churn", session(&[(Connect, 0), (ConnectClose, 1), (ConnectClose, 1), (ConnectClose, 2), (Read, 0)])),
-        ("all-members", session(&[(Connect, 0), (Connect, 1), (Connect, 2), (Read, 0), (Close, 0), (Close, 0), (Read, 0)])),
+        (
+            "connect-close-churn",
+            session(&[(Connect, 0), (ConnectClose, 1), (ConnectClose, 1), (ConnectClose, 2), (Read, 0)]),
+        ),
+        (
+            "all-members",
+            session(&[
+                (Connect, 0),
+                (Connect, 1),
+                (Connect, 2),
+                (Read, 0),
+                (Close, 0),
+                (Close, 0),
+                (Read, 0),
+            ]),
+        ),
         ("empty", Vec::new()),
     ]
 }

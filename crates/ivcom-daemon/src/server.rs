@@ -838,7 +838,7 @@ fn bind_listener(dir: &Arc<SafeDir>, name: &str, binding: Option<&Binding>) -> R
     let via = dir.via_fd(name);
     let addr = SocketAddrUnix::new(&via).map_err(|e| at(&path, "socket path")(e.into()))?;
     match dir.entry(name) {
-        Ok(Some((_, ft, _))) if ft != rustix::fs::FileType::Socket => {
+        Ok(Some(e)) if e.kind != rustix::fs::FileType::Socket => {
             return Err(DaemonError::NotASocket { path })
         }
         Ok(Some(_)) => {
@@ -864,7 +864,7 @@ fn bind_listener(dir: &Arc<SafeDir>, name: &str, binding: Option<&Binding>) -> R
         e => at(&path, "binding")(e.into()),
     })?;
     let id = match dir.entry(name) {
-        Ok(Some((_, _, id))) => id,
+        Ok(Some(e)) => e.id,
         Ok(None) => return Err(at(&path, "inspecting the new socket")(io::ErrorKind::NotFound.into())),
         Err(e) => return Err(at(&path, "inspecting the new socket")(e)),
     };

@@ -67,6 +67,17 @@ impl Owner {
     }
 }
 
+/// An entry of a [`SafeDir`], as `lstat` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Owner, group and mode.
+    pub owner: Owner,
+    /// File type (a symlink is reported as one, not followed).
+    pub kind: rustix::fs::FileType,
+    /// (device, inode).
+    pub id: (u64, u64),
+}
+
 /// How a directory is created, and whether an existing one is brought to that mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirMode {
@@ -309,15 +320,15 @@ impl SafeDir {
         PathBuf::from(format!("/proc/self/fd/{}/{name}", self.fd.as_raw_fd()))
     }
 
-    /// Owner, group, mode, device and inode of entry `name`, not following a symlink;
+    /// Owner, group, mode, type, device and inode of entry `name`, not following a symlink;
     /// `None` if there is none.
-    pub fn entry(&self, name: &str) -> io::Result<Option<(Owner, rustix::fs::FileType, (u64, u64))>> {
+    pub fn entry(&self, name: &str) -> io::Result<Option<Entry>> {
         match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(Some((
-                Owner::of(&st),
-                rustix::fs::FileType::from_raw_mode(st.st_mode),
-                (st.st_dev, st.st_ino),
-            ))),
+            Ok(st) => Ok(Some(Entry {
+                owner: Owner::of(&st),
+                kind: rustix::fs::FileType::from_raw_mode(st.st_mode),
+                id: (st.st_dev, st.st_ino),
+            })),
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -336,7 +347,7 @@ impl SafeDir {
 
     /// Removes entry `name` if it is still the file with (device, inode) `id`.
     pub fn remove_if(&self, name: &str, id: (u64, u64)) {
-        if matches!(self.entry(name), Ok(Some((_, _, found))) if found == id) {
+        if matches!(self.entry(name), Ok(Some(e)) if e.id == id) {
             let _ = rustix::fs::unlinkat(&self.fd, name, AtFlags::empty());
         }
     }

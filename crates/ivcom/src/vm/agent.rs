@@ -984,8 +984,8 @@ fn bind_socket(
         )
     };
     let addr = SocketAddrUnix::new(dir.via_fd(&name)).map_err(|e| bad(&format!("unusable path ({e})")))?;
-    if let Some((_, ft, _)) = dir.entry(&name)? {
-        if ft != rustix::fs::FileType::Socket {
+    if let Some(e) = dir.entry(&name)? {
+        if e.kind != rustix::fs::FileType::Socket {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} exists and is not a socket; refusing to replace it", path.display()),
@@ -1006,7 +1006,7 @@ fn bind_socket(
     rustix::net::bind(&fd, &addr).map_err(|e| {
         io::Error::new(io::Error::from(e).kind(), format!("cannot bind {}: {e}", path.display()))
     })?;
-    let id = dir.entry(&name)?.map(|(_, _, id)| id).ok_or_else(|| bad("vanished after bind"))?;
+    let id = dir.entry(&name)?.map(|e| e.id).ok_or_else(|| bad("vanished after bind"))?;
     let gid = match access {
         Access::Group(g) => Some(*g),
         _ => None,
