@@ -554,4 +554,43 @@ mod tests {
         assert_eq!((r.size, r.vectors, r.peer_id("c")), (4 << 20, 3, Some(1)));
         assert_eq!(c.region("lab").unwrap().vectors, 1);
     }
+
+    #[test]
+    fn sizes_are_bounded_before_expansion() {
+        let err = |text: &str| Config::parse(text, Path::new("b.toml")).unwrap_err().to_string();
+        let members: Vec<String> = (0..65).map(|i| format!("m{i}")).collect();
+        let e = err(&format!("[[pairs]]\nname='p'\nmembers={members:?}\nsize='1M'\n"));
+        assert!(e.contains("65 members; at most 64 are allowed in a pair set"), "{e}");
+        let members: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+        let e = err(&format!("[[pairs]]\nname='p'\nmembers={members:?}\nsize='1G'\n"));
+        assert!(e.contains("67584 MiB in all; at most 65536 MiB are allowed"), "{e}");
+        let e = err(&"#".repeat(MAX_CONFIG_BYTES as usize + 1));
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+    }
+
+    #[test]
+    fn bindings() {
+        let c = Config::parse(
+            "[members.a]\nuid=1001\n[members.b]\ngid=990\n[[group]]\nname='g'\nmembers=['a','b','c']\nsize='1M'\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let r = &c.regions[0];
+        let (a, b, c_) = (r.bindings[0].as_ref(), r.bindings[1].as_ref(), r.bindings[2].as_ref());
+        assert!(
+            Binding::allows(a, 0, 1001, 5) && !Binding::allows(a, 0, 1002, 5) && Binding::allows(a, 7, 0, 0)
+        );
+        assert!(Binding::allows(b, 0, 1234, 990) && !Binding::allows(b, 0, 1234, 991));
+        assert!(c_.is_none() && Binding::allows(c_, 7, 7, 7) && !Binding::allows(c_, 7, 8, 7));
+        assert_eq!(Binding::socket_owner(a), (Some(1001), None, 0o600));
+        assert_eq!(Binding::socket_owner(b), (None, Some(990), 0o660));
+        assert_eq!(Binding::socket_owner(c_), (None, None, 0o600));
+        let e = Config::parse(
+            "[members.z]\nuid=1\n[[group]]\nname='g'\nmembers=['a']\nsize='1M'\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[members.z] is not a member"), "{e}");
+    }
 }
