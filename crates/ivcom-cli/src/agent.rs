@@ -16,14 +16,18 @@ pub struct AgentArgs {
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Join as a host member through the daemon's socket for that (region, member).
-    #[arg(long, conflicts_with_all = ["device", "access", "peer_id"])]
+    #[arg(long, conflicts_with_all = ["device", "device_access", "peer_id"])]
     join: Option<PathBuf>,
     /// The guest's ivshmem device: a PCI address such as 0000:00:03.0, or "auto" for the only one.
     #[arg(long)]
     device: Option<String>,
     /// How to open the device: "vfio" (doorbells wake us), "sysfs" (we poll), or "best".
     #[arg(long, value_parser = ["best", "vfio", "sysfs"])]
-    access: Option<String>,
+    device_access: Option<String>,
+    /// Which local processes the agent serves (checked with SO_PEERCRED): same-uid (and
+    /// root), group:GID, uids:UID[,UID...] or anyone. The socket's mode follows.
+    #[arg(long, default_value = "same-uid", value_parser = parse_agent_access)]
+    access: ivcom::Access,
     /// Our peer id on an ivshmem-plain device, whose IVPosition register reads 0.
     #[arg(long)]
     peer_id: Option<u32>,
@@ -33,6 +37,15 @@ pub struct AgentArgs {
     /// Runtime directory for the default socket path [env: IVCOM_RUNTIME_DIR].
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
+}
+
+/// `--access`: the listener's policy syntax; the device modes it meant before get a pointer to
+/// `--device-access`.
+fn parse_agent_access(s: &str) -> Result<ivcom::Access, String> {
+    if matches!(s, "best" | "vfio" | "sysfs") {
+        return Err(format!("{s:?} is a device access mode: use --device-access {s}"));
+    }
+    crate::parse_access(s)
 }
 
 /// Runs an agent until SIGINT or SIGTERM.
@@ -47,7 +60,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             o.resolved_runtime_dir().join("agent.sock")
         }
     };
-    let mut cfg = AgentConfig::new(&socket);
+    let mut cfg = AgentConfig::new(&socket).access(args.access.clone());
     if args.poll_idle_ms == 0 {
         bail!("--poll-idle-ms must be at least 1");
     }
@@ -80,7 +93,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                     .cloned()
                     .with_context(|| format!("no ivshmem device at {dev}"))?
             };
-            let vfio = match args.access.as_deref() {
+            let vfio = match args.device_access.as_deref() {
                 Some("vfio") => Some(true),
                 Some("sysfs") => Some(false),
                 _ => None,

@@ -2,6 +2,9 @@
 //!
 //! ```toml
 //! socket_dir = "/run/ivcom/vm"   # optional
+//! socket_group = 990             # optional: socket directories 0750 with this group, else 0700
+//! [members.vm1]                  # optional: who may connect as vm1 (checked with SO_PEERCRED)
+//! uid = 1001                     # and/or gid = ...
 //! [[group]]                      # one region shared by all members
 //! name = "lab"
 //! members = ["vm1", "vm2", "host"]
@@ -13,8 +16,13 @@
 //! members = ["a", "b", "c"]      # regions mesh.a.b, mesh.a.c, mesh.b.c
 //! size = "4M"
 //! ```
+//!
+//! Sizes are bounded before anything is expanded: the file ([`MAX_CONFIG_BYTES`]), members
+//! per group ([`MAX_GROUP_MEMBERS`]) and per pair set ([`MAX_PAIR_MEMBERS`]), regions in all
+//! ([`MAX_REGIONS`]) and their total memory ([`MAX_TOTAL_SIZE`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -25,6 +33,53 @@ pub const MIN_SIZE: u64 = 1 << 20;
 pub const MAX_SIZE: u64 = 1 << 30;
 /// Most vectors per member.
 pub const MAX_VECTORS: u16 = 64;
+/// Largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Most members of one `[[group]]` (each gets a socket and its own peer ids).
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// Most members of one `[[pairs]]` set: 64 members make 2016 regions.
+pub const MAX_PAIR_MEMBERS: usize = 64;
+/// Most regions in all (groups plus every pair).
+pub const MAX_REGIONS: usize = 4096;
+/// Most memory of all regions together (each is a memfd or file the daemon maps).
+pub const MAX_TOTAL_SIZE: u64 = 64 << 30;
+/// Most `[members.NAME]` bindings.
+pub const MAX_BINDINGS: usize = 4096;
+
+/// Who may connect as a member: the connecting process's credentials (`SO_PEERCRED`) must
+/// have this uid and/or this effective gid. Root is always admitted (it can take any
+/// process's place anyway). A member without a binding admits the daemon's own uid only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// Required uid, if any.
+    pub uid: Option<u32>,
+    /// Required effective gid, if any.
+    pub gid: Option<u32>,
+}
+
+impl Binding {
+    /// Whether a process with `uid`/`gid` may connect as a member bound by `binding` (`None`:
+    /// unbound) to a daemon running as `daemon_uid`.
+    pub fn allows(binding: Option<&Binding>, daemon_uid: u32, uid: u32, gid: u32) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        match binding {
+            None => uid == daemon_uid,
+            Some(b) => b.uid.is_none_or(|u| u == uid) && b.gid.is_none_or(|g| g == gid),
+        }
+    }
+
+    /// Owner, group and mode for the member's socket file: owned by the bound uid, mode 0600;
+    /// bound to a gid only: the daemon's, group gid, 0660; unbound: the daemon's, 0600.
+    pub fn socket_owner(binding: Option<&Binding>) -> (Option<u32>, Option<u32>, u32) {
+        match binding {
+            Some(Binding { uid: Some(u), gid }) => (Some(*u), *gid, 0o600),
+            Some(Binding { uid: None, gid: Some(g) }) => (None, Some(*g), 0o660),
+            _ => (None, None, 0o600),
+        }
+    }
+}
 
 /// A configuration that cannot be used; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +140,11 @@ pub struct RegionConfig {
     pub ring: Option<u64>,
     /// Where it comes from.
     pub kind: RegionKind,
+    /// Per member (same order as `members`): who may connect as it (`[members.NAME]`).
+    pub bindings: Vec<Option<Binding>>,
+    /// Plain regions: the group given read-write access to the file (mode 0660); `None`:
+    /// mode 0600, the daemon's user only.
+    pub shm_group: Option<u32>,
 }
 
 impl RegionConfig {
@@ -106,6 +166,8 @@ pub struct Config {
     pub path: PathBuf,
     /// `socket_dir` from the file, if set.
     pub socket_dir: Option<PathBuf>,
+    /// `socket_group`: the socket directories are 0750 with this group (else 0700).
+    pub socket_group: Option<u32>,
     /// All regions, groups first then pairs, each in file order.
     pub regions: Vec<RegionConfig>,
 }
@@ -114,6 +176,9 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     socket_dir: Option<PathBuf>,
+    socket_group: Option<u32>,
+    #[serde(default)]
+    members: BTreeMap<String, RawBinding>,
     #[serde(default)]
     group: Vec<RawSet>,
     #[serde(default)]
@@ -129,6 +194,14 @@ struct RawSet {
     vectors: Option<i64>,
     plain: Option<bool>,
     ring: Option<RawSize>,
+    shm_group: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBinding {
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -176,20 +249,104 @@ fn check_size(bytes: u64, shown: &str) -> Result<u64, String> {
 }
 
 impl Config {
-    /// Reads and validates `path`.
+    /// Reads and validates `path`. A file larger than [`MAX_CONFIG_BYTES`] is an error
+    /// before it is read (or, for files whose size is not known in advance, once that much
+    /// has been read).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let read = |source| ConfigError::Read { path: path.to_owned(), source };
+        let file = std::fs::File::open(path).map_err(read)?;
+        let too_big = || ConfigError::Invalid {
+            path: path.to_owned(),
+            problem: format!("the file is larger than {MAX_CONFIG_BYTES} bytes"),
+        };
+        if file.metadata().map_err(read)?.len() > MAX_CONFIG_BYTES {
+            return Err(too_big());
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(read)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(too_big());
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8: {e}")))
+        })?;
         Self::parse(&text, path)
     }
 
-    /// Validates configuration `text`; `path` is used in messages.
+    /// Validates configuration `text`; `path` is used in messages. Every bound of this
+    /// module is checked before pairs are expanded.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problem: format!("the configuration is larger than {MAX_CONFIG_BYTES} bytes"),
+            });
+        }
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
         let invalid = |problem: String| ConfigError::Invalid { path: path.to_owned(), problem };
+        // Bounds first, before anything is expanded: a short file can name n members whose
+        // pairs make n(n-1)/2 regions.
+        let mut region_count: usize = 0;
+        let mut total_size: u64 = 0;
+        for (table, sets) in [("group", &raw.group), ("pairs", &raw.pairs)] {
+            for set in sets {
+                let at = format!("[[{table}]] {:?}", set.name.chars().take(64).collect::<String>());
+                let n = set.members.len();
+                let (max, count) = if table == "group" {
+                    (MAX_GROUP_MEMBERS, 1)
+                } else {
+                    (MAX_PAIR_MEMBERS, n.saturating_mul(n.saturating_sub(1)) / 2)
+                };
+                if n > max {
+                    return Err(invalid(format!(
+                        "{at}: {n} members; at most {max} are allowed in a {}",
+                        if table == "group" { "group" } else { "pair set (each pair is a region)" }
+                    )));
+                }
+                region_count = region_count.saturating_add(count);
+                if region_count > MAX_REGIONS {
+                    return Err(invalid(format!(
+                        "more than {MAX_REGIONS} regions (counting every pair of every [[pairs]] set)"
+                    )));
+                }
+                let size = match &set.size {
+                    RawSize::Number(n) => u64::try_from(*n).unwrap_or(0),
+                    RawSize::Text(t) => parse_size(t).unwrap_or(0),
+                };
+                total_size = total_size.saturating_add(size.saturating_mul(count as u64));
+            }
+        }
+        if total_size > MAX_TOTAL_SIZE {
+            return Err(invalid(format!(
+                "the regions would take {} MiB in all; at most {} MiB are allowed",
+                total_size >> 20,
+                MAX_TOTAL_SIZE >> 20
+            )));
+        }
+        if raw.members.len() > MAX_BINDINGS {
+            return Err(invalid(format!("more than {MAX_BINDINGS} [members] bindings")));
+        }
+        let mut bindings = BTreeMap::new();
+        for (name, b) in &raw.members {
+            let at = format!("[members.{:?}]", name.chars().take(64).collect::<String>());
+            check_name(name).map_err(|p| invalid(format!("[members]: {p}")))?;
+            if b.uid.is_none() && b.gid.is_none() {
+                return Err(invalid(format!("{at}: give uid, gid or both")));
+            }
+            if b.uid == Some(u32::MAX) || b.gid == Some(u32::MAX) {
+                return Err(invalid(format!("{at}: 4294967295 is not a valid uid or gid")));
+            }
+            bindings.insert(name.as_str(), Binding { uid: b.uid, gid: b.gid });
+        }
+        for (what, g) in [("socket_group", raw.socket_group)] {
+            if g == Some(u32::MAX) {
+                return Err(invalid(format!("{what}: 4294967295 is not a valid gid")));
+            }
+        }
+        let mut bound_used = HashSet::new();
         let mut regions = Vec::new();
         let mut seen_sets = HashSet::new();
         for (table, sets) in [("group", &raw.group), ("pairs", &raw.pairs)] {
@@ -226,6 +383,15 @@ impl Config {
                 }
                 .map_err(|p| invalid(format!("{at}: {p}")))?;
                 let plain = set.plain.unwrap_or(false);
+                let shm_group = match set.shm_group {
+                    Some(_) if !plain => {
+                        return Err(invalid(format!(
+                            "{at}: shm_group has no meaning for a doorbell region (its memory is a memfd)"
+                        )))
+                    }
+                    Some(u32::MAX) => return Err(invalid(format!("{at}: 4294967295 is not a valid gid"))),
+                    g => g,
+                };
                 let vectors = match set.vectors {
                     None => 1,
                     Some(_) if plain => {
@@ -255,7 +421,13 @@ impl Config {
                         }
                     }
                 };
+                for m in &set.members {
+                    if bindings.contains_key(m.as_str()) {
+                        bound_used.insert(m.as_str());
+                    }
+                }
                 let mk = |name: String, members: Vec<String>, kind| RegionConfig {
+                    bindings: members.iter().map(|m| bindings.get(m.as_str()).copied()).collect(),
                     name,
                     members,
                     size,
@@ -263,6 +435,7 @@ impl Config {
                     plain,
                     ring,
                     kind,
+                    shm_group,
                 };
                 if table == "group" {
                     regions.push(mk(set.name.clone(), set.members.clone(), RegionKind::Group));
@@ -278,6 +451,9 @@ impl Config {
                     }
                 }
             }
+        }
+        if let Some(unused) = bindings.keys().find(|m| !bound_used.contains(*m)) {
+            return Err(invalid(format!("[members.{unused}] is not a member of any group or pair set")));
         }
         let mut names = HashSet::new();
         for r in &regions {
@@ -296,7 +472,12 @@ impl Config {
                 )));
             }
         }
-        Ok(Config { path: path.to_owned(), socket_dir: raw.socket_dir, regions })
+        Ok(Config {
+            path: path.to_owned(),
+            socket_dir: raw.socket_dir,
+            socket_group: raw.socket_group,
+            regions,
+        })
     }
 
     /// The region called `name`.
@@ -372,5 +553,44 @@ mod tests {
         let r = c.region("mesh.a.c").unwrap();
         assert_eq!((r.size, r.vectors, r.peer_id("c")), (4 << 20, 3, Some(1)));
         assert_eq!(c.region("lab").unwrap().vectors, 1);
+    }
+
+    #[test]
+    fn sizes_are_bounded_before_expansion() {
+        let err = |text: &str| Config::parse(text, Path::new("b.toml")).unwrap_err().to_string();
+        let members: Vec<String> = (0..65).map(|i| format!("m{i}")).collect();
+        let e = err(&format!("[[pairs]]\nname='p'\nmembers={members:?}\nsize='1M'\n"));
+        assert!(e.contains("65 members; at most 64 are allowed in a pair set"), "{e}");
+        let members: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+        let e = err(&format!("[[pairs]]\nname='p'\nmembers={members:?}\nsize='1G'\n"));
+        assert!(e.contains("67584 MiB in all; at most 65536 MiB are allowed"), "{e}");
+        let e = err(&"#".repeat(MAX_CONFIG_BYTES as usize + 1));
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+    }
+
+    #[test]
+    fn bindings() {
+        let c = Config::parse(
+            "[members.a]\nuid=1001\n[members.b]\ngid=990\n[[group]]\nname='g'\nmembers=['a','b','c']\nsize='1M'\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let r = &c.regions[0];
+        let (a, b, c_) = (r.bindings[0].as_ref(), r.bindings[1].as_ref(), r.bindings[2].as_ref());
+        assert!(
+            Binding::allows(a, 0, 1001, 5) && !Binding::allows(a, 0, 1002, 5) && Binding::allows(a, 7, 0, 0)
+        );
+        assert!(Binding::allows(b, 0, 1234, 990) && !Binding::allows(b, 0, 1234, 991));
+        assert!(c_.is_none() && Binding::allows(c_, 7, 7, 7) && !Binding::allows(c_, 7, 8, 7));
+        assert_eq!(Binding::socket_owner(a), (Some(1001), None, 0o600));
+        assert_eq!(Binding::socket_owner(b), (None, Some(990), 0o660));
+        assert_eq!(Binding::socket_owner(c_), (None, None, 0o600));
+        let e = Config::parse(
+            "[members.z]\nuid=1\n[[group]]\nname='g'\nmembers=['a']\nsize='1M'\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[members.z] is not a member"), "{e}");
     }
 }

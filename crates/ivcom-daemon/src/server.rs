@@ -4,11 +4,11 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ivcom_ivshmem::protocol::{self, MESSAGE_LEN, PROTOCOL_VERSION, SHM_MESSAGE};
+use ivcom_ivshmem::safedir::{DirError, DirMode, SafeDir};
 use ivcom_ring::{MappedRegion, ShmRegion};
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
@@ -16,7 +16,7 @@ use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
 
-use crate::config::{socket_path, Config, RegionConfig};
+use crate::config::{Binding, Config, RegionConfig};
 use crate::hooks::{RegionHooks, RegionView};
 
 /// Messages queued for one member before it counts as not reading and is disconnected, at
@@ -71,6 +71,26 @@ pub enum DaemonError {
     NotASocket {
         /// The path.
         path: PathBuf,
+    },
+    /// A socket directory cannot be used (someone else owns it, others can write it, a
+    /// symlink is in its place, ...).
+    #[error("socket directory: {0}")]
+    Dir(#[from] DirError),
+    /// A plain region's file exists and is not provably this daemon's own.
+    #[error("plain region {region}: {path} already exists, owned by uid {uid} (group {gid}, mode {mode:04o}): {why}; refusing to use it (remove it if it is a leftover)")]
+    ShmNotOurs {
+        /// Region name.
+        region: String,
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+        /// Its mode bits.
+        mode: u32,
+        /// What is wrong with it.
+        why: String,
     },
     /// A plain region's file exists with another size.
     #[error("plain region {region}: {path} exists with {found} bytes but the configuration says {want}; remove it when no QEMU uses it")]
@@ -154,6 +174,24 @@ pub(crate) struct Conn {
     pub(crate) vectors: Vec<Arc<OwnedFd>>,
     out: VecDeque<Outgoing>,
     want_write: bool,
+    /// Every peer id this connection has been told of (its own, the peers present when it
+    /// joined, those that joined since): none of them is issued again while it is connected.
+    seen: SeenIds,
+}
+
+/// A set of peer ids (a bitmap of all 65536).
+struct SeenIds(Box<[u64; 1024]>);
+
+impl SeenIds {
+    fn new() -> Self {
+        Self(Box::new([0; 1024]))
+    }
+    fn insert(&mut self, id: u16) {
+        self.0[usize::from(id) / 64] |= 1 << (id % 64);
+    }
+    fn contains(&self, id: u16) -> bool {
+        self.0[usize::from(id) / 64] & (1 << (id % 64)) != 0
+    }
 }
 
 pub(crate) struct Member {
@@ -166,6 +204,9 @@ pub(crate) struct Member {
 
 struct Listener {
     fd: OwnedFd,
+    /// The region's socket directory and the socket's name in it.
+    dir: Arc<SafeDir>,
+    name: String,
     path: PathBuf,
     /// (device, inode) of the socket file we made, so that we remove only our own.
     id: (u64, u64),
@@ -176,7 +217,8 @@ pub(crate) struct Region {
     max_queued: usize,
     pub(crate) memory: Memory,
     pub(crate) members: Vec<Member>,
-    dir: Option<PathBuf>,
+    /// The region's socket directory, and the socket directory it is in.
+    dir: Option<(Arc<SafeDir>, Arc<SafeDir>)>,
 }
 
 /// Why a member is being disconnected.
@@ -227,6 +269,8 @@ pub struct Daemon {
     epoll: OwnedFd,
     stop: Arc<OwnedFd>,
     socket_dir: PathBuf,
+    sockets: Option<Arc<SafeDir>>,
+    dir_mode: DirMode,
     _lock: Option<OwnedFd>,
     doomed: Vec<(usize, usize, u32, Reason)>,
 }
@@ -263,11 +307,13 @@ impl Daemon {
         epoll::add(&epoll, &stop, epoll::EventData::new_u64(STOP_TOKEN), epoll::EventFlags::IN)
             .map_err(sys("watching the stop eventfd"))?;
         let any_sockets = config.regions.iter().any(|r| !r.plain);
-        let lock = if any_sockets {
-            std::fs::create_dir_all(&socket_dir).map_err(at(&socket_dir, "creating the socket directory"))?;
-            Some(lock_dir(&socket_dir)?)
+        let dir_mode = DirMode::private(config.socket_group);
+        let (sockets, lock) = if any_sockets {
+            let dir = SafeDir::open(&socket_dir, dir_mode)?;
+            let lock = lock_dir(&dir)?;
+            (Some(Arc::new(dir)), Some(lock))
         } else {
-            None
+            (None, None)
         };
         let mut daemon = Daemon {
             hooks,
@@ -275,6 +321,8 @@ impl Daemon {
             epoll,
             stop: Arc::new(stop),
             socket_dir,
+            sockets,
+            dir_mode,
             _lock: lock,
             doomed: Vec::new(),
         };
@@ -308,8 +356,7 @@ impl Daemon {
             source: io::Error::other("size does not fit in memory"),
         })?;
         let memory = if cfg.plain {
-            let path = opts.shm_dir.join(cfg.shm_file_name());
-            let fd = open_plain(&path, cfg)?;
+            let fd = open_plain(&opts.shm_dir, cfg)?;
             Memory::map(fd, len, &cfg.name)?
         } else {
             let fd = rustix::fs::memfd_create(
@@ -330,13 +377,11 @@ impl Daemon {
                 cfg.members.iter().map(|_| Member { listener: None, conn: None, gen: 0, joins: 0 }).collect();
             return Ok(region);
         }
-        let dir = self.socket_dir.join(&cfg.name);
-        std::fs::create_dir_all(&dir).map_err(at(&dir, "creating the region's socket directory"))?;
-        region.dir = Some(dir);
+        let sockets = self.sockets.clone().expect("socket directory opened for doorbell regions");
+        let dir = Arc::new(sockets.subdir(&cfg.name, self.dir_mode)?);
+        region.dir = Some((dir.clone(), sockets));
         for (mi, member) in cfg.members.iter().enumerate() {
-            let path = socket_path(&self.socket_dir, &cfg.name, member);
-            // Push first so that a failure further on still removes what was bound.
-            let listener = bind_listener(&path)?;
+            let listener = bind_listener(&dir, &format!("{member}.sock"), cfg.bindings[mi].as_ref())?;
             epoll::add(
                 &self.epoll,
                 &listener.fd,
@@ -425,7 +470,40 @@ impl Daemon {
                 self.conn_event(ri, mi, gen, epoll::EventFlags::IN);
                 self.reap();
             }
+            // Who is connecting: the member's binding (or, unbound, the daemon's own uid)
+            // decides, whatever the socket file's mode let through.
             let r = &self.regions[ri];
+            let binding = r.cfg.bindings[mi].as_ref();
+            match rustix::net::sockopt::socket_peercred(&sock) {
+                Ok(c)
+                    if Binding::allows(
+                        binding,
+                        rustix::process::geteuid().as_raw(),
+                        c.uid.as_raw(),
+                        c.gid.as_raw(),
+                    ) => {}
+                Ok(c) => {
+                    tracing::error!(
+                        "region {} member {}: refused a connection from pid {} uid {} gid {}: the member admits {}",
+                        r.cfg.name,
+                        r.cfg.members[mi],
+                        c.pid.as_raw_nonzero(),
+                        c.uid.as_raw(),
+                        c.gid.as_raw(),
+                        describe_binding(binding)
+                    );
+                    let _ = protocol::send_message(&sock, protocol::REFUSAL, None);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "region {} member {}: cannot read the credentials of a connection ({e}); closing it",
+                        r.cfg.name,
+                        r.cfg.members[mi]
+                    );
+                    continue;
+                }
+            }
             if r.members[mi].conn.is_some() {
                 tracing::error!(
                     "region {} member {}: refused a second connection: the member is already connected (peer id {mi}); closing the new one",
@@ -450,6 +528,17 @@ impl Daemon {
     }
 
     fn join(&mut self, ri: usize, mi: usize, sock: OwnedFd) -> io::Result<()> {
+        let region = &self.regions[ri];
+        let Some((id, next)) = free_peer_id(region, mi) else {
+            tracing::error!(
+                "region {} member {}: refused the connection: every peer id of this member ({}) was seen by a member still connected, and reissuing one would make it mistake the newcomer for the peer it saw leave; the member can connect again once those members reconnect",
+                region.cfg.name,
+                region.cfg.members[mi],
+                peer_ids(mi, region.members.len()).count()
+            );
+            let _ = protocol::send_message(&sock, protocol::REFUSAL, None);
+            return Ok(());
+        };
         let vectors = (0..self.regions[ri].cfg.vectors)
             .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -463,9 +552,11 @@ impl Daemon {
             epoll::EventData::new_u64(token(ri, mi, Some(gen))),
             epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
         )?;
-        let id = peer_id(mi, member.joins, region.members.len());
-        region.members[mi].joins = region.members[mi].joins.wrapping_add(1);
-        let mut conn = Conn { sock, gen, id, vectors, out: VecDeque::new(), want_write: false };
+        region.members[mi].joins = next;
+        let mut conn =
+            Conn { sock, gen, id, vectors, out: VecDeque::new(), want_write: false, seen: SeenIds::new() };
+        conn.seen.insert(id);
+        let id16 = id;
         let id = i64::from(id);
         let push = |c: &mut Conn, value: i64, fd: Option<&Arc<OwnedFd>>| {
             c.out.push_back(Outgoing { value, fd: fd.cloned(), sent: 0 });
@@ -476,6 +567,8 @@ impl Daemon {
         // The others learn about the new peer; the new peer learns about the others.
         for other in region.members.iter_mut() {
             if let Some(o) = other.conn.as_mut() {
+                o.seen.insert(id16);
+                conn.seen.insert(o.id);
                 for v in &conn.vectors {
                     push(o, id, Some(v));
                 }
@@ -615,14 +708,46 @@ impl Daemon {
     }
 }
 
-/// The peer id of member `mi`'s connection number `joins` in a region of `members` members:
-/// `mi` the first time, then `mi + members`, `mi + 2 × members`, ... (within QEMU's 16 bits),
-/// so `id % members` is always the member. Ids are not reused while there are fresh ones:
-/// QEMU 7.2 frees a peer's eventfd array on its disconnect notice but keeps the pointer, and a
-/// later connect message for the same id writes into the freed memory.
-pub fn peer_id(mi: usize, joins: u32, members: usize) -> u16 {
-    let rounds = (usize::from(u16::MAX) + 1) / members.max(1);
-    (mi + (joins as usize % rounds.max(1)) * members) as u16
+/// The peer ids member `mi` of a region of `members` members may have: `mi`, `mi + members`,
+/// `mi + 2 × members`, ... up to 65535 (QEMU's 16 bits), so that `id % members` is always
+/// the member.
+fn peer_ids(mi: usize, members: usize) -> impl Iterator<Item = u16> {
+    (mi..=usize::from(u16::MAX)).step_by(members.max(1)).map(|id| id as u16)
+}
+
+/// The id for member `mi`'s next connection, and the member's next `joins` value: the first of
+/// its ids, going round from where the last one was taken, that no connected member has been
+/// told of. `None` when every one has been: reissuing one would tell a member that saw that
+/// id leave that it joined again, and QEMU 7.2 frees a peer's eventfd array on its disconnect
+/// notice but keeps the pointer, so a later connect message for the same id writes into the
+/// freed memory.
+fn free_peer_id(region: &Region, mi: usize) -> Option<(u16, u32)> {
+    let ids: Vec<u16> = peer_ids(mi, region.members.len()).collect();
+    let start = region.members[mi].joins as usize % ids.len();
+    (0..ids.len()).map(|k| (start + k) % ids.len()).find_map(|k| {
+        let id = ids[k];
+        let seen = region.members.iter().filter_map(|m| m.conn.as_ref()).any(|c| c.seen.contains(id));
+        (!seen).then_some((id, (k + 1) as u32))
+    })
+}
+
+fn describe_binding(b: Option<&Binding>) -> String {
+    match b {
+        None => format!(
+            "only the daemon's uid {} and root (it has no [members] binding)",
+            rustix::process::geteuid().as_raw()
+        ),
+        Some(b) => {
+            let mut v = Vec::new();
+            if let Some(u) = b.uid {
+                v.push(format!("uid {u}"));
+            }
+            if let Some(g) = b.gid {
+                v.push(format!("gid {g}"));
+            }
+            format!("{} (and root)", v.join(" with "))
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -635,10 +760,7 @@ impl Drop for Daemon {
 impl Drop for Listener {
     fn drop(&mut self) {
         // Remove only our own socket file, not one a successor bound since.
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|md| (md.dev(), md.ino()) == self.id);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        self.dir.remove_if(&self.name, self.id);
     }
 }
 
@@ -648,8 +770,8 @@ impl Drop for Region {
             m.conn = None;
             m.listener = None;
         }
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir(d); // only if empty
+        if let Some((_, parent)) = &self.dir {
+            parent.remove_empty_dir(&self.cfg.name); // only if empty
         }
     }
 }
@@ -669,93 +791,200 @@ fn raise_fd_limit() {
 }
 
 /// Takes the socket directory's lock file, so that two daemons never serve the same sockets.
-fn lock_dir(dir: &Path) -> Result<OwnedFd, DaemonError> {
+/// Never blocks: the lock is tried once (`LOCK_NB`); a held lock is [`DaemonError::DirInUse`].
+/// The file is reached through the checked directory, not following a symlink.
+fn lock_dir(dir: &SafeDir) -> Result<OwnedFd, DaemonError> {
     use rustix::fs::FlockOperation;
-    let lock = dir.join(".ivcom-daemon.lock");
-    let fd = rustix::fs::open(
-        &lock,
-        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+    let name = ".ivcom-daemon.lock";
+    let lock = dir.path().join(name);
+    let fd = rustix::fs::openat(
+        dir.fd(),
+        name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
         Mode::from_raw_mode(0o600),
     )
     .map_err(|e| at(&lock, "opening the lock file")(e.into()))?;
-    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(fd),
-        Err(Errno::WOULDBLOCK) => Err(DaemonError::DirInUse { dir: dir.to_owned(), lock }),
-        Err(e) => Err(at(&lock, "locking")(e.into())),
+    let st = rustix::fs::fstat(&fd).map_err(|e| at(&lock, "inspecting the lock file")(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(at(&lock, "opening the lock file")(io::Error::other("not a regular file")));
+    }
+    loop {
+        return match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(fd),
+            Err(Errno::INTR) => continue,
+            Err(Errno::WOULDBLOCK) => Err(DaemonError::DirInUse { dir: dir.path().to_owned(), lock }),
+            Err(e) => Err(at(&lock, "locking")(e.into())),
+        };
     }
 }
 
-/// Binds a listening socket at `path`, replacing a stale socket file nobody listens on.
-fn bind_listener(path: &Path) -> Result<Listener, DaemonError> {
-    let addr = SocketAddrUnix::new(path).map_err(|e| at(path, "socket path")(e.into()))?;
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if !md.file_type().is_socket() => {
-            return Err(DaemonError::NotASocket { path: path.to_owned() })
-        }
-        Ok(_) => {
-            let probe = rustix::net::socket_with(
-                AddressFamily::UNIX,
-                SocketType::STREAM,
-                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-                None,
-            )
-            .map_err(sys("creating a probe socket"))?;
-            match rustix::net::connect(&probe, &addr) {
-                // A listener answered, or its backlog is full (it exists).
-                Ok(()) | Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => {
-                    return Err(DaemonError::SocketInUse { path: path.to_owned() })
-                }
-                Err(Errno::CONNREFUSED) | Err(Errno::NOENT) => {
-                    tracing::info!("replacing stale socket {}", path.display());
-                    match std::fs::remove_file(path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(at(path, "removing the stale socket")(e)),
-                    }
-                }
-                Err(e) => return Err(at(path, "probing the existing socket")(e.into())),
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(at(path, "inspecting the socket path")(e)),
-    }
-    let fd = rustix::net::socket_with(
+fn unix_socket() -> Result<OwnedFd, DaemonError> {
+    rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::STREAM,
         SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )
-    .map_err(sys("creating a socket"))?;
+    .map_err(sys("creating a socket"))
+}
+
+/// Binds member socket `name` in the region's directory `dir`, replacing a stale socket file
+/// nobody listens on, and gives it the owner and mode of the member's binding
+/// ([`Binding::socket_owner`]) before it listens. Everything goes through the directory's
+/// descriptor (`/proc/self/fd/N/NAME` for `bind` and the probe's `connect`); nobody else can
+/// write the directory, so the entry cannot be swapped between the calls.
+fn bind_listener(dir: &Arc<SafeDir>, name: &str, binding: Option<&Binding>) -> Result<Listener, DaemonError> {
+    let path = dir.path().join(name);
+    let via = dir.via_fd(name);
+    let addr = SocketAddrUnix::new(&via).map_err(|e| at(&path, "socket path")(e.into()))?;
+    match dir.entry(name) {
+        Ok(Some(e)) if e.kind != rustix::fs::FileType::Socket => {
+            return Err(DaemonError::NotASocket { path })
+        }
+        Ok(Some(_)) => {
+            let probe = unix_socket()?;
+            match rustix::net::connect(&probe, &addr) {
+                // A listener answered, or its backlog is full (it exists).
+                Ok(()) | Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => {
+                    return Err(DaemonError::SocketInUse { path })
+                }
+                Err(Errno::CONNREFUSED) | Err(Errno::NOENT) => {
+                    tracing::info!("replacing stale socket {}", path.display());
+                    dir.remove(name).map_err(at(&path, "removing the stale socket"))?;
+                }
+                Err(e) => return Err(at(&path, "probing the existing socket")(e.into())),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => return Err(at(&path, "inspecting the socket path")(e)),
+    }
+    let fd = unix_socket()?;
     rustix::net::bind(&fd, &addr).map_err(|e| match e {
-        Errno::ADDRINUSE => DaemonError::SocketInUse { path: path.to_owned() },
-        e => at(path, "binding")(e.into()),
+        Errno::ADDRINUSE => DaemonError::SocketInUse { path: path.clone() },
+        e => at(&path, "binding")(e.into()),
     })?;
-    let md = std::fs::symlink_metadata(path).map_err(at(path, "inspecting the new socket"))?;
-    let listener = Listener { fd, path: path.to_owned(), id: (md.dev(), md.ino()) };
-    rustix::net::listen(&listener.fd, 64).map_err(|e| at(path, "listening")(e.into()))?;
+    let id = match dir.entry(name) {
+        Ok(Some(e)) => e.id,
+        Ok(None) => return Err(at(&path, "inspecting the new socket")(io::ErrorKind::NotFound.into())),
+        Err(e) => return Err(at(&path, "inspecting the new socket")(e)),
+    };
+    let listener = Listener { fd, dir: dir.clone(), name: name.to_owned(), path: path.clone(), id };
+    let (uid, gid, mode) = Binding::socket_owner(binding);
+    dir.set_entry(name, uid, gid, mode).map_err(at(&path, "setting the socket's owner and mode"))?;
+    rustix::net::listen(&listener.fd, 64).map_err(|e| at(&path, "listening")(e.into()))?;
     Ok(listener)
 }
 
-/// Opens (or creates) a plain region's file and makes sure it has the configured size.
-fn open_plain(path: &Path, cfg: &RegionConfig) -> Result<OwnedFd, DaemonError> {
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::from_raw_mode(0o660),
-    )
-    .map_err(|e| at(path, "opening the plain region's file")(e.into()))?;
-    let found = rustix::fs::fstat(&fd).map_err(|e| at(path, "inspecting")(e.into()))?.st_size as u64;
-    if found == 0 {
-        rustix::fs::ftruncate(&fd, cfg.size).map_err(|e| at(path, "sizing")(e.into()))?;
-    } else if found != cfg.size {
+/// Opens a plain region's file in `shm_dir` (`/dev/shm`): created exclusively (`O_CREAT |
+/// O_EXCL | O_NOFOLLOW`) with mode 0600, or 0660 and the region's `shm_group`. A file already
+/// there is used only if it is provably this daemon's own from an earlier run: a regular file
+/// (not a symlink), owned by our effective uid, with one link, no permission beyond the mode
+/// we would give it (nobody else can hold it open for writing, and so truncate it under the
+/// guests: SIGBUS for everyone mapping it) and the configured size. Anything else is
+/// [`DaemonError::ShmNotOurs`] naming its owner and mode.
+fn open_plain(shm_dir: &Path, cfg: &RegionConfig) -> Result<OwnedFd, DaemonError> {
+    let name = cfg.shm_file_name();
+    let path = shm_dir.join(&name);
+    let want_mode = if cfg.shm_group.is_some() { 0o660 } else { 0o600 };
+    let dir = rustix::fs::open(shm_dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| at(shm_dir, "opening the shm directory")(e.into()))?;
+    let me = rustix::process::geteuid().as_raw();
+    let fd = match rustix::fs::openat(
+        &dir,
+        &name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(fd) => {
+            if let Some(g) = cfg.shm_group {
+                rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(g)))
+                    .map_err(|e| at(&path, "setting the group")(e.into()))?;
+            }
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(want_mode))
+                .map_err(|e| at(&path, "setting the mode")(e.into()))?;
+            rustix::fs::ftruncate(&fd, cfg.size).map_err(|e| at(&path, "sizing")(e.into()))?;
+            return Ok(fd);
+        }
+        Err(Errno::EXIST) => {
+            // Look before opening: a symlink, FIFO or someone else's file is refused by what
+            // `lstat` says, without opening it.
+            let st = rustix::fs::statat(&dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| at(&path, "inspecting the existing file")(e.into()))?;
+            check_own_plain(cfg, &path, &st, me, want_mode)?;
+            let fd = rustix::fs::openat(
+                &dir,
+                &name,
+                OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| at(&path, "opening the existing file")(e.into()))?;
+            let now = rustix::fs::fstat(&fd).map_err(|e| at(&path, "inspecting")(e.into()))?;
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Err(plain_refusal(cfg, &path, &now, "it was replaced while being opened".into()));
+            }
+            check_own_plain(cfg, &path, &now, me, want_mode)?;
+            fd
+        }
+        Err(e) => return Err(at(&path, "creating the plain region's file")(e.into())),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| at(&path, "inspecting")(e.into()))?;
+    if st.st_size as u64 != cfg.size {
         return Err(DaemonError::ShmSizeMismatch {
             region: cfg.name.clone(),
-            path: path.to_owned(),
-            found,
+            path,
+            found: st.st_size as u64,
             want: cfg.size,
         });
     }
+    // Narrower than we would make it (0600 where 0660 is configured): widen to the mode.
+    if let Some(g) = cfg.shm_group {
+        rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(g)))
+            .map_err(|e| at(&path, "setting the group")(e.into()))?;
+    }
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(want_mode))
+        .map_err(|e| at(&path, "setting the mode")(e.into()))?;
     Ok(fd)
+}
+
+fn plain_refusal(cfg: &RegionConfig, path: &Path, st: &rustix::fs::Stat, why: String) -> DaemonError {
+    DaemonError::ShmNotOurs {
+        region: cfg.name.clone(),
+        path: path.to_owned(),
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mode: st.st_mode & 0o7777,
+        why,
+    }
+}
+
+/// Whether an existing plain region file is provably ours (see [`open_plain`]).
+fn check_own_plain(
+    cfg: &RegionConfig,
+    path: &Path,
+    st: &rustix::fs::Stat,
+    me: u32,
+    want_mode: u32,
+) -> Result<(), DaemonError> {
+    let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    let why = if ft == rustix::fs::FileType::Symlink {
+        Some("it is a symbolic link".to_owned())
+    } else if ft != rustix::fs::FileType::RegularFile {
+        Some(format!("it is not a regular file ({ft:?})"))
+    } else if st.st_uid != me {
+        Some(format!("it is not owned by this daemon's uid {me}, so someone else created it and can read, write and truncate it"))
+    } else if st.st_nlink != 1 {
+        Some(format!("it has {} links", st.st_nlink))
+    } else if st.st_mode & 0o7777 & !want_mode != 0 {
+        Some(format!("its mode allows more than {want_mode:04o}, so others may hold it open and truncate it"))
+    } else if st.st_mode & 0o070 != 0 && cfg.shm_group != Some(st.st_gid) {
+        Some(format!("its group {} may write it, which is not the configured shm_group", st.st_gid))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(plain_refusal(cfg, path, st, why)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -57,8 +57,9 @@ pub enum ClientError {
     #[error("ivshmem protocol violation by the server: {0}")]
     Protocol(String),
     /// The server refused the connection (it sent [`REFUSAL`] instead of the version; the
-    /// ivcom daemon does this when the member is connected already).
-    #[error("the ivshmem server refused the connection (is this member connected already?)")]
+    /// ivcom daemon does this when the member is connected already, when the connecting
+    /// process's credentials are not the member's binding, and when no peer id is free).
+    #[error("the ivshmem server refused the connection (the member is connected already, this process's uid/gid is not the member's, or no peer id is free: the daemon's log says which)")]
     Refused,
     /// The setup did not finish in time.
     #[error("the ivshmem server did not finish the setup within {0:?}")]

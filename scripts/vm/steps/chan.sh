@@ -23,7 +23,7 @@ chan_doorbell_bdf() {
 chan_agent() {
     [ -S "$IVCOM_AGENT" ] && return 0
     bdf=$(chan_doorbell_bdf) || { echo "no ivshmem-doorbell device"; return 1; }
-    ivcom agent --device "$bdf" --access vfio --socket "$IVCOM_AGENT" >/tmp/agent.log 2>&1 &
+    ivcom agent --device "$bdf" --device-access vfio --socket "$IVCOM_AGENT" >/tmp/agent.log 2>&1 &
     chan_agent_pid=$!
     i=0
     while [ ! -S "$IVCOM_AGENT" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
@@ -56,7 +56,7 @@ step_chan_plain() {
     sock=/tmp/agent-plain.sock
     peer=0
     [ "$role" = b ] && peer=1
-    ivcom agent --device "$bdf" --access sysfs --peer-id $peer --socket $sock >/tmp/agent-plain.log 2>&1 &
+    ivcom agent --device "$bdf" --device-access sysfs --peer-id $peer --socket $sock >/tmp/agent-plain.log 2>&1 &
     apid=$!
     i=0
     while [ ! -S $sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done

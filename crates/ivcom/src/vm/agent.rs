@@ -19,16 +19,24 @@ use ivcom_ring::layout::{self, Direction, Params};
 use ivcom_ring::{Ctrl, ShmCtrl};
 use rustix::event::epoll;
 
+use ivcom_ivshmem::safedir::{DirMode, SafeDir};
+
 use super::port::{DoorbellShare, Port};
 use super::wire::{self, Channel, Packet};
-use crate::sys;
+use crate::{sys, Access};
 
 /// Settings of an agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Where local processes reach the agent.
     pub socket: PathBuf,
-    /// Socket file mode.
+    /// Which local processes the agent serves, checked with `SO_PEERCRED` on every
+    /// connection (default [`Access::SameUid`]: the agent's own uid, and root). A process the
+    /// policy does not admit gets an `ERROR` packet (`EACCES`) and is disconnected; the agent
+    /// goes on serving the others.
+    pub access: Access,
+    /// Socket file mode (default: [`Access::default_mode`] of `access`, set by
+    /// [`AgentConfig::access`]).
     pub mode: u32,
     /// How often the directory is scanned when no doorbell can wake us (polling), at the
     /// busiest; idle scans back off to [`AgentConfig::poll_idle`].
@@ -47,12 +55,20 @@ impl AgentConfig {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
-            mode: 0o660,
+            access: Access::SameUid,
+            mode: Access::SameUid.default_mode(),
             poll_busy: Duration::from_micros(200),
             poll_idle: Duration::from_millis(20),
             heartbeat_timeout: Duration::from_secs(2),
             join_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// Sets the access policy and the socket mode that goes with it.
+    pub fn access(mut self, access: Access) -> Self {
+        self.mode = access.default_mode();
+        self.access = access;
+        self
     }
 }
 
@@ -153,6 +169,11 @@ pub struct Agent<P: Port> {
     managed: bool,
     live: Live,
     listen: OwnedFd,
+    /// The socket's directory, its name there and its (device, inode), to remove only it.
+    socket_dir: SafeDir,
+    socket_name: String,
+    socket_id: (u64, u64),
+    euid: u32,
     epoll: OwnedFd,
     clients: HashMap<RawFd, Client>,
     pending: HashMap<RawFd, Pending>,
@@ -219,7 +240,7 @@ impl<P: Port> Agent<P> {
             (0..geom.peers).map(|p| dir.peer(p).map(|s| (s.epoch, s.alive)).unwrap_or((0, false))).collect();
 
         let heartbeat_timeout = cfg.heartbeat_timeout;
-        let listen = bind_socket(&cfg.socket, cfg.mode)?;
+        let (listen, socket_dir, socket_name, socket_id) = bind_socket(&cfg.socket, &cfg.access, cfg.mode)?;
         let port_vectors = port.vectors();
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let ev = epoll::EventFlags::IN;
@@ -247,6 +268,10 @@ impl<P: Port> Agent<P> {
             epoch,
             managed,
             listen,
+            socket_dir,
+            socket_name,
+            socket_id,
+            euid: sys::euid(),
             epoll,
             clients: HashMap::new(),
             pending: HashMap::new(),
@@ -329,6 +354,37 @@ impl<P: Port> Agent<P> {
 
     fn accept_client(&mut self) {
         let Ok(sock) = sys::accept(self.listen.as_fd()) else { return };
+        // Who is connecting: the policy decides, whatever the socket file's mode let through.
+        match sys::peer_cred(sock.as_fd()) {
+            Ok(c) if self.cfg.access.allows(self.euid, c.uid.as_raw(), c.gid.as_raw()) => {}
+            Ok(c) => {
+                let message = format!(
+                    "the ivcom agent at {} does not serve uid {} gid {} (its access policy is {:?})",
+                    self.cfg.socket.display(),
+                    c.uid.as_raw(),
+                    c.gid.as_raw(),
+                    self.cfg.access
+                );
+                tracing::warn!("agent: refused pid {}: {message}", c.pid.as_raw_nonzero());
+                let _ = rustix::io::ioctl_fionbio(&sock, true);
+                let p = Packet::Error { errno: libc_errno::EACCES, message };
+                let _ = sys::send_packet(sock.as_fd(), &p.encode(), &[]);
+                // Read what it sent already (a few packets at most): closing with unread data
+                // would reset the connection and the process would not see the message.
+                let mut buf = [0u8; wire::MAX_PACKET];
+                for _ in 0..4 {
+                    if !matches!(rustix::net::recv(&sock, &mut buf, rustix::net::RecvFlags::DONTWAIT), Ok((n, _)) if n > 0)
+                    {
+                        break;
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("agent: cannot read a connection's credentials ({e}); closing it");
+                return;
+            }
+        }
         // Never block on a local process: one that does not take its connections (a full
         // socket buffer) gets them refused instead of stalling every member's channels.
         if rustix::io::ioctl_fionbio(&sock, true).is_err() {
@@ -808,7 +864,7 @@ impl<P: Port> Drop for Agent<P> {
             let dir = view(&self.port, self.geom);
             let _ = dir.set_peer(self.me, directory::PeerState { epoch: self.epoch, alive: false });
         }
-        let _ = std::fs::remove_file(&self.cfg.socket);
+        self.socket_dir.remove_if(&self.socket_name, self.socket_id);
     }
 }
 
@@ -866,34 +922,109 @@ fn wake_sleepers(region: &ivcom_ring::ShmRegion, c: &mut Chan) -> bool {
     woke
 }
 
-/// Binds the agent's socket, replacing a stale file but never a live agent's.
-fn bind_socket(path: &Path, mode: u32) -> io::Result<OwnedFd> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// The mode and group of a directory the agent creates for its socket: reachable by exactly
+/// the processes `access` admits.
+fn dir_mode_for(access: &Access) -> DirMode {
+    match access {
+        Access::SameUid => DirMode { mode: 0o700, gid: None, enforce: false },
+        Access::Group(g) => DirMode { mode: 0o750, gid: Some(*g), enforce: false },
+        // Others may pass through to the socket, not list or change the directory.
+        Access::Uids(_) | Access::Anyone => DirMode { mode: 0o711, gid: None, enforce: false },
     }
-    let fd = match sys::bind_seqpacket(path) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if sys::connect_seqpacket(path).is_ok() {
+}
+
+/// Binds the agent's socket: its directory is opened and checked (ours, nobody else can
+/// write it, no symlink; created with [`dir_mode_for`] if missing, an existing one is left
+/// as it is), the socket is bound through that descriptor, given its mode (and for
+/// [`Access::Group`] its group) with `fchmodat` in that directory, and only then listens. A
+/// stale socket file is replaced, never a live agent's. Returns the listening socket, the
+/// directory, the socket's name and its (device, inode).
+fn bind_socket(
+    path: &Path,
+    access: &Access,
+    mode: u32,
+) -> io::Result<(OwnedFd, SafeDir, String, (u64, u64))> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let bad = |what: &str| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("agent socket {}: {what}", path.display()))
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| bad("the path must end in a UTF-8 file name"))?
+        .to_owned();
+    let parent = match path.parent() {
+        Some(p) if p.is_absolute() => p.to_owned(),
+        Some(p) => std::env::current_dir()?.join(p),
+        None => return Err(bad("no directory")),
+    };
+    let how = dir_mode_for(access);
+    let dir = SafeDir::open(&parent, how)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    if let Ok(st) = rustix::fs::fstat(dir.fd()) {
+        let reach = match access {
+            Access::SameUid => 0,
+            Access::Group(_) => 0o010,
+            Access::Uids(_) | Access::Anyone => 0o001,
+        };
+        if st.st_mode & reach != reach {
+            tracing::warn!(
+                "agent: {} has mode {:04o}: the processes --access admits cannot reach the socket in it",
+                dir.path().display(),
+                st.st_mode & 0o7777
+            );
+        }
+    }
+    let socket = || {
+        rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+    };
+    let addr = SocketAddrUnix::new(dir.via_fd(&name)).map_err(|e| bad(&format!("unusable path ({e})")))?;
+    if let Some(e) = dir.entry(&name)? {
+        if e.kind != rustix::fs::FileType::Socket {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            ));
+        }
+        // A probe that never blocks: a live agent answers (or has a full backlog).
+        match rustix::net::connect(&socket()?, &addr) {
+            Ok(()) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("{} is in use by another agent", path.display()),
-                ));
+                ))
             }
-            std::fs::remove_file(path)?;
-            sys::bind_seqpacket(path)?
+            Err(_) => dir.remove(&name)?,
         }
-        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display()))),
+    }
+    let fd = socket()?;
+    rustix::net::bind(&fd, &addr).map_err(|e| {
+        io::Error::new(io::Error::from(e).kind(), format!("cannot bind {}: {e}", path.display()))
+    })?;
+    let id = dir.entry(&name)?.map(|e| e.id).ok_or_else(|| bad("vanished after bind"))?;
+    let gid = match access {
+        Access::Group(g) => Some(*g),
+        _ => None,
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(fd)
+    let res = dir.set_entry(&name, None, gid, mode).and_then(|()| Ok(rustix::net::listen(&fd, 128)?));
+    if let Err(e) = res {
+        dir.remove_if(&name, id);
+        return Err(io::Error::new(e.kind(), format!("{}: setting up the socket: {e}", path.display())));
+    }
+    // The listener is non-blocking: a connection gone before `accept` never stalls the loop.
+    Ok((fd, dir, name, id))
 }
 
 /// The errno values the agent reports, from rustix so that they match the platform.
 mod libc_errno {
     use rustix::io::Errno;
     pub const EPROTO: i32 = Errno::PROTO.raw_os_error();
+    pub const EACCES: i32 = Errno::ACCESS.raw_os_error();
     pub const EADDRINUSE: i32 = Errno::ADDRINUSE.raw_os_error();
     pub const EINVAL: i32 = Errno::INVAL.raw_os_error();
     pub const ENOBUFS: i32 = Errno::NOBUFS.raw_os_error();

@@ -21,9 +21,39 @@ fn agent_unreachable(path: &Path, e: io::Error) -> io::Error {
     )
 }
 
+/// Connects to the agent socket at `agent` and checks who serves it: only an agent of our own
+/// effective uid or of root is trusted with our channels (`SO_PEERCRED`), so a socket
+/// another user put where we look (a stale `IVCOM_AGENT`, a directory they control) gets
+/// nothing from us. Errors: `PermissionDenied` naming the socket and its server's uid.
+fn connect_agent(agent: &Path) -> io::Result<OwnedFd> {
+    let sock = sys::connect_seqpacket(agent).map_err(|e| agent_unreachable(agent, e))?;
+    let cred = sys::peer_cred(sock.as_fd())?;
+    let (uid, me) = (cred.uid.as_raw(), sys::euid());
+    if uid != 0 && uid != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the agent socket {} is served by uid {uid} (pid {}), neither root nor our uid {me}; refusing to use it",
+                agent.display(),
+                cred.pid.as_raw_nonzero()
+            ),
+        ));
+    }
+    Ok(sock)
+}
+
 fn recv(sock: BorrowedFd<'_>) -> io::Result<(Packet, Vec<OwnedFd>)> {
     let mut buf = [0u8; MAX_PACKET];
-    let (n, fds) = sys::recv_packet(sock, &mut buf)?;
+    let (n, fds) = sys::recv_packet(sock, &mut buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::ConnectionReset {
+            io::Error::new(
+                e.kind(),
+                "the ivcom agent reset the connection (an agent whose --access does not admit this uid does that; its log says)",
+            )
+        } else {
+            e
+        }
+    })?;
     if n == 0 {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -41,7 +71,7 @@ fn error_of(errno: i32, message: String) -> io::Error {
 /// Asks the agent at `agent` to listen on `name`; the returned socket then carries one
 /// `CHANNEL` per accepted connection.
 pub(crate) fn bind(agent: &Path, name: &str, timeout: Duration) -> io::Result<OwnedFd> {
-    let sock = sys::connect_seqpacket(agent).map_err(|e| agent_unreachable(agent, e))?;
+    let sock = connect_agent(agent)?;
     sys::set_timeouts(sock.as_fd(), Some(timeout))?;
     sys::send_packet(sock.as_fd(), &Packet::Bind { name: name.to_owned() }.encode(), &[])?;
     match recv(sock.as_fd())?.0 {
@@ -65,7 +95,7 @@ pub(crate) fn accept(sock: BorrowedFd<'_>, spin: Duration) -> io::Result<Conn> {
 
 /// Connects to the listener `name` anywhere in the region through the agent at `agent`.
 pub(crate) fn connect(agent: &Path, name: &str, timeout: Duration, spin: Duration) -> io::Result<Conn> {
-    let sock = sys::connect_seqpacket(agent).map_err(|e| agent_unreachable(agent, e))?;
+    let sock = connect_agent(agent)?;
     // The agent answers by the deadline we give it; the socket timeout is a backstop.
     sys::set_timeouts(sock.as_fd(), Some(timeout + Duration::from_secs(2)))?;
     let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);

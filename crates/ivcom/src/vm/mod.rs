@@ -5,6 +5,8 @@
 //! - [`Port`]: what a member has (memory, peer id, doorbells); [`HostPort`] for host
 //!   processes, the guest device in `ivcom-ivshmem` for guests.
 //! - [`Agent`]: serves local processes of one member.
+//! - [`wire`]: the local protocol between a process and its agent (its packets, encoded and
+//!   decoded; also what the fuzz target `agent_wire` feeds).
 //! - [`crate::Listener`] and [`crate::Stream`] use the agent when
 //!   [`crate::Options::agent`] (or `IVCOM_AGENT`) names its socket.
 
@@ -12,7 +14,7 @@ mod agent;
 mod ivshmem;
 pub(crate) mod local;
 mod port;
-mod wire;
+pub mod wire;
 
 pub use agent::{Agent, AgentConfig};
 pub use ivshmem::{DaemonMember, GuestDevice};

@@ -22,10 +22,15 @@ pub const VERSION: u16 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
+    /// `BIND`.
     Bind = 1,
+    /// `CONNECT`.
     Connect = 2,
+    /// `OK`.
     Ok = 3,
+    /// `ERROR`.
     Error = 4,
+    /// `CHANNEL`.
     Channel = 5,
 }
 
@@ -35,23 +40,49 @@ pub const MAX_PACKET: usize = 512;
 /// A decoded packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
-    Bind { name: String },
-    Connect { timeout_ms: u32, name: String },
+    /// Process to agent: listen on `name`.
+    Bind {
+        /// Listener name.
+        name: String,
+    },
+    /// Process to agent: connect to the listener `name`, answering within `timeout_ms`.
+    Connect {
+        /// How long the agent may wait for the listener's answer, in milliseconds.
+        timeout_ms: u32,
+        /// Listener name.
+        name: String,
+    },
+    /// Agent to process: the bind succeeded.
     Ok,
-    Error { errno: i32, message: String },
+    /// Agent to process: the request failed (or was refused).
+    Error {
+        /// An errno value (`EACCES` for a process the agent's policy does not admit).
+        errno: i32,
+        /// What went wrong, for people.
+        message: String,
+    },
+    /// Agent to process: a channel; its descriptors come with the packet.
     Channel(Channel),
 }
 
 /// Where a channel lives and how to ring its peer; the descriptors travel beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Channel {
+    /// We are the listener's side (else the connector's).
     pub listener_side: bool,
+    /// 0 eventfd, 1 pwrite, 2 mmio, 3 none.
     pub doorbell_kind: u8,
+    /// Value written to ring the peer (pwrite and mmio doorbells).
     pub doorbell_value: u32,
+    /// Offset of the channel's slot in the memory descriptor, in bytes.
     pub mem_offset: u64,
+    /// Length of the slot, in bytes.
     pub mem_len: u64,
+    /// Offset of the doorbell register in the doorbell descriptor, in bytes.
     pub doorbell_offset: u64,
+    /// Length to map of the doorbell descriptor (mmio doorbells), in bytes.
     pub doorbell_map_len: u64,
+    /// The peer's member index.
     pub peer: u32,
 }
 
