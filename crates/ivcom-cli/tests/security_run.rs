@@ -330,6 +330,8 @@ fn role_flood() {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "sock"))
         .expect("a registration socket");
+    let ann = std::fs::read_to_string(sock.with_extension("ann")).unwrap_or_default();
+    let version = if ann.starts_with("ivcom-tcp 1\n") { 1 } else { 2 };
     let (_l, proof) = own_tcp_socket();
     let params = Params { capacity: [4096, 4096], max_message: None };
     let size = params.region_size().unwrap();
@@ -346,12 +348,19 @@ fn role_flood() {
         if rustix::net::connect(&s, &rustix::net::SocketAddrUnix::new(&sock).unwrap()).is_err() {
             continue;
         }
+        // In the registration format the listener announced.
         let mut b = Vec::from(*b"IVTC");
-        b.extend_from_slice(&2u16.to_le_bytes());
-        b.extend_from_slice(&1u16.to_le_bytes());
+        if version == 1 {
+            b.extend_from_slice(&1u32.to_le_bytes());
+        } else {
+            b.extend_from_slice(&2u16.to_le_bytes());
+            b.extend_from_slice(&1u16.to_le_bytes());
+        }
         b.extend_from_slice(&[0u8; 36]);
         b[8 + 16..8 + 18].copy_from_slice(&(i as u16).to_le_bytes());
-        let _ = ivcom::sys::send_packet(s.as_fd(), &b, &[memfd.as_fd(), proof.as_fd()]);
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+            if version == 1 { vec![memfd.as_fd()] } else { vec![memfd.as_fd(), proof.as_fd()] };
+        let _ = ivcom::sys::send_packet(s.as_fd(), &b, &fds);
         held.push(s);
     }
     println!("flooded {}", held.len());
@@ -605,7 +614,7 @@ fn a_registration_flood_is_bounded() {
         &victim,
         true,
         &[],
-        &["server", "127.0.0.1", &p, "3000"],
+        &["server", "127.0.0.1", &p, "3000", "2"],
         &[("IVCOM_RUNTIME_DIR", &run_s)],
     ));
     let flood = start_attacker(

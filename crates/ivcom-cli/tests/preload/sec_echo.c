@@ -1,5 +1,6 @@
 /* A line echo over TCP for the security tests: the real server answers "real:<line>".
- *   sec_echo server ADDR PORT DELAY_MS   accept one connection (after DELAY_MS), answer one line
+ *   sec_echo server ADDR PORT DELAY_MS [N] accept N connections (default 1; the first after
+ *                                        DELAY_MS), answer one line on each
  *   sec_echo client ADDR PORT MSG        send MSG and a newline, print the answer (non-printable
  *                                        bytes as \xNN) */
 #include "common.h"
@@ -14,8 +15,8 @@ static void print_escaped(const char *b, ssize_t n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: sec_echo server ADDR PORT DELAY_MS | client ADDR PORT MSG\n");
+    if (argc != 5 && !(argc == 6 && strcmp(argv[1], "server") == 0)) {
+        fprintf(stderr, "usage: sec_echo server ADDR PORT DELAY_MS [N] | client ADDR PORT MSG\n");
         return 2;
     }
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
@@ -31,6 +32,7 @@ int main(int argc, char **argv) {
         printf("listening\n");
         fflush(stdout);
         usleep(atoi(argv[4]) * 1000);
+        for (int k = argc == 6 ? atoi(argv[5]) : 1; k > 0; k--) {
         int c = accept(s, NULL, NULL);
         if (c < 0) CHECK(0, "accept");
         setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -45,8 +47,10 @@ int main(int argc, char **argv) {
         if (write(c, out, len) != len) CHECK(0, "write");
         printf("served: ");
         print_escaped(buf, n);
+        fflush(stdout);
         while (read(c, buf, sizeof buf) > 0) {}
         close(c);
+        }
         return 0;
     }
     if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) CHECK(0, "connect");
