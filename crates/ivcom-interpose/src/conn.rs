@@ -43,6 +43,38 @@ pub enum Side {
     Acceptor,
 }
 
+/// A connection's private state as one program image hands it to the next across `exec`
+/// ([`TcpConn::private_state`], [`TcpConn::resume`]; encoded by `crate::exec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Private {
+    /// Which end the socket is.
+    pub side: Side,
+    /// Connector: the listener's claim was seen (and accepted) by this side.
+    pub claim_seen: bool,
+    /// Connector: writes go to the ring (the switch point is published).
+    pub switched: bool,
+    /// Producer index of the ring this side writes.
+    pub tx_tail: u64,
+    /// Consumer index of the ring this side reads.
+    pub rx_head: u64,
+    /// Connector: data bytes sent over TCP before the switch.
+    pub tcp_sent: u64,
+    /// Acceptor: data bytes read from TCP.
+    pub tcp_read: u64,
+    /// Acceptor: the connector's switch point, once read.
+    pub peer_switch: Option<u64>,
+    /// `shutdown(SHUT_RD)` was called.
+    pub shut_rd: bool,
+    /// `shutdown(SHUT_WR)` was called.
+    pub shut_wr: bool,
+    /// The peer's FIN was seen.
+    pub eof: bool,
+    /// A socket error seen (errno), 0 if none.
+    pub error: c_int,
+    /// The program's `TCP_NODELAY` and `TCP_CORK`.
+    pub tcp_opts: [c_int; 2],
+}
+
 #[derive(Debug)]
 struct Tx {
     w: StreamWriter,
@@ -93,8 +125,8 @@ pub struct Readiness {
 #[derive(Debug)]
 pub struct TcpConn {
     map: MappedRegion,
-    /// The region's memfd, kept open without close-on-exec so that a new program image of
-    /// this process can take the connection over ([`TcpConn::resume`]).
+    /// The region's memfd, close-on-exec: only an `exec` that continues under the library
+    /// passes it on, for that `exec` alone (`crate::exec`).
     region_fd: OwnedFd,
     side: Side,
     plain: AtomicBool,
@@ -225,8 +257,9 @@ impl TcpConn {
         } else {
             (Direction::ToListener, Direction::ToConnector)
         };
-        // Inherited across exec (see `region_fd`); a failure only loses that.
-        let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::empty());
+        // Never inherited across exec unasked: a memfd passed on by a previous program image
+        // arrives without the flag (`F_SETFD` on an open descriptor cannot fail).
+        let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::CLOEXEC);
         TcpConn {
             map,
             region_fd,
@@ -278,46 +311,83 @@ impl TcpConn {
     }
 
     /// Takes over a connection a previous program image of this process carried (after
-    /// `exec`): `fd` is its inherited memfd, `side` which end the socket is. Every index and
-    /// count is read back from the region (and validated on use, as always).
-    pub fn resume(fd: OwnedFd, side: Side) -> io::Result<Self> {
+    /// `exec`): `fd` is the memfd it passed on, `p` the private state it passed with it
+    /// ([`TcpConn::private_state`]), `registration` its registration connection if it still
+    /// held one. Nothing the peer can write is trusted here: the ring indices, counts and
+    /// flags come from `p` (the region's own indices are adopted later only as they are on
+    /// every use, validated). The region's shape is validated as at accept.
+    pub fn resume(fd: OwnedFd, p: &Private, registration: Option<OwnedFd>) -> io::Result<Self> {
         let size = ivcom_ring::shm::check_memfd(fd.as_fd(), MAX_REGION)?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         let params = layout::validate_shape(map.region(), false)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let region = map.region();
+        let side = p.side;
         let (mine, theirs) = match side {
             Side::Acceptor => (Direction::ToConnector, Direction::ToListener),
             Side::Connector => (Direction::ToListener, Direction::ToConnector),
         };
         let (gm, gt) = (params.ring(mine), params.ring(theirs));
-        let bad = |e| io::Error::other(e);
-        let tail = tcp::published_tail(region, &gm).map_err(bad)?;
-        let head = tcp::published_head(region, &gt).map_err(bad)?;
-        let claimed = tcp::claimed(region).map_err(bad)?;
-        let switch = tcp::switch_offset(region).map_err(bad)?;
-        let sent = tcp::sent_count(region).map_err(bad)?;
-        let read = tcp::read_count(region).map_err(bad)?;
         let c = Self::new(map, fd, side, &params);
         {
             let mut tx = lock(&c.tx);
-            tx.w = StreamWriter::resume(gm, tail);
+            tx.w = StreamWriter::resume(gm, p.tx_tail);
             if side == Side::Connector {
-                tx.switched = switch.is_some();
-                tx.tcp_sent = sent;
+                tx.switched = p.switched;
+                tx.tcp_sent = p.tcp_sent;
             }
             c.switched.store(tx.switched, Ordering::Release);
         }
         {
             let mut rx = lock(&c.rx);
-            rx.r = StreamReader::resume(gt, head);
+            rx.r = StreamReader::resume(gt, p.rx_head);
             if side == Side::Acceptor {
-                rx.tcp_read = read;
-                rx.peer_switch = switch;
+                rx.tcp_read = p.tcp_read;
+                rx.peer_switch = p.peer_switch;
             }
         }
-        c.claim_seen.store(side == Side::Acceptor || claimed, Ordering::Release);
+        c.claim_seen.store(side == Side::Acceptor || p.claim_seen, Ordering::Release);
+        c.shut_rd.store(p.shut_rd, Ordering::Relaxed);
+        c.shut_wr.store(p.shut_wr, Ordering::Relaxed);
+        c.eof.store(p.eof, Ordering::Relaxed);
+        c.error.store(p.error, Ordering::Relaxed);
+        c.tcp_opts[0].store(p.tcp_opts[0], Ordering::Relaxed);
+        c.tcp_opts[1].store(p.tcp_opts[1], Ordering::Relaxed);
+        *lock(&c.registration) = registration;
         Ok(c)
+    }
+
+    /// This process's own state of the connection, which a new program image needs to take
+    /// it over after `exec` and must not read back from the peer-writable region.
+    pub fn private_state(&self) -> Private {
+        let (tx_tail, switched, tcp_sent) = {
+            let mut tx = lock(&self.tx);
+            (tx.w.state().tail(), tx.switched, tx.tcp_sent)
+        };
+        let (rx_head, tcp_read, peer_switch) = {
+            let mut rx = lock(&self.rx);
+            (rx.r.state().head(), rx.tcp_read, rx.peer_switch)
+        };
+        Private {
+            side: self.side,
+            claim_seen: self.claim_seen.load(Ordering::Acquire),
+            switched,
+            tx_tail,
+            rx_head,
+            tcp_sent,
+            tcp_read,
+            peer_switch,
+            shut_rd: self.shut_rd.load(Ordering::Relaxed),
+            shut_wr: self.shut_wr.load(Ordering::Relaxed),
+            eof: self.eof.load(Ordering::Acquire),
+            error: self.error.load(Ordering::Relaxed),
+            tcp_opts: [self.tcp_opts[0].load(Ordering::Relaxed), self.tcp_opts[1].load(Ordering::Relaxed)],
+        }
+    }
+
+    /// The registration connection's descriptor while this (connecting) side still holds it.
+    pub fn registration_raw(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        lock(&self.registration).as_ref().map(|f| f.as_raw_fd())
     }
 
     /// Claims the channel a connecting peer registered (an untrusted memfd).
