@@ -214,9 +214,10 @@ fn not_continuing(env: &[&CStr], target: &Target<'_>) -> Option<String> {
     let preload = env_value(env, "LD_PRELOAD").unwrap_or_default();
     let ours = preload.split(|b| *b == b':' || *b == b' ' || *b == b'\t').any(|p| {
         p.contains(&b'/')
-            && CString::new(p).ok().and_then(|c| rustix::fs::stat(c.as_c_str()).ok()).is_some_and(|st| {
-                Ident { dev: st.st_dev, ino: st.st_ino } == own
-            })
+            && CString::new(p)
+                .ok()
+                .and_then(|c| rustix::fs::stat(c.as_c_str()).ok())
+                .is_some_and(|st| Ident { dev: st.st_dev, ino: st.st_ino } == own)
     });
     if !ours {
         return Some("its environment does not preload this library".into());
@@ -775,7 +776,9 @@ impl OwnActions {
             match a {
                 Action::Close(fd) => real::posix_spawn_file_actions_addclose(fa, *fd),
                 Action::Dup2(a, b) => real::posix_spawn_file_actions_adddup2(fa, *a, *b),
-                Action::Open(fd, p, o, m) => real::posix_spawn_file_actions_addopen(fa, *fd, p.as_ptr(), *o, *m),
+                Action::Open(fd, p, o, m) => {
+                    real::posix_spawn_file_actions_addopen(fa, *fd, p.as_ptr(), *o, *m)
+                }
                 Action::ClosefromNp(fd) => real::posix_spawn_file_actions_addclosefrom_np(fa, *fd),
                 Action::ChdirNp(p) => real::posix_spawn_file_actions_addchdir_np(fa, p.as_ptr()),
                 Action::FchdirNp(fd) => real::posix_spawn_file_actions_addfchdir_np(fa, *fd),
@@ -923,7 +926,9 @@ pub unsafe fn posix_spawn(
                 set_flag(&mut restore, fd, true);
             }
         }
-        crate::decision!("posix_spawn: file actions not recorded; accelerated connections closed for the child");
+        crate::decision!(
+            "posix_spawn: file actions not recorded; accelerated connections closed for the child"
+        );
         let envv = with_inherit(&env, None);
         let ptrs = env_ptrs(&envv);
         let r = call(fa, ptrs.as_ptr().cast());
@@ -1036,7 +1041,8 @@ fn tuple_matches(fd: RawFd, memfd: RawFd, side: Side) -> Result<(), String> {
         Side::Connector => Tuple { src: l, dst: p }.to_bytes(),
         Side::Acceptor => Tuple { src: p, dst: l }.to_bytes(),
     };
-    let size = ivcom_ring::shm::check_memfd(borrow(memfd), crate::conn::MAX_REGION).map_err(|e| e.to_string())?;
+    let size =
+        ivcom_ring::shm::check_memfd(borrow(memfd), crate::conn::MAX_REGION).map_err(|e| e.to_string())?;
     let map = ivcom_ring::MappedRegion::map(borrow(memfd), 0, size).map_err(|e| e.to_string())?;
     let t = ivcom_ring::layout::tcp::tuple(map.region()).map_err(|e| e.to_string())?;
     if t == want {
@@ -1076,7 +1082,11 @@ pub fn at_start() {
         }
         if !ours.contains(&e.memfd) {
             if !is_our_memfd(e.memfd) {
-                crate::decision!("exec: fd {} is not a sealed ivcom memfd; fd {} left as it is", e.memfd, e.fd);
+                crate::decision!(
+                    "exec: fd {} is not a sealed ivcom memfd; fd {} left as it is",
+                    e.memfd,
+                    e.fd
+                );
                 continue;
             }
             ours.push(e.memfd);
@@ -1093,12 +1103,14 @@ pub fn at_start() {
                 // SAFETY: the memfd passed on by the previous image (checked above) becomes
                 // the connection's; no other owner exists in this image.
                 let owned = unsafe { OwnedFd::from_raw_fd(e.memfd) };
-                let reg = (e.reg >= 0 && !regs_taken.contains(&e.reg) && is_registration_socket(e.reg)).then(|| {
-                    regs_taken.push(e.reg);
-                    let _ = rustix::io::fcntl_setfd(borrow(e.reg), FdFlags::CLOEXEC);
-                    // SAFETY: the registration connection passed on with it; no other owner.
-                    unsafe { OwnedFd::from_raw_fd(e.reg) }
-                });
+                let reg = (e.reg >= 0 && !regs_taken.contains(&e.reg) && is_registration_socket(e.reg)).then(
+                    || {
+                        regs_taken.push(e.reg);
+                        let _ = rustix::io::fcntl_setfd(borrow(e.reg), FdFlags::CLOEXEC);
+                        // SAFETY: the registration connection passed on with it; no other owner.
+                        unsafe { OwnedFd::from_raw_fd(e.reg) }
+                    },
+                );
                 match TcpConn::resume(owned, &e.state, reg) {
                     Ok(c) => {
                         let c = Arc::new(c);
@@ -1174,7 +1186,8 @@ mod tests {
     #[test]
     fn rejects_bad_entries() {
         assert!(decode("2:5,6,-1,c,0,0,0,0,0,-,0,0,0").0.is_empty());
-        let (got, bad) = decode("1:5,6,-1,x,0,0,0,0,0,-,0,0,0;-3,6,-1,c,0,0,0,0,0,-,0,0,0;5,6,-1,c,0,0,0,0,0,-,0,0");
+        let (got, bad) =
+            decode("1:5,6,-1,x,0,0,0,0,0,-,0,0,0;-3,6,-1,c,0,0,0,0,0,-,0,0,0;5,6,-1,c,0,0,0,0,0,-,0,0");
         assert!(got.is_empty());
         assert_eq!(bad.len(), 3);
         let (got, _) = decode("1:70000,6,-1,c,0,0,0,0,0,-,0,0,0");

@@ -2,8 +2,8 @@
 //! calls the preload passes through. The library's internal system calls go through rustix,
 //! which makes them directly, so they never come back into the shims.
 
-use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t};
 use libc::{c_char, mode_t, pid_t, posix_spawn_file_actions_t, posix_spawnattr_t, FILE};
+use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t};
 use libc::{loff_t, off_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -99,7 +99,9 @@ pub fn verify(fd: c_int) -> bool {
     if Ident::of(fd) == Some(want) {
         return true;
     }
-    crate::decision!("fd {fd} was closed behind the library's back (its number now refers to something else); forgotten");
+    crate::decision!(
+        "fd {fd} was closed behind the library's back (its number now refers to something else); forgotten"
+    );
     drop(remove(fd));
     false
 }
@@ -109,7 +111,9 @@ pub fn verify(fd: c_int) -> bool {
 #[inline]
 pub fn forget_stale(fd: c_int) {
     if tracked(fd) {
-        crate::decision!("fd {fd} was closed behind the library's back (its number was handed out again); forgotten");
+        crate::decision!(
+            "fd {fd} was closed behind the library's back (its number was handed out again); forgotten"
+        );
         drop(remove(fd));
     }
 }
