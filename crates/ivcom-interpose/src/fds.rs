@@ -120,7 +120,7 @@ pub unsafe fn fresh_rights(msg: *const libc::msghdr) {
     }
     // SAFETY: the caller's header.
     let m = unsafe { &*msg };
-    if m.msg_control.is_null() || (m.msg_controllen as usize) < std::mem::size_of::<libc::cmsghdr>() {
+    if m.msg_control.is_null() || m.msg_controllen < std::mem::size_of::<libc::cmsghdr>() as _ {
         return;
     }
     // SAFETY: walking the control buffer the kernel just filled, with the C library's macros.
