@@ -69,6 +69,8 @@ pub struct Private {
     pub shut_wr: bool,
     /// The peer's FIN was seen.
     pub eof: bool,
+    /// Another process may hold the socket ([`TcpConn::mark_shared`]).
+    pub shared: bool,
     /// A socket error seen (errno), 0 if none.
     pub error: c_int,
     /// The program's `TCP_NODELAY` and `TCP_CORK`.
@@ -141,6 +143,9 @@ pub struct TcpConn {
     shut_rd: AtomicBool,
     shut_wr: AtomicBool,
     sleepers: AtomicU32,
+    /// Another process may hold the socket too (this one forked since, or inherited it):
+    /// closing here is then not necessarily the socket's last close.
+    shared: AtomicBool,
     /// What the program set for `TCP_NODELAY` and `TCP_CORK` (the kernel keeps NODELAY on).
     tcp_opts: [AtomicI32; 2],
     /// When a write last asked the kernel whether the peer closed (ns since `EPOCH`).
@@ -286,6 +291,7 @@ impl TcpConn {
             shut_rd: AtomicBool::new(false),
             shut_wr: AtomicBool::new(false),
             sleepers: AtomicU32::new(0),
+            shared: AtomicBool::new(false),
             last_close_check: AtomicU64::new(0),
             tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
             wake_lock: Mutex::new(()),
@@ -349,6 +355,7 @@ impl TcpConn {
         c.shut_rd.store(p.shut_rd, Ordering::Relaxed);
         c.shut_wr.store(p.shut_wr, Ordering::Relaxed);
         c.eof.store(p.eof, Ordering::Relaxed);
+        c.shared.store(p.shared, Ordering::Relaxed);
         c.error.store(p.error, Ordering::Relaxed);
         c.tcp_opts[0].store(p.tcp_opts[0], Ordering::Relaxed);
         c.tcp_opts[1].store(p.tcp_opts[1], Ordering::Relaxed);
@@ -379,9 +386,20 @@ impl TcpConn {
             shut_rd: self.shut_rd.load(Ordering::Relaxed),
             shut_wr: self.shut_wr.load(Ordering::Relaxed),
             eof: self.eof.load(Ordering::Acquire),
+            shared: self.shared.load(Ordering::Relaxed),
             error: self.error.load(Ordering::Relaxed),
             tcp_opts: [self.tcp_opts[0].load(Ordering::Relaxed), self.tcp_opts[1].load(Ordering::Relaxed)],
         }
+    }
+
+    /// Notes that another process may hold the socket too (after `fork`).
+    pub fn mark_shared(&self) {
+        self.shared.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether another process may hold the socket too.
+    pub fn shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
     }
 
     /// The registration connection's descriptor while this (connecting) side still holds it.

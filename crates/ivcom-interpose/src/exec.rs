@@ -19,7 +19,7 @@
 //! `IVCOM_INHERIT=1:ENTRY;ENTRY;...`, each `ENTRY` thirteen comma-separated fields:
 //! `fd,memfd,reg,side,flags,tx_tail,rx_head,tcp_sent,tcp_read,peer_switch,error,nodelay,cork`
 //! (decimal; `reg` -1 when none; `side` `c` or `a`; `flags` bits 1 claim seen, 2 switched,
-//! 4 `SHUT_RD`, 8 `SHUT_WR`, 16 peer FIN seen; `peer_switch` `-` when unknown).
+//! 4 `SHUT_RD`, 8 `SHUT_WR`, 16 peer FIN seen, 32 another process may hold the socket; `peer_switch` `-` when unknown).
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
@@ -75,6 +75,7 @@ const F_SWITCHED: u32 = 2;
 const F_SHUT_RD: u32 = 4;
 const F_SHUT_WR: u32 = 8;
 const F_EOF: u32 = 16;
+const F_SHARED: u32 = 32;
 
 /// Encodes entries as the value of [`ENV_INHERIT`].
 pub fn encode(entries: &[Inherit]) -> String {
@@ -85,7 +86,8 @@ pub fn encode(entries: &[Inherit]) -> String {
             | (p.switched as u32 * F_SWITCHED)
             | (p.shut_rd as u32 * F_SHUT_RD)
             | (p.shut_wr as u32 * F_SHUT_WR)
-            | (p.eof as u32 * F_EOF);
+            | (p.eof as u32 * F_EOF)
+            | (p.shared as u32 * F_SHARED);
         if i > 0 {
             s.push(';');
         }
@@ -141,7 +143,7 @@ fn decode_one(item: &str) -> Option<Inherit> {
         "a" => Side::Acceptor,
         _ => return None,
     };
-    let flags: u32 = f[4].parse().ok().filter(|v| *v < 32)?;
+    let flags: u32 = f[4].parse().ok().filter(|v| *v < 64)?;
     let n = |s: &str| s.parse::<u64>().ok();
     let peer_switch = if f[9] == "-" { None } else { Some(n(f[9])?) };
     let i = |s: &str| s.parse::<c_int>().ok();
@@ -156,6 +158,7 @@ fn decode_one(item: &str) -> Option<Inherit> {
             shut_rd: flags & F_SHUT_RD != 0,
             shut_wr: flags & F_SHUT_WR != 0,
             eof: flags & F_EOF != 0,
+            shared: flags & F_SHARED != 0,
             tx_tail: n(f[5])?,
             rx_head: n(f[6])?,
             tcp_sent: n(f[7])?,
@@ -546,6 +549,13 @@ pub unsafe fn exec_with(
     EXEC_PENDING.fetch_sub(1, Ordering::SeqCst);
     set_errno(e);
     r
+}
+
+/// After `fork`, in both processes: every connection's socket is now held by two.
+pub fn after_fork() {
+    for (_, c) in table::conns() {
+        c.mark_shared();
+    }
 }
 
 /// In a child of `fork` while another thread of the parent was between making memfds
@@ -1165,6 +1175,7 @@ mod tests {
                 shut_rd: false,
                 shut_wr: true,
                 eof: false,
+                shared: true,
                 error: 0,
                 tcp_opts: [1, 0],
             },

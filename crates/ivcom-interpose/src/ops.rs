@@ -214,8 +214,9 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
     let e = table::remove(fd);
     if let Some(Entry::Conn(c)) = &e {
         // Closing with unread data resets a TCP connection; our unread data is in the ring,
-        // not in the kernel, so ask for the reset (when this was the process's last copy).
-        if Arc::strong_count(c) == 1 && !c.is_plain() && c.has_unread() {
+        // not in the kernel, so ask for the reset (when this was the process's last copy, and
+        // no other process may hold the socket: `SO_LINGER` would then reset its close too).
+        if Arc::strong_count(c) == 1 && !c.is_plain() && !c.shared() && c.has_unread() {
             let lg = libc::linger { l_onoff: 1, l_linger: 0 };
             // SAFETY: setting SO_LINGER from a local struct on the program's socket.
             unsafe {
@@ -837,7 +838,10 @@ fn epoll_set(epfd: c_int, create: bool) -> Option<Arc<EpollSet>> {
 /// # Safety
 /// The C contract of `epoll_ctl`.
 pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> c_int {
-    let conn = if table::tracked(fd) && table::verify(fd) { table::conn(fd) } else { None };
+    // Not checked against the recorded identity here: event loops re-arm with `epoll_ctl`
+    // once or more per request, and an `fstat` each would add a system call to the busy
+    // path. A number reused behind our back was already forgotten when a call returned it.
+    let conn = if table::tracked(fd) { table::conn(fd) } else { None };
     let Some(conn) = conn else {
         // SAFETY: passed on unchanged.
         return unsafe { real::epoll_ctl(epfd, op, fd, ev) };
@@ -999,9 +1003,12 @@ pub unsafe fn splice(
 pub unsafe fn fork() -> libc::pid_t {
     // SAFETY: passed on unchanged.
     let r = table::around_fork(|| unsafe { real::fork() });
-    if r == 0 {
+    if r >= 0 {
         let e = errno();
-        crate::exec::after_fork_in_child();
+        crate::exec::after_fork();
+        if r == 0 {
+            crate::exec::after_fork_in_child();
+        }
         set_errno(e);
     }
     r

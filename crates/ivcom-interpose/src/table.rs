@@ -5,7 +5,7 @@
 //! library's back (`fclose` of an `fdopen`ed socket closes through a C library internal) and
 //! get the number back for a file. Each entry therefore records the device and inode of what
 //! it was made for ([`Ident`]); callers compare them where a system call is cheap or made
-//! anyway ([`verify`]: `close`, `dup`, `epoll_ctl`, entering a blocking wait), and every
+//! anyway ([`verify`]: `close`, `dup`, exec, entering a blocking wait), and every
 //! intercepted call that returns a new descriptor drops an entry still recorded at that number
 //! ([`forget_stale`]): the kernel only hands out free numbers, so our socket there is gone.
 

@@ -135,7 +135,12 @@ impl Drop for Armed<'_> {
 /// the program's descriptor meanwhile and get its number back for something else, as with
 /// TCP, where a blocked call keeps the socket it started on. Closed when dropped.
 #[derive(Debug)]
-pub struct Held(std::os::fd::OwnedFd);
+pub struct Held {
+    dup: std::os::fd::OwnedFd,
+    /// The program's descriptor and the identity of the socket it named.
+    orig: c_int,
+    ident: table::Ident,
+}
 
 impl Held {
     /// Duplicates `fd`, checking that it is still the socket recorded for it (`EBADF` if it
@@ -150,13 +155,19 @@ impl Held {
             table::verify(fd);
             return Err(libc::EBADF);
         }
-        Ok(Held(d))
+        Ok(Held { dup: d, orig: fd, ident: want })
+    }
+
+    /// Whether the program's descriptor no longer names the socket (closed, or another file
+    /// put in its place): one `fstat`.
+    pub fn replaced(&self) -> bool {
+        table::Ident::of(self.orig) != Some(self.ident)
     }
 
     /// The duplicate's number.
     pub fn raw(&self) -> c_int {
         use std::os::fd::AsRawFd;
-        self.0.as_raw_fd()
+        self.dup.as_raw_fd()
     }
 }
 
@@ -196,8 +207,14 @@ pub fn wait_fd(
     }
     let mut p = [pollfd { fd, events, revents: 0 }];
     let r = kernel_poll(&mut p, armed.timeout(deadline), std::ptr::null());
+    let interrupted = r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
     armed.slept(r);
     drop(armed);
+    // A signal while another thread took the descriptor away (closed it, or put another
+    // file in its place, as the JDK does to end a blocked read): end the call with EINTR.
+    if interrupted && held.as_ref().is_some_and(Held::replaced) {
+        return Err(libc::EINTR);
+    }
     if r > 0 {
         conn.absorb(fd);
     }
