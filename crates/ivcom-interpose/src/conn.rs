@@ -43,6 +43,40 @@ pub enum Side {
     Acceptor,
 }
 
+/// A connection's private state as one program image hands it to the next across `exec`
+/// ([`TcpConn::private_state`], [`TcpConn::resume`]; encoded by `crate::exec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Private {
+    /// Which end the socket is.
+    pub side: Side,
+    /// Connector: the listener's claim was seen (and accepted) by this side.
+    pub claim_seen: bool,
+    /// Connector: writes go to the ring (the switch point is published).
+    pub switched: bool,
+    /// Producer index of the ring this side writes.
+    pub tx_tail: u64,
+    /// Consumer index of the ring this side reads.
+    pub rx_head: u64,
+    /// Connector: data bytes sent over TCP before the switch.
+    pub tcp_sent: u64,
+    /// Acceptor: data bytes read from TCP.
+    pub tcp_read: u64,
+    /// Acceptor: the connector's switch point, once read.
+    pub peer_switch: Option<u64>,
+    /// `shutdown(SHUT_RD)` was called.
+    pub shut_rd: bool,
+    /// `shutdown(SHUT_WR)` was called.
+    pub shut_wr: bool,
+    /// The peer's FIN was seen.
+    pub eof: bool,
+    /// Another process may hold the socket ([`TcpConn::mark_shared`]).
+    pub shared: bool,
+    /// A socket error seen (errno), 0 if none.
+    pub error: c_int,
+    /// The program's `TCP_NODELAY` and `TCP_CORK`.
+    pub tcp_opts: [c_int; 2],
+}
+
 #[derive(Debug)]
 struct Tx {
     w: StreamWriter,
@@ -93,8 +127,8 @@ pub struct Readiness {
 #[derive(Debug)]
 pub struct TcpConn {
     map: MappedRegion,
-    /// The region's memfd, kept open without close-on-exec so that a new program image of
-    /// this process can take the connection over ([`TcpConn::resume`]).
+    /// The region's memfd, close-on-exec: only an `exec` that continues under the library
+    /// passes it on, for that `exec` alone (`crate::exec`).
     region_fd: OwnedFd,
     side: Side,
     plain: AtomicBool,
@@ -114,6 +148,9 @@ pub struct TcpConn {
     shut_rd: AtomicBool,
     shut_wr: AtomicBool,
     sleepers: AtomicU32,
+    /// Another process may hold the socket too (this one forked since, or inherited it):
+    /// closing here is then not necessarily the socket's last close.
+    shared: AtomicBool,
     /// What the program set for `TCP_NODELAY` and `TCP_CORK` (the kernel keeps NODELAY on).
     tcp_opts: [AtomicI32; 2],
     /// When a write last asked the kernel whether the peer closed (ns since `EPOCH`).
@@ -236,8 +273,9 @@ impl TcpConn {
         } else {
             (Direction::ToListener, Direction::ToConnector)
         };
-        // Inherited across exec (see `region_fd`); a failure only loses that.
-        let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::empty());
+        // Never inherited across exec unasked: a memfd passed on by a previous program image
+        // arrives without the flag (`F_SETFD` on an open descriptor cannot fail).
+        let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::CLOEXEC);
         TcpConn {
             map,
             region_fd,
@@ -266,6 +304,7 @@ impl TcpConn {
             shut_rd: AtomicBool::new(false),
             shut_wr: AtomicBool::new(false),
             sleepers: AtomicU32::new(0),
+            shared: AtomicBool::new(false),
             last_close_check: AtomicU64::new(0),
             tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
             wake_lock: Mutex::new(()),
@@ -292,46 +331,103 @@ impl TcpConn {
     }
 
     /// Takes over a connection a previous program image of this process carried (after
-    /// `exec`): `fd` is its inherited memfd, `side` which end the socket is. Every index and
-    /// count is read back from the region (and validated on use, as always).
-    pub fn resume(fd: OwnedFd, side: Side) -> io::Result<Self> {
+    /// `exec`): `fd` is the memfd it passed on, `p` the private state it passed with it
+    /// ([`TcpConn::private_state`]), `registration` its registration connection if it still
+    /// held one. Nothing the peer can write is trusted here: the ring indices, counts and
+    /// flags come from `p` (the region's own indices are adopted later only as they are on
+    /// every use, validated). The region's shape is validated as at accept.
+    /// `ends`: the connection as the connector names it and its socket's namespace cookie,
+    /// read from the socket itself (a connector that has not seen the claim yet checks the
+    /// claim against them).
+    pub fn resume(
+        fd: OwnedFd,
+        p: &Private,
+        registration: Option<OwnedFd>,
+        ends: (crate::net::Tuple, u64),
+    ) -> io::Result<Self> {
         let size = ivcom_ring::shm::check_memfd(fd.as_fd(), MAX_REGION)?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         let params = layout::validate_shape(map.region(), false)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let region = map.region();
+        let side = p.side;
         let (mine, theirs) = match side {
             Side::Acceptor => (Direction::ToConnector, Direction::ToListener),
             Side::Connector => (Direction::ToListener, Direction::ToConnector),
         };
         let (gm, gt) = (params.ring(mine), params.ring(theirs));
-        let bad = |e| io::Error::other(e);
-        let tail = tcp::published_tail(region, &gm).map_err(bad)?;
-        let head = tcp::published_head(region, &gt).map_err(bad)?;
-        let claimed = tcp::claimed(region).map_err(bad)?;
-        let switch = tcp::switch_offset(region).map_err(bad)?;
-        let sent = tcp::sent_count(region).map_err(bad)?;
-        let read = tcp::read_count(region).map_err(bad)?;
-        let c = Self::new(map, fd, side, &params, (crate::net::Tuple::UNKNOWN, 0));
+        let c = Self::new(map, fd, side, &params, ends);
         {
             let mut tx = lock(&c.tx);
-            tx.w = StreamWriter::resume(gm, tail);
+            tx.w = StreamWriter::resume(gm, p.tx_tail);
             if side == Side::Connector {
-                tx.switched = switch.is_some();
-                tx.tcp_sent = sent;
+                tx.switched = p.switched;
+                tx.tcp_sent = p.tcp_sent;
             }
             c.switched.store(tx.switched, Ordering::Release);
         }
         {
             let mut rx = lock(&c.rx);
-            rx.r = StreamReader::resume(gt, head);
+            rx.r = StreamReader::resume(gt, p.rx_head);
             if side == Side::Acceptor {
-                rx.tcp_read = read;
-                rx.peer_switch = switch;
+                rx.tcp_read = p.tcp_read;
+                rx.peer_switch = p.peer_switch;
             }
         }
-        c.claim_seen.store(side == Side::Acceptor || claimed, Ordering::Release);
+        c.claim_seen.store(side == Side::Acceptor || p.claim_seen, Ordering::Release);
+        c.shut_rd.store(p.shut_rd, Ordering::Relaxed);
+        c.shut_wr.store(p.shut_wr, Ordering::Relaxed);
+        c.eof.store(p.eof, Ordering::Relaxed);
+        c.shared.store(p.shared, Ordering::Relaxed);
+        c.error.store(p.error, Ordering::Relaxed);
+        c.tcp_opts[0].store(p.tcp_opts[0], Ordering::Relaxed);
+        c.tcp_opts[1].store(p.tcp_opts[1], Ordering::Relaxed);
+        *lock(&c.registration) = registration;
         Ok(c)
+    }
+
+    /// This process's own state of the connection, which a new program image needs to take
+    /// it over after `exec` and must not read back from the peer-writable region.
+    pub fn private_state(&self) -> Private {
+        let (tx_tail, switched, tcp_sent) = {
+            let mut tx = lock(&self.tx);
+            (tx.w.state().tail(), tx.switched, tx.tcp_sent)
+        };
+        let (rx_head, tcp_read, peer_switch) = {
+            let mut rx = lock(&self.rx);
+            (rx.r.state().head(), rx.tcp_read, rx.peer_switch)
+        };
+        Private {
+            side: self.side,
+            claim_seen: self.claim_seen.load(Ordering::Acquire),
+            switched,
+            tx_tail,
+            rx_head,
+            tcp_sent,
+            tcp_read,
+            peer_switch,
+            shut_rd: self.shut_rd.load(Ordering::Relaxed),
+            shut_wr: self.shut_wr.load(Ordering::Relaxed),
+            eof: self.eof.load(Ordering::Acquire),
+            shared: self.shared.load(Ordering::Relaxed),
+            error: self.error.load(Ordering::Relaxed),
+            tcp_opts: [self.tcp_opts[0].load(Ordering::Relaxed), self.tcp_opts[1].load(Ordering::Relaxed)],
+        }
+    }
+
+    /// Notes that another process may hold the socket too (after `fork`).
+    pub fn mark_shared(&self) {
+        self.shared.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether another process may hold the socket too.
+    pub fn shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
+    }
+
+    /// The registration connection's descriptor while this (connecting) side still holds it.
+    pub fn registration_raw(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        lock(&self.registration).as_ref().map(|f| f.as_raw_fd())
     }
 
     /// Claims the channel a connecting peer registered (an untrusted memfd of at most

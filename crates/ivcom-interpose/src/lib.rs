@@ -8,11 +8,16 @@
 //!   them and register a channel before the TCP handshake.
 //! - [`conn`]: the data path of one connection and the TCP handoff.
 //! - [`wait`], [`epoll`]: blocking, `poll`/`select` and `epoll` over shared memory and the kernel.
+//! - [`exec`]: what of a connection crosses `exec` and `posix_spawn` (only to an image that
+//!   continues under the library).
+//! - [`fds`]: descriptors made or closed behind the table's back.
 //! - [`ops`]: the intercepted calls, as the shim library exports them.
 
 pub mod announce;
 pub mod conn;
 pub mod epoll;
+pub mod exec;
+pub mod fds;
 pub mod net;
 pub mod ops;
 pub mod real;

@@ -174,6 +174,7 @@ pub unsafe fn accept4(
         // SAFETY: passed on unchanged.
         unsafe { real::accept(fd, addr, len) }
     };
+    crate::fds::fresh(r);
     if r < 0 || !table::tracked(fd) {
         return r;
     }
@@ -227,11 +228,28 @@ fn claim(l: &Listening, nfd: c_int) {
 /// # Safety
 /// The C contract of `close`.
 pub unsafe fn close(fd: c_int) -> c_int {
+    let e = forget_closing(fd);
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::close(fd) };
+    let err = errno();
+    drop(e);
+    set_errno(err);
+    r
+}
+
+/// Forgets `fd`, which the program is about to close (by `close`, `fclose`, `freopen`);
+/// returns the entry, to be dropped after the descriptor is closed. An entry whose
+/// descriptor no longer refers to what it was recorded for is dropped as stale.
+pub fn forget_closing(fd: c_int) -> Option<Entry> {
+    if !table::tracked(fd) || !table::verify(fd) {
+        return None;
+    }
     let e = table::remove(fd);
     if let Some(Entry::Conn(c)) = &e {
         // Closing with unread data resets a TCP connection; our unread data is in the ring,
-        // not in the kernel, so ask for the reset (when this was the process's last copy).
-        if Arc::strong_count(c) == 1 && !c.is_plain() && c.has_unread() {
+        // not in the kernel, so ask for the reset (when this was the process's last copy, and
+        // no other process may hold the socket: `SO_LINGER` would then reset its close too).
+        if Arc::strong_count(c) == 1 && !c.is_plain() && !c.shared() && c.has_unread() {
             let lg = libc::linger { l_onoff: 1, l_linger: 0 };
             // SAFETY: setting SO_LINGER from a local struct on the program's socket.
             unsafe {
@@ -245,12 +263,7 @@ pub unsafe fn close(fd: c_int) -> c_int {
             };
         }
     }
-    // SAFETY: passed on unchanged.
-    let r = unsafe { real::close(fd) };
-    let err = errno();
-    drop(e);
-    set_errno(err);
-    r
+    e
 }
 
 /// `close_range`.
@@ -396,6 +409,9 @@ fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
 }
 
 fn recv_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+    // Once this call sleeps, it holds its own duplicate of the socket and uses only that.
+    let mut fd = fd;
+    let mut held: Option<wait::Held> = None;
     let total = iov_len(iov);
     let waitall = flags & libc::MSG_WAITALL != 0 && flags & libc::MSG_PEEK == 0;
     let mut got = 0usize;
@@ -430,7 +446,7 @@ fn recv_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
                     return if got > 0 { Ok(got) } else { Err(libc::EAGAIN) };
                 }
                 let d = *deadline.get_or_insert_with(|| sock_timeout(fd, libc::SO_RCVTIMEO));
-                if let Err(e) = wait::wait_fd(c, fd, true, d) {
+                if let Err(e) = wait::wait_fd(c, &mut fd, &mut held, true, d) {
                     return if got > 0 { Ok(got) } else { Err(e) };
                 }
             }
@@ -454,6 +470,9 @@ fn send_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
 }
 
 fn send_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+    // Once this call sleeps, it holds its own duplicate of the socket and uses only that.
+    let mut fd = fd;
+    let mut held: Option<wait::Held> = None;
     let total = iov_len(iov);
     let mut sent = 0usize;
     let mut nb: Option<bool> = None;
@@ -475,7 +494,7 @@ fn send_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
                     return if sent > 0 { Ok(sent) } else { Err(libc::EAGAIN) };
                 }
                 let d = *deadline.get_or_insert_with(|| sock_timeout(fd, libc::SO_SNDTIMEO));
-                if let Err(e) = wait::wait_fd(c, fd, false, d) {
+                if let Err(e) = wait::wait_fd(c, &mut fd, &mut held, false, d) {
                     return if sent > 0 { Ok(sent) } else { Err(e) };
                 }
             }
@@ -653,7 +672,12 @@ pub unsafe fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
         }
     }
     // SAFETY: passed on unchanged.
-    unsafe { real::recvmsg(fd, msg, flags) }
+    let r = unsafe { real::recvmsg(fd, msg, flags) };
+    if r >= 0 {
+        // SAFETY: the header the kernel just filled in.
+        unsafe { crate::fds::fresh_rights(msg) };
+    }
+    r
 }
 
 /// `sendmsg`.
@@ -683,6 +707,8 @@ pub unsafe fn dup(fd: c_int) -> c_int {
     let r = unsafe { real::dup(fd) };
     if r >= 0 && table::tracked(fd) {
         table::copy(fd, r);
+    } else {
+        crate::fds::fresh(r);
     }
     r
 }
@@ -715,8 +741,12 @@ pub unsafe fn dup3(fd: c_int, to: c_int, flags: c_int, three: bool) -> c_int {
 pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     // SAFETY: passed on unchanged.
     let r = unsafe { real::fcntl(fd, cmd, arg) };
-    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && table::tracked(fd) {
-        table::copy(fd, r);
+    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        if table::tracked(fd) {
+            table::copy(fd, r);
+        } else {
+            crate::fds::fresh(r);
+        }
     }
     r
 }
@@ -841,6 +871,9 @@ fn epoll_set(epfd: c_int, create: bool) -> Option<Arc<EpollSet>> {
 /// # Safety
 /// The C contract of `epoll_ctl`.
 pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> c_int {
+    // Not checked against the recorded identity here: event loops re-arm with `epoll_ctl`
+    // once or more per request, and an `fstat` each would add a system call to the busy
+    // path. A number reused behind our back was already forgotten when a call returned it.
     let conn = if table::tracked(fd) { table::conn(fd) } else { None };
     let Some(conn) = conn else {
         // SAFETY: passed on unchanged.
@@ -1002,89 +1035,22 @@ pub unsafe fn splice(
 /// The C contract of `fork`.
 pub unsafe fn fork() -> libc::pid_t {
     // SAFETY: passed on unchanged.
-    table::around_fork(|| unsafe { real::fork() })
+    let r = table::around_fork(|| unsafe { real::fork() });
+    if r >= 0 {
+        let e = errno();
+        crate::exec::after_fork();
+        if r == 0 {
+            crate::exec::after_fork_in_child();
+        }
+        set_errno(e);
+    }
+    r
 }
 
 /// At start: takes over the accelerated connections a previous program image of this
-/// process left open across `exec` (their memfds are inherited; each records its tuple), and
-/// closes inherited memfds whose connection did not come along.
+/// process passed on at its `exec` (`crate::exec::at_start`).
 pub fn at_start() {
-    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else { return };
-    let mut memfds = Vec::new();
-    let mut socks = Vec::new();
-    for e in rd.flatten() {
-        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<c_int>().ok()) else { continue };
-        let Ok(link) = std::fs::read_link(e.path()) else { continue };
-        let link = link.to_string_lossy().into_owned();
-        if link.starts_with(&format!("/memfd:{}", crate::conn::MEMFD_NAME)) {
-            memfds.push(fd);
-        } else if link.starts_with("socket:") {
-            socks.push(fd);
-        }
-    }
-    if memfds.is_empty() {
-        return;
-    }
-    // The recorded tuple of each inherited region.
-    let mut regions: Vec<(c_int, [u8; 36])> = Vec::new();
-    for &m in &memfds {
-        // SAFETY: a descriptor inherited by this process, borrowed for this call.
-        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(m) };
-        let Ok(size) = ivcom_ring::shm::check_memfd(b, crate::conn::MAX_REGION) else { continue };
-        let Ok(map) = ivcom_ring::MappedRegion::map(b, 0, size) else { continue };
-        if let Ok(t) = ivcom_ring::layout::tcp::tuple(map.region()) {
-            regions.push((m, t));
-        }
-    }
-    let mut taken: std::collections::BTreeMap<c_int, Arc<TcpConn>> = std::collections::BTreeMap::new();
-    let mut consumed = std::collections::BTreeSet::new();
-    for s in socks {
-        if s as usize >= MAX_FD || net::tcp_domain(s).is_none() {
-            continue;
-        }
-        let (Some(local), Some(peer)) = (net::local(s), net::peer(s)) else { continue };
-        let (l, p) = (Endpoint::of(local), Endpoint::of(peer));
-        let as_connector = Tuple { src: l, dst: p }.to_bytes();
-        let as_acceptor = Tuple { src: p, dst: l }.to_bytes();
-        for &(m, t) in &regions {
-            let side = if t == as_connector {
-                crate::conn::Side::Connector
-            } else if t == as_acceptor {
-                crate::conn::Side::Acceptor
-            } else {
-                continue;
-            };
-            let conn = match taken.get(&m) {
-                Some(c) => c.clone(),
-                None if consumed.contains(&m) => continue,
-                None => {
-                    consumed.insert(m);
-                    // SAFETY: the inherited memfd becomes the connection's; nothing else owns it.
-                    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(m) };
-                    match TcpConn::resume(owned, side) {
-                        Ok(c) => {
-                            let c = Arc::new(c);
-                            taken.insert(m, c.clone());
-                            c
-                        }
-                        Err(e) => {
-                            crate::decision!("exec: cannot take over fd {s} ({e})");
-                            continue;
-                        }
-                    }
-                }
-            };
-            table::set(s, Entry::Conn(conn));
-            crate::decision!("exec: took over accelerated connection fd {s} ({l} - {p})");
-            break;
-        }
-    }
-    for m in memfds {
-        if !consumed.contains(&m) {
-            // SAFETY: an inherited memfd of ours that no connection came along with.
-            unsafe { real::close(m) };
-        }
-    }
+    crate::exec::at_start();
 }
 
 /// At exit: withdraw announcements no other process holds; log the counters.

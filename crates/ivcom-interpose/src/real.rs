@@ -2,6 +2,7 @@
 //! calls the preload passes through. The library's internal system calls go through rustix,
 //! which makes them directly, so they never come back into the shims.
 
+use libc::{c_char, mode_t, pid_t, posix_spawn_file_actions_t, posix_spawnattr_t, FILE};
 use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t};
 use libc::{loff_t, off_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,4 +84,54 @@ real! {
     fork() -> libc::pid_t;
     setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int;
     getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int;
+    execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+    execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+    fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+    execveat(dirfd: c_int, path: *const c_char, argv: *const *const c_char, envp: *const *const c_char, flags: c_int) -> c_int;
+    posix_spawn(pid: *mut pid_t, path: *const c_char, fa: *const posix_spawn_file_actions_t, attr: *const posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int;
+    posix_spawnp(pid: *mut pid_t, path: *const c_char, fa: *const posix_spawn_file_actions_t, attr: *const posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int;
+    posix_spawn_file_actions_init(fa: *mut posix_spawn_file_actions_t) -> c_int;
+    posix_spawn_file_actions_destroy(fa: *mut posix_spawn_file_actions_t) -> c_int;
+    posix_spawn_file_actions_addclose(fa: *mut posix_spawn_file_actions_t, fd: c_int) -> c_int;
+    posix_spawn_file_actions_adddup2(fa: *mut posix_spawn_file_actions_t, fd: c_int, to: c_int) -> c_int;
+    posix_spawn_file_actions_addopen(fa: *mut posix_spawn_file_actions_t, fd: c_int, path: *const c_char, oflag: c_int, mode: mode_t) -> c_int;
+    posix_spawn_file_actions_addclosefrom_np(fa: *mut posix_spawn_file_actions_t, from: c_int) -> c_int;
+    posix_spawn_file_actions_addchdir_np(fa: *mut posix_spawn_file_actions_t, path: *const c_char) -> c_int;
+    posix_spawn_file_actions_addfchdir_np(fa: *mut posix_spawn_file_actions_t, fd: c_int) -> c_int;
+    posix_spawn_file_actions_addtcsetpgrp_np(fa: *mut posix_spawn_file_actions_t, fd: c_int) -> c_int;
+    system(cmd: *const c_char) -> c_int;
+    popen(cmd: *const c_char, mode: *const c_char) -> *mut FILE;
+    fclose(f: *mut FILE) -> c_int;
+    closefrom(first: c_int) -> ();
+    open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int;
+    open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int;
+    openat(dir: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int;
+    openat64(dir: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int;
+    __open_2(path: *const c_char, flags: c_int) -> c_int;
+    __open64_2(path: *const c_char, flags: c_int) -> c_int;
+    __openat_2(dir: c_int, path: *const c_char, flags: c_int) -> c_int;
+    __openat64_2(dir: c_int, path: *const c_char, flags: c_int) -> c_int;
+    creat(path: *const c_char, mode: mode_t) -> c_int;
+    creat64(path: *const c_char, mode: mode_t) -> c_int;
+    socketpair(domain: c_int, ty: c_int, proto: c_int, sv: *mut c_int) -> c_int;
+    pipe(fds: *mut c_int) -> c_int;
+    pipe2(fds: *mut c_int, flags: c_int) -> c_int;
+    eventfd(init: c_uint, flags: c_int) -> c_int;
+    signalfd(fd: c_int, mask: *const sigset_t, flags: c_int) -> c_int;
+    timerfd_create(clock: c_int, flags: c_int) -> c_int;
+    memfd_create(name: *const c_char, flags: c_uint) -> c_int;
+    inotify_init() -> c_int;
+    inotify_init1(flags: c_int) -> c_int;
+    fopen(path: *const c_char, mode: *const c_char) -> *mut FILE;
+    fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE;
+    freopen(path: *const c_char, mode: *const c_char, f: *mut FILE) -> *mut FILE;
+    freopen64(path: *const c_char, mode: *const c_char, f: *mut FILE) -> *mut FILE;
+    tmpfile() -> *mut FILE;
+    tmpfile64() -> *mut FILE;
+    mkstemp(t: *mut c_char) -> c_int;
+    mkstemp64(t: *mut c_char) -> c_int;
+    mkostemp(t: *mut c_char, flags: c_int) -> c_int;
+    mkostemp64(t: *mut c_char, flags: c_int) -> c_int;
+    mkstemps(t: *mut c_char, suffix: c_int) -> c_int;
+    mkostemps(t: *mut c_char, suffix: c_int, flags: c_int) -> c_int;
 }

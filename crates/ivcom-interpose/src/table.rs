@@ -1,5 +1,13 @@
 //! Which descriptors the preload looks after. A flat array of flags answers "not ours" for
 //! every other descriptor without a lock; the entries themselves sit behind a lock.
+//!
+//! A descriptor number is not an identity: the program may close a socket behind the
+//! library's back (`fclose` of an `fdopen`ed socket closes through a C library internal) and
+//! get the number back for a file. Each entry therefore records the device and inode of what
+//! it was made for ([`Ident`]); callers compare them where a system call is cheap or made
+//! anyway ([`verify`]: `close`, `dup`, exec, entering a blocking wait), and every
+//! intercepted call that returns a new descriptor drops an entry still recorded at that number
+//! ([`forget_stale`]): the kernel only hands out free numbers, so our socket there is gone.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -15,7 +23,35 @@ use crate::epoll::EpollSet;
 pub const MAX_FD: usize = 1 << 16;
 
 static FLAGS: [AtomicU8; MAX_FD] = [const { AtomicU8::new(0) }; MAX_FD];
-static TABLE: RwLock<BTreeMap<c_int, Entry>> = RwLock::new(BTreeMap::new());
+static TABLE: RwLock<BTreeMap<c_int, Slot>> = RwLock::new(BTreeMap::new());
+
+/// What a descriptor referred to when it was recorded: `st_dev` and `st_ino` of its open
+/// file (for a socket, the socket inode of `/proc/PID/fd/N -> socket:[INO]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ident {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl Ident {
+    /// The identity of what `fd` refers to now; `None` if it is not open.
+    pub fn of(fd: c_int) -> Option<Ident> {
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` is only borrowed for this `fstat`; a closed number makes it fail.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        rustix::fs::fstat(b).ok().map(|st| Ident { dev: st.st_dev, ino: st.st_ino })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    entry: Entry,
+    ident: Ident,
+}
 
 /// What a descriptor of ours is.
 #[derive(Debug, Clone)]
@@ -44,7 +80,65 @@ pub fn get(fd: c_int) -> Option<Entry> {
     if !tracked(fd) {
         return None;
     }
-    TABLE.read().unwrap_or_else(|e| e.into_inner()).get(&fd).cloned()
+    TABLE.read().unwrap_or_else(|e| e.into_inner()).get(&fd).map(|s| s.entry.clone())
+}
+
+/// The identity recorded for `fd`.
+pub fn ident(fd: c_int) -> Option<Ident> {
+    if !tracked(fd) {
+        return None;
+    }
+    TABLE.read().unwrap_or_else(|e| e.into_inner()).get(&fd).map(|s| s.ident)
+}
+
+/// Whether `fd` still refers to what was recorded for it (one `fstat`). An entry whose
+/// descriptor was closed or now refers to something else is dropped; returns false then, and
+/// when `fd` is not tracked.
+pub fn verify(fd: c_int) -> bool {
+    let Some(want) = ident(fd) else { return false };
+    if Ident::of(fd) == Some(want) {
+        return true;
+    }
+    crate::decision!(
+        "fd {fd} was closed behind the library's back (its number now refers to something else); forgotten"
+    );
+    drop(remove(fd));
+    false
+}
+
+/// The kernel just returned `fd` as a new descriptor: whatever was recorded at that number
+/// was closed behind our back. Drops it (no system call).
+#[inline]
+pub fn forget_stale(fd: c_int) {
+    if tracked(fd) {
+        crate::decision!(
+            "fd {fd} was closed behind the library's back (its number was handed out again); forgotten"
+        );
+        drop(remove(fd));
+    }
+}
+
+/// [`forget_stale`] for every descriptor at or above `first` (after `closefrom`).
+pub fn forget_from(first: c_int) {
+    let fds: Vec<c_int> = {
+        let t = TABLE.read().unwrap_or_else(|e| e.into_inner());
+        t.range(first.max(0)..).map(|(fd, _)| *fd).collect()
+    };
+    let dropped: Vec<Option<Entry>> = fds.into_iter().map(remove).collect();
+    drop(dropped);
+}
+
+/// Every accelerated connection (not plain) with its descriptors, for `exec`.
+pub fn conns() -> Vec<(c_int, Arc<TcpConn>)> {
+    TABLE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(fd, s)| match &s.entry {
+            Entry::Conn(c) if !c.is_plain() => Some((*fd, c.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The connection of `fd`, unless it runs as plain TCP.
@@ -56,12 +150,19 @@ pub fn conn(fd: c_int) -> Option<Arc<TcpConn>> {
     }
 }
 
-/// Records `fd` (which must be below [`MAX_FD`]); returns false if it is out of range.
+/// Records `fd` (which must be below [`MAX_FD`]) with the identity of what it refers to now
+/// (one `fstat`); returns false if it is out of range or not open.
 pub fn set(fd: c_int, e: Entry) -> bool {
     let Some(f) = slot(fd) else { return false };
-    TABLE.write().unwrap_or_else(|e| e.into_inner()).insert(fd, e);
-    f.store(1, Ordering::Relaxed);
+    let Some(ident) = Ident::of(fd) else { return false };
+    set_with(f, fd, e, ident);
     true
+}
+
+fn set_with(f: &AtomicU8, fd: c_int, entry: Entry, ident: Ident) {
+    let old = TABLE.write().unwrap_or_else(|e| e.into_inner()).insert(fd, Slot { entry, ident });
+    f.store(1, Ordering::Relaxed);
+    drop(old);
 }
 
 /// Forgets `fd` (it was closed). The entry is dropped after the lock is released.
@@ -73,7 +174,7 @@ pub fn remove(fd: c_int) -> Option<Entry> {
     let e = {
         let mut t = TABLE.write().unwrap_or_else(|e| e.into_inner());
         f.store(0, Ordering::Relaxed);
-        t.remove(&fd)
+        t.remove(&fd).map(|s| s.entry)
     };
     if let Some(Entry::Conn(_)) = &e {
         for set in epoll_sets() {
@@ -83,11 +184,15 @@ pub fn remove(fd: c_int) -> Option<Entry> {
     e
 }
 
-/// `new` now refers to what `old` refers to (after `dup2`/`F_DUPFD`).
+/// `new` now refers to what `old` refers to (after `dup2`/`F_DUPFD`). `old` is checked
+/// first ([`verify`]) when it is tracked, so a stale entry is not copied.
 pub fn copy(old: c_int, new: c_int) {
     let dropped = remove(new);
-    if let Some(e) = get(old) {
-        set(new, e);
+    if tracked(old) && verify(old) {
+        let s = TABLE.read().unwrap_or_else(|e| e.into_inner()).get(&old).cloned();
+        if let (Some(s), Some(f)) = (s, slot(new)) {
+            set_with(f, new, s.entry, s.ident);
+        }
     }
     drop(dropped);
 }
@@ -98,7 +203,7 @@ pub fn epoll_sets() -> Vec<Arc<EpollSet>> {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .values()
-        .filter_map(|e| match e {
+        .filter_map(|e| match &e.entry {
             Entry::Epoll(s) => Some(s.clone()),
             _ => None,
         })
@@ -109,13 +214,13 @@ pub fn epoll_sets() -> Vec<Arc<EpollSet>> {
 pub fn drain_listeners() -> Vec<Arc<Listening>> {
     let mut t = TABLE.write().unwrap_or_else(|e| e.into_inner());
     let fds: Vec<c_int> =
-        t.iter().filter(|(_, e)| matches!(e, Entry::Listener(_))).map(|(fd, _)| *fd).collect();
+        t.iter().filter(|(_, e)| matches!(e.entry, Entry::Listener(_))).map(|(fd, _)| *fd).collect();
     fds.into_iter()
         .filter_map(|fd| {
             if let Some(f) = slot(fd) {
                 f.store(0, Ordering::Relaxed);
             }
-            match t.remove(&fd) {
+            match t.remove(&fd).map(|s| s.entry) {
                 Some(Entry::Listener(l)) => Some(l),
                 _ => None,
             }

@@ -132,13 +132,69 @@ impl Drop for Armed<'_> {
     }
 }
 
+/// A blocking call's own duplicate (`F_DUPFD_CLOEXEC`) of the program's socket, held while
+/// the call sleeps and used for every kernel operation from then on: another thread may close
+/// the program's descriptor meanwhile and get its number back for something else, as with
+/// TCP, where a blocked call keeps the socket it started on. Closed when dropped.
+#[derive(Debug)]
+pub struct Held {
+    dup: std::os::fd::OwnedFd,
+    /// The program's descriptor and the identity of the socket it named.
+    orig: c_int,
+    ident: table::Ident,
+}
+
+impl Held {
+    /// Duplicates `fd`, checking that it is still the socket recorded for it (`EBADF` if it
+    /// was closed, or now refers to something else: the entry is then dropped as stale).
+    pub fn of(fd: c_int) -> R<Held> {
+        let want = table::ident(fd).ok_or(libc::EBADF)?;
+        // SAFETY: `fd` is borrowed for this one `fcntl`.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let d = rustix::io::fcntl_dupfd_cloexec(b, 0).map_err(|e| e.raw_os_error())?;
+        let got = rustix::fs::fstat(&d).ok().map(|st| table::Ident { dev: st.st_dev, ino: st.st_ino });
+        if got != Some(want) {
+            table::verify(fd);
+            return Err(libc::EBADF);
+        }
+        Ok(Held { dup: d, orig: fd, ident: want })
+    }
+
+    /// Whether the program's descriptor no longer names the socket (closed, or another file
+    /// put in its place): one `fstat`.
+    pub fn replaced(&self) -> bool {
+        table::Ident::of(self.orig) != Some(self.ident)
+    }
+
+    /// The duplicate's number.
+    pub fn raw(&self) -> c_int {
+        use std::os::fd::AsRawFd;
+        self.dup.as_raw_fd()
+    }
+}
+
 /// Blocks until `conn` may be readable (`read`) or writable, or `deadline` passes
-/// (`Err(EAGAIN)`). Signals do not end the wait (as `SA_RESTART` does for TCP).
-pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>) -> R<()> {
+/// (`Err(EAGAIN)`). Signals do not end the wait (as `SA_RESTART` does for TCP). Before it
+/// sleeps in the kernel it takes its own duplicate of `*fd` into `held` (unless it holds one
+/// already) and points `*fd` at it, so the caller goes on with the duplicate; the polling
+/// phase before makes no system call.
+pub fn wait_fd(
+    conn: &TcpConn,
+    fd: &mut c_int,
+    held: &mut Option<Held>,
+    read: bool,
+    deadline: Option<Instant>,
+) -> R<()> {
     let ready = || ready_in_memory(conn, read, !read) || (read && (conn.peer_closed() || conn.has_error()));
     if spin(deadline, ready) {
         return Ok(());
     }
+    if held.is_none() {
+        let h = Held::of(*fd)?;
+        *fd = h.raw();
+        *held = Some(h);
+    }
+    let fd = *fd;
     let armed = Armed::new([(conn, read, !read)]);
     if armed.ready() {
         return Ok(());
@@ -153,8 +209,14 @@ pub fn wait_fd(conn: &TcpConn, fd: c_int, read: bool, deadline: Option<Instant>)
     }
     let mut p = [pollfd { fd, events, revents: 0 }];
     let r = kernel_poll(&mut p, armed.timeout(deadline), std::ptr::null());
+    let interrupted = r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
     armed.slept(r);
     drop(armed);
+    // A signal while another thread took the descriptor away (closed it, or put another
+    // file in its place, as the JDK does to end a blocked read): end the call with EINTR.
+    if interrupted && held.as_ref().is_some_and(Held::replaced) {
+        return Err(libc::EINTR);
+    }
     if r > 0 {
         conn.absorb(fd);
     }
@@ -192,7 +254,7 @@ fn revents_of(c: &TcpConn, fd: c_int, events: i16) -> i16 {
 /// # Safety
 /// `fds` points to `n` valid `pollfd`s.
 pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask: *const sigset_t) -> c_int {
-    let ours: Vec<(usize, Arc<TcpConn>)> = if fds.is_null() || n == 0 {
+    let mut ours: Vec<(usize, Arc<TcpConn>)> = if fds.is_null() || n == 0 {
         Vec::new()
     } else {
         // SAFETY: the caller's array.
@@ -210,6 +272,8 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
     // A timeout too long to represent waits forever.
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let mut k: Vec<pollfd> = app.to_vec();
+    // Duplicates of our sockets, taken before the first sleep; `k` names them from then on.
+    let mut held: Vec<Held> = Vec::new();
     let mut spun = false;
     let mut slept = false;
     loop {
@@ -254,6 +318,26 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                 continue;
             }
         }
+        if held.is_empty() {
+            // Sockets whose number was reused behind our back are the kernel's from here on.
+            ours.retain(|(i, _)| match Held::of(app[*i].fd) {
+                Ok(h) => {
+                    k[*i].fd = h.raw();
+                    held.push(h);
+                    true
+                }
+                Err(_) => {
+                    k[*i].fd = app[*i].fd;
+                    k[*i].events = app[*i].events;
+                    false
+                }
+            });
+            if ours.is_empty() {
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                // SAFETY: the caller's array, as given.
+                return unsafe { poll(fds, n, if timeout.is_none() { None } else { left }, mask) };
+            }
+        }
         let armed = Armed::new(ours.iter().map(|(i, c)| {
             let w = app[*i].events;
             (&**c, w & (libc::POLLIN | libc::POLLRDNORM) != 0, w & (libc::POLLOUT | libc::POLLWRNORM) != 0)
@@ -271,7 +355,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         }
         for (i, c) in &ours {
             if k[*i].revents != 0 {
-                c.absorb(app[*i].fd);
+                c.absorb(k[*i].fd);
             }
         }
         slept = true;
@@ -285,9 +369,9 @@ fn merge(app: &mut [pollfd], k: &[pollfd], ours: &[(usize, Arc<TcpConn>)]) -> c_
     }
     for (i, c) in ours {
         if k[*i].revents != 0 {
-            c.absorb(app[*i].fd);
+            c.absorb(k[*i].fd);
         }
-        app[*i].revents = revents_of(c, app[*i].fd, app[*i].events);
+        app[*i].revents = revents_of(c, k[*i].fd, app[*i].events);
     }
     app.iter().filter(|p| p.revents != 0).count() as c_int
 }

@@ -7,13 +7,16 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use ivcom_interpose::ops;
+use ivcom_interpose::exec::{self, ListKind};
+use ivcom_interpose::{fds, ops, real};
+use libc::{c_char, mode_t, posix_spawn_file_actions_t as Fa, posix_spawnattr_t, FILE};
 use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t};
 use libc::{loff_t, off_t, pid_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
 
 macro_rules! shims {
     ($($name:ident($($a:ident: $t:ty),*) -> $r:ty => $body:expr;)*) => {$(
         #[no_mangle]
+        #[allow(unused_unsafe)]
         pub unsafe extern "C" fn $name($($a: $t),*) -> $r {
             // SAFETY: the program calls this with the C function's contract, which the
             // forwarded-to function requires.
@@ -79,6 +82,127 @@ shims! {
         if (fdslen / std::mem::size_of::<pollfd>()) < n as usize { libc::abort() }
         ops::ppoll(fds, n, ts, mask)
     };
+}
+
+// Calls that make a new descriptor: an entry still recorded at its number is stale.
+shims! {
+    socket(domain: c_int, ty: c_int, proto: c_int) -> c_int => fds::fresh(real::socket(domain, ty, proto));
+    socketpair(domain: c_int, ty: c_int, proto: c_int, sv: *mut c_int) -> c_int => fds::fresh_pair(real::socketpair(domain, ty, proto, sv), sv);
+    pipe(p: *mut c_int) -> c_int => fds::fresh_pair(real::pipe(p), p);
+    pipe2(p: *mut c_int, flags: c_int) -> c_int => fds::fresh_pair(real::pipe2(p, flags), p);
+    open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int => fds::fresh(real::open(path, flags, mode));
+    open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int => fds::fresh(real::open64(path, flags, mode));
+    openat(dir: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int => fds::fresh(real::openat(dir, path, flags, mode));
+    openat64(dir: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int => fds::fresh(real::openat64(dir, path, flags, mode));
+    __open_2(path: *const c_char, flags: c_int) -> c_int => fds::fresh(real::__open_2(path, flags));
+    __open64_2(path: *const c_char, flags: c_int) -> c_int => fds::fresh(real::__open64_2(path, flags));
+    __openat_2(dir: c_int, path: *const c_char, flags: c_int) -> c_int => fds::fresh(real::__openat_2(dir, path, flags));
+    __openat64_2(dir: c_int, path: *const c_char, flags: c_int) -> c_int => fds::fresh(real::__openat64_2(dir, path, flags));
+    creat(path: *const c_char, mode: mode_t) -> c_int => fds::fresh(real::creat(path, mode));
+    creat64(path: *const c_char, mode: mode_t) -> c_int => fds::fresh(real::creat64(path, mode));
+    eventfd(init: c_uint, flags: c_int) -> c_int => fds::fresh(real::eventfd(init, flags));
+    epoll_create(size: c_int) -> c_int => fds::fresh(real::epoll_create(size));
+    epoll_create1(flags: c_int) -> c_int => fds::fresh(real::epoll_create1(flags));
+    signalfd(fd: c_int, mask: *const sigset_t, flags: c_int) -> c_int => fds::fresh(real::signalfd(fd, mask, flags));
+    timerfd_create(clock: c_int, flags: c_int) -> c_int => fds::fresh(real::timerfd_create(clock, flags));
+    memfd_create(name: *const c_char, flags: c_uint) -> c_int => fds::fresh(real::memfd_create(name, flags));
+    inotify_init() -> c_int => fds::fresh(real::inotify_init());
+    inotify_init1(flags: c_int) -> c_int => fds::fresh(real::inotify_init1(flags));
+    mkstemp(t: *mut c_char) -> c_int => fds::fresh(real::mkstemp(t));
+    mkstemp64(t: *mut c_char) -> c_int => fds::fresh(real::mkstemp64(t));
+    mkostemp(t: *mut c_char, flags: c_int) -> c_int => fds::fresh(real::mkostemp(t, flags));
+    mkostemp64(t: *mut c_char, flags: c_int) -> c_int => fds::fresh(real::mkostemp64(t, flags));
+    mkstemps(t: *mut c_char, suffix: c_int) -> c_int => fds::fresh(real::mkstemps(t, suffix));
+    mkostemps(t: *mut c_char, suffix: c_int, flags: c_int) -> c_int => fds::fresh(real::mkostemps(t, suffix, flags));
+    fopen(path: *const c_char, mode: *const c_char) -> *mut FILE => fds::fresh_file(real::fopen(path, mode));
+    fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE => fds::fresh_file(real::fopen64(path, mode));
+    tmpfile() -> *mut FILE => fds::fresh_file(real::tmpfile());
+    tmpfile64() -> *mut FILE => fds::fresh_file(real::tmpfile64());
+    freopen(path: *const c_char, mode: *const c_char, f: *mut FILE) -> *mut FILE => fds::freopen(path, mode, f, false);
+    freopen64(path: *const c_char, mode: *const c_char, f: *mut FILE) -> *mut FILE => fds::freopen(path, mode, f, true);
+    fclose(f: *mut FILE) -> c_int => fds::fclose(f);
+    closefrom(first: c_int) -> () => fds::closefrom(first);
+}
+
+// exec and spawn: what crosses into the new image (`ivcom_interpose::exec`).
+shims! {
+    execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int => exec::execve(path, argv, envp);
+    execv(path: *const c_char, argv: *const *const c_char) -> c_int => exec::execve(path, argv, exec::environ());
+    execvp(file: *const c_char, argv: *const *const c_char) -> c_int => exec::execvpe(file, argv, exec::environ());
+    execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int => exec::execvpe(file, argv, envp);
+    fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int => exec::fexecve(fd, argv, envp);
+    execveat(dirfd: c_int, path: *const c_char, argv: *const *const c_char, envp: *const *const c_char, flags: c_int) -> c_int => exec::execveat(dirfd, path, argv, envp, flags);
+    posix_spawn(pid: *mut pid_t, path: *const c_char, fa: *const Fa, attr: *const posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int => exec::posix_spawn(pid, path, fa, attr, argv, envp, false);
+    posix_spawnp(pid: *mut pid_t, path: *const c_char, fa: *const Fa, attr: *const posix_spawnattr_t, argv: *const *mut c_char, envp: *const *mut c_char) -> c_int => exec::posix_spawn(pid, path, fa, attr, argv, envp, true);
+    system(cmd: *const c_char) -> c_int => exec::around_shell("system", || real::system(cmd));
+    popen(cmd: *const c_char, mode: *const c_char) -> *mut FILE => exec::around_shell("popen", || real::popen(cmd, mode));
+}
+
+// posix_spawn file actions are recorded as they are made (glibc keeps them opaque).
+macro_rules! fa_shims {
+    ($($name:ident($($a:ident: $t:ty),*) => $rec:expr;)*) => {$(
+        #[no_mangle]
+        #[allow(unused_unsafe)]
+        pub unsafe extern "C" fn $name($($a: $t),*) -> c_int {
+            // SAFETY: the program's call, with the C function's contract.
+            let r = unsafe { real::$name($($a),*) };
+            if r == 0 {
+                // SAFETY: the arguments the C library just accepted.
+                unsafe { $rec };
+            }
+            r
+        }
+    )*};
+}
+
+fa_shims! {
+    posix_spawn_file_actions_init(fa: *mut Fa) => exec::fa_reset(fa, true);
+    posix_spawn_file_actions_destroy(fa: *mut Fa) => exec::fa_reset(fa, false);
+    posix_spawn_file_actions_addclose(fa: *mut Fa, fd: c_int) => exec::fa_close(fa, fd);
+    posix_spawn_file_actions_adddup2(fa: *mut Fa, fd: c_int, to: c_int) => exec::fa_dup2(fa, fd, to);
+    posix_spawn_file_actions_addopen(fa: *mut Fa, fd: c_int, path: *const c_char, oflag: c_int, mode: mode_t) => exec::fa_open(fa, fd, path, oflag, mode);
+    posix_spawn_file_actions_addclosefrom_np(fa: *mut Fa, from: c_int) => exec::fa_closefrom(fa, from);
+    posix_spawn_file_actions_addchdir_np(fa: *mut Fa, path: *const c_char) => exec::fa_chdir(fa, path);
+    posix_spawn_file_actions_addfchdir_np(fa: *mut Fa, fd: c_int) => exec::fa_fchdir(fa, fd);
+    posix_spawn_file_actions_addtcsetpgrp_np(fa: *mut Fa, fd: c_int) => exec::fa_tcsetpgrp(fa, fd);
+}
+
+// `execl`, `execlp`, `execle` are variadic, which stable Rust cannot define. On x86-64 and
+// AArch64 Linux, variadic pointer arguments are passed exactly as the same number of fixed
+// ones (registers, then 8-byte stack slots in order), so these read a fixed number of them:
+// up to LIST_ARGS - 1 program arguments (beyond that, and for `execle` without room for the
+// environment after the null, the call fails with E2BIG). Reading slots the caller did not
+// fill reads its own stack frame, which is mapped, and the values past the null are unused.
+macro_rules! exec_list {
+    ($($name:ident => $kind:expr;)*) => {$(
+        #[no_mangle]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "C" fn $name(
+            path: *const c_char,
+            a0: *const c_char, a1: *const c_char, a2: *const c_char, a3: *const c_char,
+            a4: *const c_char, a5: *const c_char, a6: *const c_char, a7: *const c_char,
+            a8: *const c_char, a9: *const c_char, a10: *const c_char, a11: *const c_char,
+            a12: *const c_char, a13: *const c_char, a14: *const c_char, a15: *const c_char,
+            a16: *const c_char, a17: *const c_char, a18: *const c_char, a19: *const c_char,
+            a20: *const c_char, a21: *const c_char, a22: *const c_char, a23: *const c_char,
+            a24: *const c_char, a25: *const c_char, a26: *const c_char, a27: *const c_char,
+            a28: *const c_char, a29: *const c_char, a30: *const c_char, a31: *const c_char,
+        ) -> c_int {
+            let args = [
+                a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17,
+                a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31,
+            ];
+            // SAFETY: the program's arguments, in order, up to the terminating null.
+            unsafe { exec::execl($kind, path, &args) }
+        }
+    )*};
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+exec_list! {
+    execl => ListKind::Path;
+    execlp => ListKind::Search;
+    execle => ListKind::Env;
 }
 
 extern "C" fn at_exit() {
