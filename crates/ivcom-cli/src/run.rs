@@ -85,6 +85,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         } else {
             std::env::current_dir()?.join(l)
         };
+        if abs.as_os_str() != "stderr" {
+            if let Err(why) = ivcom_interpose::settings::check_log(&abs) {
+                bail!("--log: {why}");
+            }
+        }
         cmd.env(ENV_LOG, abs);
     }
     if let Some(s) = a.spin_us {

@@ -83,12 +83,7 @@ fn echo(user: &User, ivcom: bool, extra: &[&str], args: &[&str], env: &[(&str, &
 
 /// Starts the real server and waits until it listens.
 fn start_server(cmd: &mut Command) -> Bounded {
-    let mut s = Bounded::spawn(cmd);
-    let out = s.0.stdout.take().expect("stdout");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
-    assert_eq!(line.trim(), "listening", "server did not start");
-    s
+    start_until(cmd, "listening")
 }
 
 /// A runtime directory owned by `user`, mode 0700, under `scratch`.
@@ -390,15 +385,16 @@ fn attacker(user: &User, role: &str, vars: &[(&str, &str)]) -> Command {
     c
 }
 
-/// Waits for the attacker to print `ready_line`.
-fn start_attacker(cmd: &mut Command, ready: &str) -> Bounded {
+/// Starts `cmd` and waits until it prints a line containing `ready` (its output stays
+/// connected, so it can go on printing).
+fn start_until(cmd: &mut Command, ready: &str) -> Bounded {
     let mut a = Bounded::spawn(cmd);
     let out = a.0.stdout.take().expect("stdout");
     let mut r = std::io::BufReader::new(out);
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(std::io::BufRead::read_line(&mut r, &mut line).unwrap() > 0, "attacker died before {ready}");
+        assert!(std::io::BufRead::read_line(&mut r, &mut line).unwrap() > 0, "{cmd:?} ended before {ready}");
         if line.contains(ready) {
             break;
         }
@@ -431,7 +427,7 @@ fn another_user_cannot_take_the_fallback_runtime_directory() {
     let port = free_port();
     let p = port.to_string();
     let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
-    let planted = start_attacker(
+    let planted = start_until(
         &mut attacker(
             &bad,
             "plant",
@@ -479,7 +475,7 @@ fn same_user_announcement_cannot_hijack_a_client() {
         let port = free_port();
         let p = port.to_string();
         let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
-        let planted = start_attacker(
+        let planted = start_until(
             &mut attacker(
                 &victim,
                 "plant",
@@ -617,7 +613,7 @@ fn a_registration_flood_is_bounded() {
         &["server", "127.0.0.1", &p, "3000", "2"],
         &[("IVCOM_RUNTIME_DIR", &run_s)],
     ));
-    let flood = start_attacker(
+    let flood = start_until(
         &mut attacker(
             &victim,
             "flood",
@@ -636,7 +632,9 @@ fn a_registration_flood_is_bounded() {
         LIMIT,
     );
     // The server has accepted by now (it answered); count what it holds.
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", server_pid(&server))).map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", server_pid(&server)))
+        .expect("the server is still running (it serves two connections)")
+        .count();
     drop(flood);
     let _ = server.0.kill();
     assert!(in_time, "the client hung");
@@ -724,20 +722,22 @@ fn the_decision_log_is_private_and_follows_no_link() {
     let fresh = scratch.dir_for("victim-logs", &victim, 0o755).join("fresh.log");
     let port = free_port();
     let p = port.to_string();
-    for log in [&link, &fresh] {
-        let (_, in_time) = ivcom_testkit::run_bounded(
-            &mut echo(
-                &victim,
-                true,
-                &["--log", &log.to_string_lossy()],
-                &["server", "127.0.0.1", &p, "0"],
-                &[("IVCOM_RUNTIME_DIR", &run.to_string_lossy())],
-            )
-            .env("SEC_UNUSED", "1"),
-            Duration::from_secs(3),
-        );
-        let _ = in_time; // the server waits for a client; it is killed after 3 s
-    }
+    let run_s = run.to_string_lossy().into_owned();
+    let server = |log: &Path| {
+        echo(
+            &victim,
+            true,
+            &["--log", &log.to_string_lossy()],
+            &["server", "127.0.0.1", &p, "0"],
+            &[("IVCOM_RUNTIME_DIR", &run_s)],
+        )
+    };
+    // Through the link: refused with the reason, before the program starts.
+    let (refused, in_time) = ivcom_testkit::run_bounded(&mut server(&link), Duration::from_secs(30));
+    assert!(in_time && !refused.status.success(), "ivcom run accepted a log path that is a link");
+    assert!(text(&refused.stderr).contains("symbolic link"), "{}", text(&refused.stderr));
+    // A fresh log: the server announces (one line) and waits for a client; killed after 3 s.
+    let _ = ivcom_testkit::run_bounded(&mut server(&fresh), Duration::from_secs(3));
     assert_eq!(
         std::fs::read_to_string(&precious).unwrap(),
         "keep me\n",

@@ -78,6 +78,11 @@ pub fn runtime_dir() -> Result<RuntimeDir, String> {
 /// Opens the decision log for appending: created 0600, never through a symbolic link, and
 /// only a regular file of our own user (forks and exec'd programs append to the same file).
 fn open_log(path: &std::path::Path) -> Option<OwnedFd> {
+    check_log(path).ok()
+}
+
+/// [`open_log`], saying why a path cannot be the decision log (for `ivcom run --log`).
+pub fn check_log(path: &std::path::Path) -> Result<OwnedFd, String> {
     use rustix::fs::{Mode, OFlags};
     let f = rustix::fs::open(
         path,
@@ -89,11 +94,20 @@ fn open_log(path: &std::path::Path) -> Option<OwnedFd> {
             | OFlags::NONBLOCK,
         Mode::from_raw_mode(0o600),
     )
-    .ok()?;
-    let st = rustix::fs::fstat(&f).ok()?;
-    let ours = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-        && st.st_uid == rustix::process::geteuid().as_raw();
-    ours.then_some(f)
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => {
+            format!("{} is a symbolic link; the log is never written through one", path.display())
+        }
+        e => format!("cannot open {}: {e}", path.display()),
+    })?;
+    let st = rustix::fs::fstat(&f).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if st.st_uid != rustix::process::geteuid().as_raw() {
+        return Err(format!("{} belongs to uid {}, not to this user", path.display(), st.st_uid));
+    }
+    Ok(f)
 }
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
