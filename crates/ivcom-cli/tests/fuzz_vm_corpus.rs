@@ -9,61 +9,9 @@
 #[path = "../../../fuzz/fuzz_vm.rs"]
 mod fuzz_vm;
 
-use std::path::{Path, PathBuf};
-
 use fuzz_vm::{session, SessionOp::*};
 use ivcom::vm::wire::{Channel, Packet};
-
-fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target)
-}
-
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = corpus_dir(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files.into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
-}
-
-/// xorshift64*: a fixed-seed generator, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// A few random edits of `seed`: byte flips and sets, insertions and deletions.
-fn mutate(rng: &mut Rng, seed: &[u8], alphabet: &[u8]) -> Vec<u8> {
-    let mut v = seed.to_vec();
-    for _ in 0..1 + rng.below(6) {
-        let at = if v.is_empty() { 0 } else { rng.below(v.len()) };
-        match rng.below(4) {
-            0 if !v.is_empty() => v[at] ^= 1 << rng.below(8),
-            1 if !v.is_empty() => v[at] = alphabet[rng.below(alphabet.len())],
-            2 => v.insert(at, alphabet[rng.below(alphabet.len())]),
-            _ if !v.is_empty() => {
-                v.remove(at);
-            }
-            _ => {}
-        }
-    }
-    v
-}
+use ivcom_testkit::fuzz::{corpus, corpus_dir, mutate, Rng};
 
 /// Bytes that matter in TOML.
 const TOML_BYTES: &[u8] = b"[]=\"'.,0123456789KMG \nabcdefghijklmnopqrstuvwxyz_-#{}";

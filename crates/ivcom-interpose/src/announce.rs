@@ -107,7 +107,8 @@ pub struct Announcement {
 }
 
 impl Announcement {
-    fn render(&self) -> String {
+    /// The text of the `.ann` file.
+    pub fn render(&self) -> String {
         let mut s = format!(
             "ivcom-tcp {VERSION}\nnetns {}\naddr {}\nport {}\nv6only {}\n",
             self.netns, self.bound.ip, self.bound.port, self.v6only as u8

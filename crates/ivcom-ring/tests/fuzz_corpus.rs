@@ -8,44 +8,10 @@
 #[path = "../../../fuzz/fuzz_logic.rs"]
 mod fuzz_logic;
 
-use std::path::{Path, PathBuf};
-
 use fuzz_logic::{Config, Op, Ops};
 use ivcom_ring::layout::{self, off, Direction, Params, HEADER_SIZE};
 use ivcom_ring::HeapRegion;
-
-fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target)
-}
-
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = corpus_dir(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files.into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
-}
-
-/// xorshift64*: a fixed-seed generator, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use ivcom_testkit::fuzz::{corpus, corpus_dir, Rng};
 
 const INTERESTING: [u64; 12] =
     [0, 1, 3, 4, 4092, 4096, 4097, 8192, 1 << 30, 1 << 31, u64::MAX, u64::MAX - 4095];
@@ -58,8 +24,8 @@ fn mutate(rng: &mut Rng, seed: &[u8], shift: usize) -> Vec<u8> {
         let at = if v.is_empty() { 0 } else { rng.below(v.len()) };
         match rng.below(6) {
             0 if !v.is_empty() => v[at] ^= 1 << rng.below(8),
-            1 if !v.is_empty() => v[at] = rng.next() as u8,
-            2 => v.insert(at, rng.next() as u8),
+            1 if !v.is_empty() => v[at] = rng.next_u64() as u8,
+            2 => v.insert(at, rng.next_u64() as u8),
             3 if !v.is_empty() => {
                 v.remove(at);
             }

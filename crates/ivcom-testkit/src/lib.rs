@@ -244,3 +244,76 @@ pub fn setpriv_as(user: &User) -> Vec<String> {
         "--".into(),
     ]
 }
+
+/// Replaying fuzz corpora in the normal test suite: the seeds of `fuzz/corpus/<target>/`, and
+/// a fixed-seed generator for random inputs and mutations of the seeds (so failures
+/// reproduce).
+pub mod fuzz {
+    use std::path::{Path, PathBuf};
+
+    /// The seed files of `fuzz/corpus/<target>/`, sorted by name, with their bytes.
+    pub fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+        let dir = corpus_dir(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("directory entry").path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|p| {
+                let b = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                (p, b)
+            })
+            .collect()
+    }
+
+    /// `fuzz/corpus/<target>` of the workspace.
+    pub fn corpus_dir(target: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target)
+    }
+
+    /// xorshift64*: a fixed-seed generator.
+    #[derive(Debug, Clone)]
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        /// The next 64 random bits.
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        /// A number in `0..n` (`n` > 0).
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+
+        /// `n` random bytes.
+        pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next_u64() as u8).collect()
+        }
+    }
+
+    /// A few random edits of `seed`: byte flips, bytes set to or inserted from `alphabet`,
+    /// deletions.
+    pub fn mutate(rng: &mut Rng, seed: &[u8], alphabet: &[u8]) -> Vec<u8> {
+        let mut v = seed.to_vec();
+        for _ in 0..1 + rng.below(6) {
+            let at = if v.is_empty() { 0 } else { rng.below(v.len()) };
+            match rng.below(4) {
+                0 if !v.is_empty() => v[at] ^= 1 << rng.below(8),
+                1 if !v.is_empty() => v[at] = alphabet[rng.below(alphabet.len())],
+                2 => v.insert(at, alphabet[rng.below(alphabet.len())]),
+                _ if !v.is_empty() => {
+                    v.remove(at);
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+}
