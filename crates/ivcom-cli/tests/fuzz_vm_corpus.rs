@@ -11,7 +11,7 @@ mod fuzz_vm;
 
 use fuzz_vm::{session, SessionOp::*};
 use ivcom::vm::wire::{Channel, Packet};
-use ivcom_testkit::fuzz::{corpus, corpus_dir, mutate, Rng};
+use ivcom_testkit::fuzz::{corpus, mutate, Rng};
 
 /// Bytes that matter in TOML.
 const TOML_BYTES: &[u8] = b"[]=\"'.,0123456789KMG \nabcdefghijklmnopqrstuvwxyz_-#{}";
@@ -222,32 +222,20 @@ fn daemon_session_seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// The committed seeds are exactly what this generator makes.
 #[test]
 fn seed_corpus_is_up_to_date() {
-    for (target, seeds) in [
+    ivcom_testkit::fuzz::assert_seeds_current(&[
         ("daemon_config", daemon_config_seeds()),
         ("agent_wire", agent_wire_seeds()),
         ("daemon_session", daemon_session_seeds()),
-    ] {
-        for (name, data) in seeds {
-            let path = corpus_dir(target).join(name);
-            let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert!(on_disk == data, "{} is stale: run regenerate_seed_corpus", path.display());
-        }
-    }
+    ]);
 }
 
 /// Writes the seed corpus into `fuzz/corpus/<target>/`.
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand after changing the input format"]
 fn regenerate_seed_corpus() {
-    for (target, seeds) in [
+    ivcom_testkit::fuzz::write_seeds(&[
         ("daemon_config", daemon_config_seeds()),
         ("agent_wire", agent_wire_seeds()),
         ("daemon_session", daemon_session_seeds()),
-    ] {
-        let dir = corpus_dir(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (name, data) in seeds {
-            std::fs::write(dir.join(name), data).unwrap();
-        }
-    }
+    ]);
 }

@@ -6,53 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const IVCOM: &str = env!("CARGO_BIN_EXE_ivcom");
-const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/preload");
-
-/// The preload library beside the `ivcom` binary, built if this test run did not build it.
-fn preload_lib() -> PathBuf {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let dir = Path::new(IVCOM).parent().expect("bin dir").to_path_buf();
-        let lib = dir.join("libivcom_preload.so");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "ivcom-preload"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo to build the preload library");
-        assert!(st.success(), "building the preload library failed");
-        assert!(lib.is_file(), "{} missing after the build", lib.display());
-        lib
-    })
-    .clone()
-}
-
-/// The C test programs, compiled once per test process.
-fn c_bin(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("ivcom-ctests-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    });
-    let out = dir.join(name);
-    if !out.exists() {
-        let tmp = dir.join(format!("{name}.{:?}", std::thread::current().id()).replace(['(', ')'], ""));
-        let st = Command::new("cc")
-            .args(["-O1", "-Wall", "-Werror", "-pthread", "-o"])
-            .arg(&tmp)
-            .arg(Path::new(SRC).join(format!("{name}.c")))
-            .status()
-            .expect("a C compiler (`cc`) is needed for these tests: apt-get install gcc");
-        assert!(st.success(), "compiling {name}.c failed");
-        std::fs::rename(&tmp, &out).unwrap();
-    }
-    out
-}
+mod support;
+use support::{c_bin, preload_lib, IVCOM};
 
 /// A private runtime directory and decision log for one test.
 struct Scene {

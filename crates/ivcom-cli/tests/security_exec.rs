@@ -11,46 +11,16 @@
 //! - A thread blocked reading a socket that another thread closes keeps its socket (as with
 //!   TCP); the descriptor that gets the number is left alone.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use ivcom_testkit::{run_bounded, users, Scratch};
 
-const IVCOM: &str = env!("CARGO_BIN_EXE_ivcom");
-const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/preload");
+mod support;
+use support::{c_bin, preload_lib, IVCOM};
+
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The preload library beside the `ivcom` binary, built if this test run did not build it.
-fn preload_lib() -> PathBuf {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let dir = Path::new(IVCOM).parent().expect("bin dir").to_path_buf();
-        let lib = dir.join("libivcom_preload.so");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "ivcom-preload"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().expect("run cargo").success(), "building the preload library failed");
-        lib
-    })
-    .clone()
-}
-
-/// Compiles `tests/preload/NAME.c` into `dir` (readable and executable by every user).
-fn c_bin(dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let st = Command::new("cc")
-        .args(["-O1", "-Wall", "-Werror", "-pthread", "-o"])
-        .arg(&out)
-        .arg(Path::new(SRC).join(format!("{name}.c")))
-        .status()
-        .expect("a C compiler (`cc`) is needed for these tests");
-    assert!(st.success(), "compiling {name}.c failed");
-    out
-}
 
 fn lines(o: &Output, what: &str, in_time: bool) -> Vec<String> {
     assert!(
@@ -95,7 +65,7 @@ fn exec_without_library_as_another_user_gets_no_channel() {
         return;
     };
     let s = Scratch::new("exec-cloexec");
-    let prog = c_bin(s.path(), "t_sec_exec");
+    let prog = c_bin("t_sec_exec");
     let (uid, gid) = (attacker.uid.to_string(), attacker.gid.to_string());
     let (plain, under, log) = plain_and_ivcom(&s, &prog, &["cloexec", &uid, &gid]);
     let h = helper_line(&under);
@@ -117,7 +87,7 @@ fn exec_without_library_with_socket_inherited_gets_no_memory() {
         return;
     };
     let s = Scratch::new("exec-inherit");
-    let prog = c_bin(s.path(), "t_sec_exec");
+    let prog = c_bin("t_sec_exec");
     let (uid, gid) = (attacker.uid.to_string(), attacker.gid.to_string());
     let (plain, under, log) = plain_and_ivcom(&s, &prog, &["inherit", &uid, &gid]);
     let h = helper_line(&under);
@@ -138,7 +108,7 @@ fn exec_under_library_takes_connection_over() {
         return;
     }
     let s = Scratch::new("exec-takeover");
-    let prog = c_bin(s.path(), "t_exec");
+    let prog = c_bin("t_exec");
     let (plain, under, log) = plain_and_ivcom(&s, &prog, &[]);
     assert_eq!(under, plain, "under ivcom run the outcome differs from plain TCP\nlog:\n{log}");
     assert!(
@@ -156,7 +126,7 @@ fn fclosed_socket_number_reused_by_a_file() {
         return;
     }
     let s = Scratch::new("fclose");
-    let prog = c_bin(s.path(), "t_sec_fds");
+    let prog = c_bin("t_sec_fds");
     let file = s.path().join("file");
     let (plain, under, log) = plain_and_ivcom(&s, &prog, &["fclose", file.to_str().expect("utf-8 path")]);
     assert!(
@@ -179,7 +149,7 @@ fn blocked_read_keeps_its_socket_when_the_number_is_reused() {
         return;
     }
     let s = Scratch::new("async-close");
-    let prog = c_bin(s.path(), "t_sec_fds");
+    let prog = c_bin("t_sec_fds");
     let (plain, under, log) = plain_and_ivcom(&s, &prog, &["async", "-"]);
     assert!(
         under.contains(&"server: the pair's end at the socket's old number 1 holds 'PAIRDATA'".to_string()),

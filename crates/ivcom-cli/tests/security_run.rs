@@ -9,52 +9,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ivcom_ring::layout::{self, tcp, Direction, Params};
 use ivcom_ring::{MappedRegion, StreamReader, StreamWriter};
 use ivcom_testkit::{Bounded, Scratch, User};
 
-const IVCOM: &str = env!("CARGO_BIN_EXE_ivcom");
-const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/preload");
+mod support;
+use support::{c_bin, preload_lib, IVCOM};
+
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The preload library beside the `ivcom` binary, built if this test run did not build it.
-fn preload_lib() -> PathBuf {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let dir = Path::new(IVCOM).parent().expect("bin dir").to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "ivcom-preload"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().expect("cargo build").success(), "building the preload library failed");
-        dir.join("libivcom_preload.so")
-    })
-    .clone()
-}
-
-/// `sec_echo` (tests/preload/sec_echo.c), compiled once into a directory every user can read.
-fn echo_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("ivcomsec-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let out = dir.join("sec_echo");
-        let st = Command::new("cc")
-            .args(["-O1", "-Wall", "-Werror", "-o"])
-            .arg(&out)
-            .arg(Path::new(SRC).join("sec_echo.c"))
-            .status()
-            .expect("a C compiler (`cc`) is needed: apt-get install gcc");
-        assert!(st.success(), "compiling sec_echo.c failed");
-        out
-    })
-    .clone()
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -69,10 +33,10 @@ fn text(b: &[u8]) -> String {
 fn echo(user: &User, ivcom: bool, extra: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = if ivcom {
         let mut c = user.command(IVCOM);
-        c.arg("run").args(extra).arg("--").arg(echo_bin());
+        c.arg("run").args(extra).arg("--").arg(c_bin("sec_echo"));
         c
     } else {
-        user.command(echo_bin())
+        user.command(c_bin("sec_echo"))
     };
     c.args(args).env("IVCOM_PRELOAD_LIB", preload_lib());
     for (k, v) in env {

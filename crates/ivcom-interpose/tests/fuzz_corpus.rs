@@ -11,7 +11,7 @@ mod fuzz_tcp;
 
 use ivcom_interpose::announce::{self, Announcement};
 use ivcom_interpose::net::{Endpoint, Tuple};
-use ivcom_testkit::fuzz::{corpus, corpus_dir, mutate, Rng};
+use ivcom_testkit::fuzz::{corpus, mutate, Rng, Seeds};
 
 /// Bytes that matter in announcements and the hand-over variable.
 const TEXT_BYTES: &[u8] = b"ivcom-tcp 0123456789abcdef:;,.-\nnetns addr port v6only local ffff";
@@ -58,14 +58,8 @@ fn ep(s: &str, port: u16) -> Endpoint {
     Endpoint::of(std::net::SocketAddr::new(s.parse().unwrap(), port))
 }
 
-#[test]
-#[ignore = "writes the seed corpus; run by hand after a format change"]
-fn regenerate_seed_corpus() {
-    let write = |target: &str, name: &str, data: &[u8]| {
-        let dir = corpus_dir(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(name), data).unwrap();
-    };
+/// The seeds of each target: `valid-` ones must be accepted, `invalid-` ones refused.
+fn seeds() -> Vec<(&'static str, Seeds<'static>)> {
     let wild = Announcement {
         netns: 4026531833,
         bound: ep("0.0.0.0", 6379),
@@ -73,36 +67,56 @@ fn regenerate_seed_corpus() {
         v6only: false,
     };
     let exact = Announcement { netns: 7, bound: ep("::1", 80), locals: vec![], v6only: true };
-    write("tcp_announcement", "valid-wildcard", wild.render().as_bytes());
-    write("tcp_announcement", "valid-exact-v6only", exact.render().as_bytes());
-    write(
-        "tcp_announcement",
-        "invalid-version-1",
-        wild.render().replace("ivcom-tcp 2", "ivcom-tcp 1").as_bytes(),
-    );
-    write("tcp_announcement", "invalid-no-port", b"ivcom-tcp 2\nnetns 1\naddr ::1\n");
-    write(
-        "tcp_announcement",
-        "invalid-bad-local",
-        b"ivcom-tcp 2\nnetns 1\naddr ::1\nport 1\nlocal nonsense\n",
-    );
-    let t = Tuple { src: ep("127.0.0.1", 40000), dst: ep("127.0.0.1", 6379) };
-    let reg = announce::encode(&t);
-    write("tcp_registration", "valid-v4", &reg);
-    write(
-        "tcp_registration",
-        "valid-v6",
-        &announce::encode(&Tuple { src: ep("::1", 1), dst: ep("fd00::1", 65535) }),
-    );
-    write("tcp_registration", "invalid-truncated", &reg[..20]);
+    let reg = announce::encode(&Tuple { src: ep("127.0.0.1", 40000), dst: ep("127.0.0.1", 6379) });
     let mut claim = reg[..8].to_vec();
     claim[6] = 2;
-    write("tcp_registration", "invalid-claim", &claim);
     let mut v1 = reg.to_vec();
     v1[4..8].copy_from_slice(&1u32.to_le_bytes());
-    write("tcp_registration", "invalid-version-1", &v1);
-    write("tcp_inherit", "valid-two", b"1:5,6,-1,c,3,100,200,50,0,-,0,1,0;7,6,-1,a,1,0,0,0,10,10,0,0,0");
-    write("tcp_inherit", "valid-one", b"1:9,10,11,c,0,0,0,0,0,-,0,0,0");
-    write("tcp_inherit", "invalid-version", b"9:5,6,-1,c,3,100,200,50,0,-,0,1,0");
-    write("tcp_inherit", "invalid-short", b"1:5,6");
+    vec![
+        (
+            "tcp_announcement",
+            vec![
+                ("valid-wildcard", wild.render().into_bytes()),
+                ("valid-exact-v6only", exact.render().into_bytes()),
+                ("invalid-version-1", wild.render().replace("ivcom-tcp 2", "ivcom-tcp 1").into_bytes()),
+                ("invalid-no-port", b"ivcom-tcp 2\nnetns 1\naddr ::1\n".to_vec()),
+                ("invalid-bad-local", b"ivcom-tcp 2\nnetns 1\naddr ::1\nport 1\nlocal nonsense\n".to_vec()),
+            ],
+        ),
+        (
+            "tcp_registration",
+            vec![
+                ("valid-v4", reg.to_vec()),
+                (
+                    "valid-v6",
+                    announce::encode(&Tuple { src: ep("::1", 1), dst: ep("fd00::1", 65535) }).to_vec(),
+                ),
+                ("invalid-truncated", reg[..20].to_vec()),
+                ("invalid-claim", claim),
+                ("invalid-version-1", v1),
+            ],
+        ),
+        (
+            "tcp_inherit",
+            vec![
+                ("valid-two", b"1:5,6,-1,c,3,100,200,50,0,-,0,1,0;7,6,-1,a,1,0,0,0,10,10,0,0,0".to_vec()),
+                ("valid-one", b"1:9,10,11,c,0,0,0,0,0,-,0,0,0".to_vec()),
+                ("invalid-version", b"9:5,6,-1,c,3,100,200,50,0,-,0,1,0".to_vec()),
+                ("invalid-short", b"1:5,6".to_vec()),
+            ],
+        ),
+    ]
+}
+
+/// The committed seeds are exactly what [`seeds`] makes.
+#[test]
+fn seed_corpus_is_up_to_date() {
+    ivcom_testkit::fuzz::assert_seeds_current(&seeds());
+}
+
+/// Writes the seed corpus into `fuzz/corpus/<target>/`.
+#[test]
+#[ignore = "writes fuzz/corpus; run by hand after changing the input format"]
+fn regenerate_seed_corpus() {
+    ivcom_testkit::fuzz::write_seeds(&seeds());
 }

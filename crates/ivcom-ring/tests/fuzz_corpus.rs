@@ -11,7 +11,7 @@ mod fuzz_logic;
 use fuzz_logic::{Config, Op, Ops};
 use ivcom_ring::layout::{self, off, Direction, Params, HEADER_SIZE};
 use ivcom_ring::HeapRegion;
-use ivcom_testkit::fuzz::{corpus, corpus_dir, Rng};
+use ivcom_testkit::fuzz::{corpus, Rng};
 
 const INTERESTING: [u64; 12] =
     [0, 1, 3, 4, 4092, 4096, 4097, 8192, 1 << 30, 1 << 31, u64::MAX, u64::MAX - 4095];
@@ -351,34 +351,22 @@ fn ring_ops_seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// input format).
 #[test]
 fn seed_corpus_is_up_to_date() {
-    for (target, seeds) in [
+    ivcom_testkit::fuzz::assert_seeds_current(&[
         ("region_header", region_header_seeds()),
         ("ring_ops", ring_ops_seeds()),
         ("directory_ops", directory_ops_seeds()),
-    ] {
-        for (name, data) in seeds {
-            let path = corpus_dir(target).join(name);
-            let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert!(on_disk == data, "{} is stale: run regenerate_seed_corpus", path.display());
-        }
-    }
+    ]);
 }
 
 /// Writes the seed corpus into `fuzz/corpus/<target>/`.
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand after changing the input format"]
 fn regenerate_seed_corpus() {
-    for (target, seeds) in [
+    ivcom_testkit::fuzz::write_seeds(&[
         ("region_header", region_header_seeds()),
         ("ring_ops", ring_ops_seeds()),
         ("directory_ops", directory_ops_seeds()),
-    ] {
-        let dir = corpus_dir(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (name, data) in seeds {
-            std::fs::write(dir.join(name), data).unwrap();
-        }
-    }
+    ]);
 }
 
 /// directory_ops seeds: honest sequences (bind, connect, answer, release, reclaim) for each

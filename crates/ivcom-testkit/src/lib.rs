@@ -274,6 +274,34 @@ pub mod fuzz {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target)
     }
 
+    /// The seeds of one target: (file name, bytes).
+    pub type Seeds<'a> = Vec<(&'a str, Vec<u8>)>;
+    /// Seeds of each target, as a generator makes them: (target, seeds).
+    pub type Generated<'a> = [(&'a str, Seeds<'a>)];
+
+    /// Asserts that the committed seeds are exactly what the generators make (so they stay in
+    /// step with the input format).
+    pub fn assert_seeds_current(generated: &Generated<'_>) {
+        for (target, seeds) in generated {
+            for (name, data) in seeds {
+                let path = corpus_dir(target).join(name);
+                let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(on_disk == *data, "{} is stale: run regenerate_seed_corpus", path.display());
+            }
+        }
+    }
+
+    /// Writes the generated seeds into `fuzz/corpus/<target>/`.
+    pub fn write_seeds(generated: &Generated<'_>) {
+        for (target, seeds) in generated {
+            let dir = corpus_dir(target);
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            for (name, data) in seeds {
+                std::fs::write(dir.join(name), data).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            }
+        }
+    }
+
     /// xorshift64*: a fixed-seed generator.
     #[derive(Debug, Clone)]
     pub struct Rng(pub u64);
