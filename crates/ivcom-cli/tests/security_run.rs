@@ -28,36 +28,102 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// `user` runs `ivcom run [extra] -- sec_echo ARGS` (or plain `sec_echo` when `ivcom` is
-/// false) with `env`.
-fn echo(user: &User, ivcom: bool, extra: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = if ivcom {
-        let mut c = user.command(IVCOM);
-        c.arg("run").args(extra).arg("--").arg(c_bin("sec_echo"));
-        c
-    } else {
-        user.command(c_bin("sec_echo"))
-    };
-    c.args(args).env("IVCOM_PRELOAD_LIB", preload_lib());
-    for (k, v) in env {
-        c.env(k, v);
+/// The victim of a test: a user with a private runtime directory (mode 0700) and a directory
+/// for its decision logs, under a scratch directory of the test.
+struct Victim {
+    user: User,
+    scratch: Scratch,
+    run: PathBuf,
+}
+
+/// How the victim runs `sec_echo`.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Plainly, without ivcom.
+    Plain,
+    /// Under `ivcom run` with these options, its runtime directory and no log.
+    Ivcom(&'a [&'a str]),
+    /// Under `ivcom run` with its runtime directory and the decision log of this name.
+    Logged(&'a str),
+    /// Under `ivcom run` with the environment as it is (no runtime directory set).
+    Bare,
+}
+
+impl Victim {
+    fn new(user: &User, test: &str) -> Self {
+        let scratch = Scratch::new(test);
+        let run = scratch.dir_for("run", user, 0o700);
+        Victim { user: user.clone(), scratch, run }
     }
-    c
+
+    /// Its runtime directory's `tcp/`, where listeners are announced.
+    fn tcp_dir(&self) -> String {
+        self.run.join("tcp").to_string_lossy().into_owned()
+    }
+
+    /// The path of its decision log `name`.
+    fn log(&self, name: &str) -> PathBuf {
+        self.scratch.dir_for("logs", &self.user, 0o755).join(name)
+    }
+
+    /// The text of its decision log `name`.
+    fn log_text(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log(name)).unwrap_or_default()
+    }
+
+    /// `sec_echo ARGS` as the victim, run as `mode` says.
+    fn echo(&self, mode: Mode<'_>, args: &[&str]) -> Command {
+        let mut c = match mode {
+            Mode::Plain => self.user.command(c_bin("sec_echo")),
+            Mode::Ivcom(_) | Mode::Logged(_) | Mode::Bare => {
+                let mut c = self.user.command(IVCOM);
+                c.arg("run");
+                match mode {
+                    Mode::Ivcom(extra) => {
+                        c.args(extra);
+                    }
+                    Mode::Logged(name) => {
+                        c.arg("--log").arg(self.log(name));
+                    }
+                    _ => {}
+                }
+                c.arg("--").arg(c_bin("sec_echo"));
+                c
+            }
+        };
+        if !matches!(mode, Mode::Bare) {
+            c.env("IVCOM_RUNTIME_DIR", &self.run);
+        }
+        c.args(args).env("IVCOM_PRELOAD_LIB", preload_lib());
+        c
+    }
+
+    /// Starts the real server on 127.0.0.1:`port` (serving `conns` connections, the first
+    /// after `delay_ms`) and waits until it listens.
+    fn server(&self, mode: Mode<'_>, port: u16, delay_ms: u32, conns: u32) -> Bounded {
+        let (p, d, n) = (port.to_string(), delay_ms.to_string(), conns.to_string());
+        start_until(&mut self.echo(mode, &["server", "127.0.0.1", &p, &d, &n]), "listening")
+    }
+
+    /// Runs the client against 127.0.0.1:`port` with `msg`; returns its output.
+    fn client(&self, mode: Mode<'_>, port: u16, msg: &str) -> std::process::Output {
+        let (out, in_time) = ivcom_testkit::run_bounded(
+            &mut self.echo(mode, &["client", "127.0.0.1", &port.to_string(), msg]),
+            LIMIT,
+        );
+        assert!(in_time, "the victim's client hung");
+        out
+    }
 }
 
-/// Starts the real server and waits until it listens.
-fn start_server(cmd: &mut Command) -> Bounded {
-    start_until(cmd, "listening")
-}
-
-/// A runtime directory owned by `user`, mode 0700, under `scratch`.
-fn runtime_for(scratch: &Scratch, user: &User) -> PathBuf {
-    scratch.dir_for("run", user, 0o700)
-}
-
-/// Where `user` writes decision logs under `scratch`.
-fn log_path(scratch: &Scratch, user: &User, name: &str) -> PathBuf {
-    scratch.dir_for("logs", user, 0o755).join(name)
+/// The client got the real server's answer to `msg`.
+fn assert_real_answer(client: &std::process::Output, msg: &str, context: &str) {
+    assert_eq!(
+        text(&client.stdout).trim(),
+        format!("real:{msg}"),
+        "the client must get the real server's answer; stderr: {}\n{context}",
+        text(&client.stderr)
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -349,6 +415,11 @@ fn attacker(user: &User, role: &str, vars: &[(&str, &str)]) -> Command {
     c
 }
 
+fn assert_nothing_stolen(out: &std::process::Output) {
+    let o = text(&out.stdout);
+    assert!(!o.contains("stolen"), "the attacker read the victim's data:\n{o}");
+}
+
 /// Starts `cmd` and waits until it prints a line containing `ready` (its output stays
 /// connected, so it can go on printing).
 fn start_until(cmd: &mut Command, ready: &str) -> Bounded {
@@ -368,11 +439,6 @@ fn start_until(cmd: &mut Command, ready: &str) -> Bounded {
     a
 }
 
-fn assert_nothing_stolen(out: &std::process::Output) {
-    let o = text(&out.stdout);
-    assert!(!o.contains("stolen"), "the attacker read the victim's data:\n{o}");
-}
-
 // ---------------------------------------------------------------------------------------
 // The attacks.
 
@@ -382,38 +448,20 @@ fn assert_nothing_stolen(out: &std::process::Output) {
 /// directory is refused, the connection stays on TCP) and the attacker nothing.
 #[test]
 fn another_user_cannot_take_the_fallback_runtime_directory() {
-    let Some((victim, bad)) = ivcom_testkit::users("another_user_cannot_take_the_fallback_runtime_directory")
+    let Some((user, bad)) = ivcom_testkit::users("another_user_cannot_take_the_fallback_runtime_directory")
     else {
         return;
     };
-    let fallback = PathBuf::from(format!("/tmp/ivcom-{}", victim.uid));
+    let victim = Victim::new(&user, "fallback");
+    let fallback = PathBuf::from(format!("/tmp/ivcom-{}", user.uid));
     let _ = std::fs::remove_dir_all(&fallback);
     let port = free_port();
-    let p = port.to_string();
-    let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
-    let planted = start_until(
-        &mut attacker(
-            &bad,
-            "plant",
-            &[
-                ("SEC_DIR", &fallback.join("tcp").to_string_lossy()),
-                ("SEC_PORT", &p),
-                ("SEC_ADDR", "127.0.0.1"),
-                ("SEC_NETNS", "self"),
-                ("SEC_SECONDS", "8"),
-            ],
-        ),
-        "planted",
-    );
-    let (client, in_time) = ivcom_testkit::run_bounded(
-        &mut echo(&victim, true, &[], &["client", "127.0.0.1", &p, "secret"], &[]),
-        LIMIT,
-    );
+    let _server = victim.server(Mode::Plain, port, 0, 1);
+    let planted = plant(&bad, &fallback.join("tcp").to_string_lossy(), port, "self", 8);
+    let client = victim.client(Mode::Bare, port, "secret");
     let (stolen, _) = planted.finish(LIMIT);
-    let _ = server.0.kill();
     let _ = std::fs::remove_dir_all(&fallback);
-    assert!(in_time, "the victim's client hung");
-    assert_eq!(text(&client.stdout).trim(), "real:secret", "client stderr: {}", text(&client.stderr));
+    assert_real_answer(&client, "secret", "");
     assert!(
         text(&client.stderr).contains(&fallback.to_string_lossy().into_owned()),
         "ivcom run should say which runtime directory it refused: {}",
@@ -423,56 +471,37 @@ fn another_user_cannot_take_the_fallback_runtime_directory() {
     assert!(!text(&stolen.stdout).contains("registration"), "the victim registered with the attacker");
 }
 
+/// The attacker `user` announces 127.0.0.1:`port` in `dir` (namespace `netns`) for `secs`.
+fn plant(user: &User, dir: &str, port: u16, netns: &str, secs: u32) -> Bounded {
+    let (p, t) = (port.to_string(), secs.to_string());
+    let vars = [
+        ("SEC_DIR", dir),
+        ("SEC_PORT", &p),
+        ("SEC_ADDR", "127.0.0.1"),
+        ("SEC_NETNS", netns),
+        ("SEC_SECONDS", &t),
+    ];
+    start_until(&mut attacker(user, "plant", &vars), "planted")
+}
+
 /// A process of the same user that shares the runtime directory (another container) announces
 /// the address the victim connects to, in its own namespace or a made-up one, and claims
 /// what registers with it. The victim's client must get the real (plain) server's answer and
 /// the attacker none of its data.
 #[test]
 fn same_user_announcement_cannot_hijack_a_client() {
-    let Some((victim, _)) = ivcom_testkit::users("same_user_announcement_cannot_hijack_a_client") else {
+    let Some((user, _)) = ivcom_testkit::users("same_user_announcement_cannot_hijack_a_client") else {
         return;
     };
-    let scratch = Scratch::new("hijack");
-    let run = runtime_for(&scratch, &victim);
-    let run_s = run.to_string_lossy().into_owned();
+    let victim = Victim::new(&user, "hijack");
     for netns in ["self", "4026599999"] {
         let port = free_port();
-        let p = port.to_string();
-        let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
-        let planted = start_until(
-            &mut attacker(
-                &victim,
-                "plant",
-                &[
-                    ("SEC_DIR", &run.join("tcp").to_string_lossy()),
-                    ("SEC_PORT", &p),
-                    ("SEC_ADDR", "127.0.0.1"),
-                    ("SEC_NETNS", netns),
-                    ("SEC_SECONDS", "6"),
-                ],
-            ),
-            "planted",
-        );
-        let log = log_path(&scratch, &victim, &format!("client-{netns}.log"));
-        let (client, in_time) = ivcom_testkit::run_bounded(
-            &mut echo(
-                &victim,
-                true,
-                &["--log", &log.to_string_lossy()],
-                &["client", "127.0.0.1", &p, "secret"],
-                &[("IVCOM_RUNTIME_DIR", &run_s)],
-            ),
-            LIMIT,
-        );
+        let _server = victim.server(Mode::Plain, port, 0, 1);
+        let planted = plant(&user, &victim.tcp_dir(), port, netns, 6);
+        let log = format!("client-{netns}.log");
+        let client = victim.client(Mode::Logged(&log), port, "secret");
         let (stolen, _) = planted.finish(LIMIT);
-        let _ = server.0.kill();
-        assert!(in_time, "the victim's client hung");
-        assert_eq!(
-            text(&client.stdout).trim(),
-            "real:secret",
-            "netns {netns}: the client must get the real server's answer; its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        assert_real_answer(&client, "secret", &format!("netns {netns}; log:\n{}", victim.log_text(&log)));
         assert_nothing_stolen(&stolen);
     }
 }
@@ -483,43 +512,25 @@ fn same_user_announcement_cannot_hijack_a_client() {
 /// it whole over TCP.
 #[test]
 fn a_registration_for_someone_elses_connection_is_never_claimed() {
-    let Some((victim, _)) =
+    let Some((user, _)) =
         ivcom_testkit::users("a_registration_for_someone_elses_connection_is_never_claimed")
     else {
         return;
     };
-    let scratch = Scratch::new("register");
-    let run = runtime_for(&scratch, &victim);
-    let run_s = run.to_string_lossy().into_owned();
+    let victim = Victim::new(&user, "register");
     let port = free_port();
+    let _server = victim.server(Mode::Logged("server.log"), port, 1500, 1);
     let p = port.to_string();
-    let log = log_path(&scratch, &victim, "server.log");
-    let mut server = start_server(&mut echo(
-        &victim,
-        true,
-        &["--log", &log.to_string_lossy()],
-        &["server", "127.0.0.1", &p, "1500"],
-        &[("IVCOM_RUNTIME_DIR", &run_s)],
-    ));
+    let tcp = victim.tcp_dir();
     let reg = Bounded::spawn(&mut attacker(
-        &victim,
+        &user,
         "register",
-        &[("SEC_DIR", &run.join("tcp").to_string_lossy()), ("SEC_PORT", &p), ("SEC_SECONDS", "20")],
+        &[("SEC_DIR", &tcp), ("SEC_PORT", &p), ("SEC_SECONDS", "20")],
     ));
-    let (client, in_time) = ivcom_testkit::run_bounded(
-        &mut echo(&victim, false, &[], &["client", "127.0.0.1", &p, "secret"], &[]),
-        LIMIT,
-    );
+    let client = victim.client(Mode::Plain, port, "secret");
     let (stolen, _) = reg.finish(LIMIT);
-    let _ = server.0.kill();
-    assert!(in_time, "the client hung");
     assert!(text(&stolen.stdout).contains("registered"), "the attack did not run: {}", text(&stolen.stdout));
-    assert_eq!(
-        text(&client.stdout).trim(),
-        "real:secret",
-        "the plain client must get the server's reply; server log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_real_answer(&client, "secret", &format!("server log:\n{}", victim.log_text("server.log")));
     assert_nothing_stolen(&stolen);
 }
 
@@ -528,81 +539,47 @@ fn a_registration_for_someone_elses_connection_is_never_claimed() {
 /// bound.
 #[test]
 fn planted_fifos_and_links_do_not_hang_connect() {
-    let Some((victim, _)) = ivcom_testkit::users("planted_fifos_and_links_do_not_hang_connect") else {
+    let Some((user, _)) = ivcom_testkit::users("planted_fifos_and_links_do_not_hang_connect") else {
         return;
     };
-    let scratch = Scratch::new("fifo");
-    let run = runtime_for(&scratch, &victim);
-    let tcp_dir = scratch.dir_for("run/tcp", &victim, 0o700);
+    let victim = Victim::new(&user, "fifo");
+    let tcp_dir = victim.scratch.dir_for("run/tcp", &user, 0o700);
     let port = free_port();
-    let p = port.to_string();
     let fifo = tcp_dir.join(format!("{port}-1-1-0.ann"));
-    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(st.success());
-    ivcom_testkit::chown(&fifo, victim.uid, victim.gid);
-    std::os::unix::fs::symlink("/dev/zero", tcp_dir.join(format!("{port}-1-1-1.ann"))).unwrap();
-    ivcom_testkit::chown(&tcp_dir.join(format!("{port}-1-1-1.ann")), victim.uid, victim.gid);
-    let mut server = start_server(&mut echo(&victim, false, &[], &["server", "127.0.0.1", &p, "0"], &[]));
-    let (client, in_time) = ivcom_testkit::run_bounded(
-        &mut echo(
-            &victim,
-            true,
-            &[],
-            &["client", "127.0.0.1", &p, "hello"],
-            &[("IVCOM_RUNTIME_DIR", &run.to_string_lossy())],
-        ),
-        Duration::from_secs(20),
-    );
-    let _ = server.0.kill();
-    assert!(in_time, "connect (or ivcom run's exit sweep) hung on a planted FIFO or link");
-    assert_eq!(text(&client.stdout).trim(), "real:hello");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let link = tcp_dir.join(format!("{port}-1-1-1.ann"));
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    for p in [&fifo, &link] {
+        ivcom_testkit::chown(p, user.uid, user.gid);
+    }
+    let _server = victim.server(Mode::Plain, port, 0, 1);
+    let client = victim.client(Mode::Ivcom(&[]), port, "hello");
+    assert_real_answer(&client, "hello", "");
 }
 
 /// Registrations held open by the thousand must not take a server's descriptors: the server
 /// keeps a bounded number and still serves.
 #[test]
 fn a_registration_flood_is_bounded() {
-    let Some((victim, _)) = ivcom_testkit::users("a_registration_flood_is_bounded") else {
+    let Some((user, _)) = ivcom_testkit::users("a_registration_flood_is_bounded") else {
         return;
     };
-    let scratch = Scratch::new("flood");
-    let run = runtime_for(&scratch, &victim);
-    let run_s = run.to_string_lossy().into_owned();
+    let victim = Victim::new(&user, "flood");
     let port = free_port();
-    let p = port.to_string();
-    let mut server = start_server(&mut echo(
-        &victim,
-        true,
-        &[],
-        &["server", "127.0.0.1", &p, "3000", "2"],
-        &[("IVCOM_RUNTIME_DIR", &run_s)],
-    ));
+    // Two connections: it is still running, to be counted, after answering the first.
+    let server = victim.server(Mode::Ivcom(&[]), port, 3000, 2);
+    let tcp = victim.tcp_dir();
     let flood = start_until(
-        &mut attacker(
-            &victim,
-            "flood",
-            &[("SEC_DIR", &run.join("tcp").to_string_lossy()), ("SEC_COUNT", "3000"), ("SEC_SECONDS", "15")],
-        ),
+        &mut attacker(&user, "flood", &[("SEC_DIR", &tcp), ("SEC_COUNT", "3000"), ("SEC_SECONDS", "15")]),
         "flooded",
     );
-    let (client, in_time) = ivcom_testkit::run_bounded(
-        &mut echo(
-            &victim,
-            true,
-            &[],
-            &["client", "127.0.0.1", &p, "hello"],
-            &[("IVCOM_RUNTIME_DIR", &run_s)],
-        ),
-        LIMIT,
-    );
+    let client = victim.client(Mode::Ivcom(&[]), port, "hello");
     // The server has accepted by now (it answered); count what it holds.
     let fds = std::fs::read_dir(format!("/proc/{}/fd", server_pid(&server)))
         .expect("the server is still running (it serves two connections)")
         .count();
     drop(flood);
-    let _ = server.0.kill();
-    assert!(in_time, "the client hung");
-    assert_eq!(text(&client.stdout).trim(), "real:hello", "{}", text(&client.stderr));
+    assert_real_answer(&client, "hello", "");
     assert!(fds < 900, "the server holds {fds} descriptors after a flood of 3000 registrations");
 }
 
@@ -617,91 +594,46 @@ fn server_pid(s: &Bounded) -> u32 {
 /// TCP from a server with the default cap, and both ends still work.
 #[test]
 fn a_connector_cannot_make_the_server_map_huge_rings() {
-    let Some((victim, _)) = ivcom_testkit::users("a_connector_cannot_make_the_server_map_huge_rings") else {
+    let Some((user, _)) = ivcom_testkit::users("a_connector_cannot_make_the_server_map_huge_rings") else {
         return;
     };
-    let scratch = Scratch::new("bigring");
-    let run = runtime_for(&scratch, &victim);
-    let run_s = run.to_string_lossy().into_owned();
+    let victim = Victim::new(&user, "bigring");
     let port = free_port();
-    let p = port.to_string();
-    let log = log_path(&scratch, &victim, "server.log");
-    let mut server = start_server(&mut echo(
-        &victim,
-        true,
-        &["--log", &log.to_string_lossy()],
-        &["server", "127.0.0.1", &p, "0"],
-        &[("IVCOM_RUNTIME_DIR", &run_s)],
-    ));
-    let (client, in_time) = ivcom_testkit::run_bounded(
-        &mut echo(
-            &victim,
-            true,
-            &["--ring-kib", "65536"],
-            &["client", "127.0.0.1", &p, "hello"],
-            &[("IVCOM_RUNTIME_DIR", &run_s)],
-        ),
-        LIMIT,
-    );
-    let _ = server.0.finish_or_kill();
-    assert!(in_time);
-    assert_eq!(text(&client.stdout).trim(), "real:hello");
-    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    let server = victim.server(Mode::Logged("server.log"), port, 0, 1);
+    let client = victim.client(Mode::Ivcom(&["--ring-kib", "65536"]), port, "hello");
+    let _ = server.finish(Duration::from_secs(10));
+    assert_real_answer(&client, "hello", "");
+    let l = victim.log_text("server.log");
     assert!(l.contains("registered channel refused"), "the server should refuse the huge region:\n{l}");
     assert!(!l.contains("channel claimed"), "the server claimed a huge region:\n{l}");
-}
-
-trait FinishOrKill {
-    fn finish_or_kill(&mut self) -> std::io::Result<()>;
-}
-
-impl FinishOrKill for std::process::Child {
-    fn finish_or_kill(&mut self) -> std::io::Result<()> {
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if self.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill()
-    }
 }
 
 /// The decision log is created 0600 and never written through a link another user planted.
 #[test]
 fn the_decision_log_is_private_and_follows_no_link() {
-    let Some((victim, bad)) = ivcom_testkit::users("the_decision_log_is_private_and_follows_no_link") else {
+    let Some((user, bad)) = ivcom_testkit::users("the_decision_log_is_private_and_follows_no_link") else {
         return;
     };
-    let scratch = Scratch::new("log");
-    let run = runtime_for(&scratch, &victim);
-    let shared = scratch.dir_for("shared", &bad, 0o777);
-    let precious = scratch.dir_for("victim-home", &victim, 0o700).join("precious");
+    let victim = Victim::new(&user, "log");
+    let shared = victim.scratch.dir_for("shared", &bad, 0o777);
+    let precious = victim.scratch.dir_for("victim-home", &user, 0o700).join("precious");
     std::fs::write(&precious, "keep me\n").unwrap();
-    ivcom_testkit::chown(&precious, victim.uid, victim.gid);
+    ivcom_testkit::chown(&precious, user.uid, user.gid);
     let link = shared.join("ivcom.log");
     std::os::unix::fs::symlink(&precious, &link).unwrap();
     ivcom_testkit::chown(&link, bad.uid, bad.gid);
-    let fresh = scratch.dir_for("victim-logs", &victim, 0o755).join("fresh.log");
-    let port = free_port();
-    let p = port.to_string();
-    let run_s = run.to_string_lossy().into_owned();
-    let server = |log: &Path| {
-        echo(
-            &victim,
-            true,
-            &["--log", &log.to_string_lossy()],
-            &["server", "127.0.0.1", &p, "0"],
-            &[("IVCOM_RUNTIME_DIR", &run_s)],
-        )
+    let port = free_port().to_string();
+    let with_log = |log: &Path| -> Command {
+        let log = log.to_string_lossy().into_owned();
+        victim.echo(Mode::Ivcom(&["--log", &log]), &["server", "127.0.0.1", &port, "0"])
     };
     // Through the link: refused with the reason, before the program starts.
-    let (refused, in_time) = ivcom_testkit::run_bounded(&mut server(&link), Duration::from_secs(30));
+    let (refused, in_time) = ivcom_testkit::run_bounded(&mut with_log(&link), Duration::from_secs(30));
     assert!(in_time && !refused.status.success(), "ivcom run accepted a log path that is a link");
     assert!(text(&refused.stderr).contains("symbolic link"), "{}", text(&refused.stderr));
     // A fresh log: the server announces (one line) and waits for a client; killed after 3 s.
-    let _ = ivcom_testkit::run_bounded(&mut server(&fresh), Duration::from_secs(3));
+    let fresh = victim.log("fresh.log");
+    let _ = ivcom_testkit::run_bounded(&mut with_log(&fresh), Duration::from_secs(3));
     assert_eq!(
         std::fs::read_to_string(&precious).unwrap(),
         "keep me\n",
