@@ -394,9 +394,35 @@ fn role_flood() {
     drop(held);
 }
 
+/// Role `unix_server`: serves a Unix stream socket at `SEC_PATH` (mode 0777) for
+/// `SEC_SECONDS`, answering every connection with an ivshmem-server greeting (protocol
+/// version 0, peer id 0) as a daemon would.
+fn role_unix_server() {
+    let path = PathBuf::from(env("SEC_PATH"));
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    l.set_nonblocking(true).unwrap();
+    println!("serving");
+    let _ = std::io::stdout().flush();
+    let end = Instant::now() + Duration::from_secs(env("SEC_SECONDS").parse().unwrap());
+    while Instant::now() < end {
+        match l.accept() {
+            Ok((mut c, _)) => {
+                println!("connection");
+                let _ = std::io::stdout().flush();
+                let mut hello = 0i64.to_le_bytes().to_vec();
+                hello.extend_from_slice(&0i64.to_le_bytes());
+                let _ = c.write_all(&hello);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 #[test]
 fn attacker_roles() {
     match role().as_deref() {
+        Some("unix_server") => role_unix_server(),
         Some("plant") => role_plant(),
         Some("register") => role_register(),
         Some("flood") => role_flood(),
@@ -641,4 +667,35 @@ fn the_decision_log_is_private_and_follows_no_link() {
     );
     let mode = std::fs::metadata(&fresh).expect("the log was created").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the decision log is readable by others");
+}
+
+/// The same rule for the daemon's clients: a host agent joining a region (`ivcom agent
+/// --join SOCKET`) refuses a socket served by another (non-root) user, who could hand it any
+/// memory and doorbells.
+#[test]
+fn a_host_agent_refuses_a_daemon_socket_of_another_user() {
+    let Some((user, bad)) = ivcom_testkit::users("a_host_agent_refuses_a_daemon_socket_of_another_user")
+    else {
+        return;
+    };
+    let victim = Victim::new(&user, "daemon-socket");
+    let shared = victim.scratch.dir_for("shared", &bad, 0o755);
+    let sock = shared.join("member.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let server = start_until(
+        &mut attacker(&bad, "unix_server", &[("SEC_PATH", &sock_s), ("SEC_SECONDS", "20")]),
+        "serving",
+    );
+    let agent_sock = victim.run.join("agent.sock");
+    let mut agent = victim.user.command(IVCOM);
+    agent.args(["agent", "--join", &sock_s, "--socket"]).arg(&agent_sock);
+    let (out, in_time) = ivcom_testkit::run_bounded(&mut agent, Duration::from_secs(30));
+    drop(server);
+    assert!(in_time, "the agent kept running on a socket another user serves");
+    assert!(!out.status.success(), "the agent accepted a daemon socket of another user");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("served by uid {}", bad.uid)),
+        "the agent should name who serves the socket: {err}"
+    );
 }

@@ -56,6 +56,19 @@ pub enum ClientError {
     /// The server broke the protocol.
     #[error("ivshmem protocol violation by the server: {0}")]
     Protocol(String),
+    /// The process serving the socket is neither root nor of our own uid (`SO_PEERCRED`):
+    /// whoever it is could hand us any memory and doorbells, so nothing is read from it.
+    #[error("{path} is served by uid {uid} (pid {pid}), neither root nor this process's uid {own}; refusing to use it")]
+    Untrusted {
+        /// Socket path.
+        path: PathBuf,
+        /// The serving process's uid.
+        uid: u32,
+        /// Its pid (0 when it is in another pid namespace).
+        pid: i32,
+        /// Our effective uid.
+        own: u32,
+    },
     /// The server refused the connection (it sent [`REFUSAL`] instead of the version; the
     /// ivcom daemon does this when the member is connected already, when the connecting
     /// process's credentials are not the member's binding, and when no peer id is free).
@@ -141,6 +154,17 @@ impl Client {
                 .map_err(|e| connect_err(e.into()))?;
         let addr = SocketAddrUnix::new(path).map_err(|e| connect_err(e.into()))?;
         rustix::net::connect(&sock, &addr).map_err(|e| connect_err(e.into()))?;
+        // The server must be the daemon we mean: root, or our own user (a daemon run by us).
+        let cred = rustix::net::sockopt::socket_peercred(&sock).map_err(|e| connect_err(e.into()))?;
+        let own = rustix::process::geteuid().as_raw();
+        if cred.uid.as_raw() != 0 && cred.uid.as_raw() != own {
+            return Err(ClientError::Untrusted {
+                path: path.to_owned(),
+                uid: cred.uid.as_raw(),
+                pid: cred.pid.as_raw_nonzero().get(),
+                own,
+            });
+        }
         rustix::io::ioctl_fionbio(&sock, true)
             .map_err(|e| io_err("making the socket non-blocking")(e.into()))?;
 
