@@ -176,8 +176,10 @@ struct Pending {
     tuple: Tuple,
     conn: OwnedFd,
     region: OwnedFd,
-    /// The connecting side's TCP socket: proof of which connection this is.
-    socket: OwnedFd,
+    /// The connecting side's TCP socket, until it is checked: proof of which connection
+    /// this is. Checked as soon as it is connected and then closed at once (a descriptor we
+    /// hold keeps the connecting side's socket open: its FIN would wait for us).
+    socket: Option<OwnedFd>,
 }
 
 /// A registration matched to an accepted connection.
@@ -268,7 +270,7 @@ impl Listening {
     }
 
     /// Takes in the registrations that arrived (at most [`MAX_PENDING`] kept).
-    fn collect(&self, stash: &mut Vec<Pending>) {
+    fn collect(&self, stash: &mut Vec<Pending>, our_netns: u64) {
         for _ in 0..MAX_PENDING {
             let Ok(conn) = rustix::net::accept_with(&self.sock, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
             else {
@@ -289,8 +291,23 @@ impl Listening {
             if stash.len() >= MAX_PENDING {
                 stash.remove(0);
             }
-            stash.push(Pending { tuple, conn, region, socket });
+            stash.push(Pending { tuple, conn, region, socket: Some(socket) });
         }
+        // Check the sockets that are connected by now and let go of them.
+        for p in stash.iter_mut() {
+            let Some(s) = &p.socket else { continue };
+            let ours = Tuple { src: p.tuple.dst, dst: p.tuple.src };
+            match crate::verify::other_end(s.as_fd(), &ours, our_netns) {
+                Ok(()) => p.socket = None,
+                Err(crate::verify::NotOurPeer::NotConnected) => {}
+                Err(e) => {
+                    crate::decision!("registration from {} ignored: {e}", p.tuple.src);
+                    p.tuple = Tuple::UNKNOWN;
+                    p.socket = None;
+                }
+            }
+        }
+        stash.retain(|p| p.tuple != Tuple::UNKNOWN);
         // Registrations whose connecting side hung up are dead.
         if stash.is_empty() {
             return;
@@ -315,23 +332,15 @@ impl Listening {
     /// the other end of it. Registrations for the tuple that fail the proof are dropped, and
     /// why is logged.
     pub fn take(&self, tuple: &Tuple, accepted: c_int) -> Option<Registration> {
-        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-        self.collect(&mut stash);
-        let ours = Tuple { src: tuple.dst, dst: tuple.src };
         let our_netns = crate::verify::netns_cookie(accepted)?;
-        let mut i = 0;
-        while i < stash.len() {
-            if stash[i].tuple != *tuple {
-                i += 1;
-                continue;
-            }
-            let p = stash.remove(i);
-            match crate::verify::other_end(p.socket.as_fd(), &ours, our_netns) {
-                Ok(()) => return Some(Registration { region: p.region, conn: p.conn }),
-                Err(e) => crate::decision!("accept from {}: registration ignored: {e}", tuple.src),
-            }
-        }
-        None
+        let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
+        self.collect(&mut stash, our_netns);
+        // A registration checked in `collect` proved a connected socket with this very
+        // 4-tuple in our namespace (or one we vouch for), which the kernel gives to one
+        // connection only: ours.
+        let at = stash.iter().position(|p| p.tuple == *tuple && p.socket.is_none())?;
+        let p = stash.swap_remove(at);
+        Some(Registration { region: p.region, conn: p.conn })
     }
 }
 impl Drop for Listening {
