@@ -21,9 +21,10 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Stat, Uid};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Uid};
 use rustix::io::Errno;
 use rustix::net::{SocketFlags, SocketType};
 
@@ -405,18 +406,19 @@ impl RuntimeDir {
     }
 
     /// Binds a listening Unix socket `name` in the directory (through its descriptor, as
-    /// [`RuntimeDir::unix_addr`]), gives the socket file the owner, group and mode of `spec`
-    /// and only then listens, so nobody connects before the file has its final permissions.
-    /// A socket file already there is replaced if nobody listens on it (a connect is refused;
-    /// the probe never blocks), never a live listener's, never anything that is not a socket.
-    /// Returns the listening socket (close-on-exec) and the socket file's (device, inode),
-    /// for [`RuntimeDir::unlink_if`]. Nobody else may write in the directory, so the entry
-    /// cannot be swapped between these calls; callers that share the directory with other
-    /// processes of theirs serialise with [`RuntimeDir::lock`].
+    /// [`RuntimeDir::unix_addr`]): bound at a temporary name (`.ivcom-bind.PID.N`), given the
+    /// owner, group and mode of `spec`, listening, and only then moved to `name`
+    /// (`renameat2(RENAME_NOREPLACE)`), so nobody ever finds `name` with other permissions or
+    /// not yet listening. A socket file already at `name` is replaced if nobody listens on it
+    /// (a connect is refused; the probe never blocks), never a live listener's, never
+    /// anything that is not a socket. Returns the listening socket (close-on-exec) and the
+    /// socket file's (device, inode), for [`RuntimeDir::unlink_if`]. Nobody else may write in
+    /// the directory, so no entry can be swapped between these calls; callers that share the
+    /// directory with other processes of theirs serialise with [`RuntimeDir::lock`].
     ///
-    /// Errors: `AddrInUse` when a live listener answers at `name`; `AlreadyExists` when
-    /// something that is not a socket is there; otherwise the OS error's kind with the path
-    /// (the file is removed again if giving it its owner or mode, or listening, fails).
+    /// Errors: `AddrInUse` when a live listener answers at `name` (or a socket appeared there
+    /// meanwhile); `AlreadyExists` when something that is not a socket is there; otherwise the
+    /// OS error's kind with the path (the temporary file is removed again).
     pub fn listen_unix(&self, name: &str, spec: &SocketSpec) -> io::Result<(OwnedFd, (u64, u64))> {
         let addr = self.unix_addr(name)?;
         let path = self.path.join(name);
@@ -466,25 +468,49 @@ impl RuntimeDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(ctx(e, || format!("cannot inspect {}", path.display()))),
         }
+        // Bound at a temporary name, made ready there and only then moved to `name` (never
+        // over an entry that appeared meanwhile), so nobody ever sees `name` with another
+        // owner or mode, or not listening yet.
+        static BINDS: AtomicU64 = AtomicU64::new(0);
+        let tmp = format!(".ivcom-bind.{}.{}", std::process::id(), BINDS.fetch_add(1, Ordering::Relaxed));
         let fd = socket(flags)?;
-        rustix::net::bind(&fd, &addr).map_err(|e| match e {
-            Errno::ADDRINUSE => in_use(),
-            e => ctx(e, || format!("cannot bind {}", path.display())),
-        })?;
-        let id = file_id(&self.stat(name).map_err(|e| ctx(e, || format!("cannot stat {}", path.display())))?);
+        rustix::net::bind(&fd, &self.unix_addr(&tmp)?)
+            .map_err(|e| ctx(e, || format!("cannot bind {}", self.path.join(&tmp).display())))?;
+        let id = file_id(&self.stat(&tmp).map_err(|e| ctx(e, || format!("cannot stat {}", path.display())))?);
         let ready = (|| {
             if spec.uid.is_some() || spec.gid.is_some() {
-                self.chown(name, spec.uid, spec.gid)?;
+                self.chown(&tmp, spec.uid, spec.gid)?;
             }
-            self.chmod(name, spec.mode)?;
+            self.chmod(&tmp, spec.mode)?;
             rustix::net::listen(&fd, spec.backlog)
-                .map_err(|e| ctx(e, || format!("cannot listen on {}", path.display())))
+                .map_err(|e| ctx(e, || format!("cannot listen on {}", path.display())))?;
+            self.rename_new(&tmp, name).map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => in_use(),
+                _ => ctx(e, || format!("cannot move the new socket to {}", path.display())),
+            })
         })();
         if let Err(e) = ready {
-            let _ = self.unlink_if(name, id);
+            let _ = self.unlink_if(&tmp, id);
             return Err(e);
         }
         Ok((fd, id))
+    }
+
+    /// `renameat2(RENAME_NOREPLACE)` of an entry to a name that must not exist (`AlreadyExists`
+    /// if it does). Where the file system lacks `RENAME_NOREPLACE`, a plain `renameat` after
+    /// checking that `to` is absent.
+    fn rename_new(&self, from: &str, to: &str) -> io::Result<()> {
+        check_entry(from)?;
+        check_entry(to)?;
+        match rustix::fs::renameat_with(&self.fd, from, &self.fd, to, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(Errno::INVAL) => match self.stat(to) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.rename(from, to),
+                Err(e) => Err(e),
+                Ok(_) => Err(io::ErrorKind::AlreadyExists.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn fstat(&self) -> io::Result<Stat> {
@@ -1070,6 +1096,13 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
         assert_eq!(std::fs::read(t.0.join("f.sock")).unwrap(), b"data");
         assert!(d.listen_unix("../s.sock", &listen_spec(0o600)).is_err());
+        // No temporary name is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(&t.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["f.sock"]);
     }
 
     #[test]
