@@ -7,14 +7,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ivcom::rundir::{DirAccess, DirLock, DirRefusal, Existing, RuntimeDir, SocketSpec};
 use ivcom_ivshmem::protocol::{self, MESSAGE_LEN, PROTOCOL_VERSION, SHM_MESSAGE};
-use ivcom_ivshmem::safedir::{DirError, DirMode, SafeDir};
 use ivcom_ring::{MappedRegion, ShmRegion};
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
 use rustix::io::Errno;
-use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{RecvFlags, SocketFlags, SocketType};
 
 use crate::config::{Binding, Config, RegionConfig};
 use crate::hooks::{RegionHooks, RegionView};
@@ -72,10 +72,21 @@ pub enum DaemonError {
         /// The path.
         path: PathBuf,
     },
-    /// A socket directory cannot be used (someone else owns it, others can write it, a
-    /// symlink is in its place, ...).
-    #[error("socket directory: {0}")]
-    Dir(#[from] DirError),
+    /// A socket directory, or a directory on the way to it, is not one only the daemon
+    /// controls (someone else owns it, others can write it, a symlink is in its place, ...).
+    #[error("socket directory: {path} is owned by uid {uid} (group {gid}, mode {mode:04o}): {why}; refusing to use it")]
+    Dir {
+        /// The directory (or the entry in its place).
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+        /// Its permission bits (with the set-id and sticky bits).
+        mode: u32,
+        /// What is wrong.
+        why: String,
+    },
     /// A plain region's file exists and is not provably this daemon's own.
     #[error("plain region {region}: {path} already exists, owned by uid {uid} (group {gid}, mode {mode:04o}): {why}; refusing to use it (remove it if it is a leftover)")]
     ShmNotOurs {
@@ -114,6 +125,27 @@ fn sys(what: impl Into<String>) -> impl FnOnce(Errno) -> DaemonError {
 fn at(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> DaemonError {
     let path = path.to_owned();
     move |source| DaemonError::Path { path, what, source }
+}
+
+/// A socket directory's error: a refusal keeps its path, owner, group, mode and reason; any
+/// other failure names the directory and what was being done.
+fn dir_error(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> DaemonError {
+    let path = path.to_owned();
+    move |e| match DirRefusal::of(&e) {
+        Some(r) => DaemonError::Dir {
+            path: r.path.clone(),
+            uid: r.uid,
+            gid: r.gid,
+            mode: r.mode,
+            why: r.why.clone(),
+        },
+        None => DaemonError::Path { path, what, source: e },
+    }
+}
+
+/// The access of the daemon's socket directories: 0700, or 0750 with the configured group.
+fn dir_access(group: Option<u32>) -> DirAccess {
+    group.map_or(DirAccess::Private, DirAccess::Group)
 }
 
 /// Where the daemon puts things.
@@ -205,7 +237,7 @@ pub(crate) struct Member {
 struct Listener {
     fd: OwnedFd,
     /// The region's socket directory and the socket's name in it.
-    dir: Arc<SafeDir>,
+    dir: Arc<RuntimeDir>,
     name: String,
     path: PathBuf,
     /// (device, inode) of the socket file we made, so that we remove only our own.
@@ -218,7 +250,7 @@ pub(crate) struct Region {
     pub(crate) memory: Memory,
     pub(crate) members: Vec<Member>,
     /// The region's socket directory, and the socket directory it is in.
-    dir: Option<(Arc<SafeDir>, Arc<SafeDir>)>,
+    dir: Option<(Arc<RuntimeDir>, Arc<RuntimeDir>)>,
 }
 
 /// Why a member is being disconnected.
@@ -269,9 +301,9 @@ pub struct Daemon {
     epoll: OwnedFd,
     stop: Arc<OwnedFd>,
     socket_dir: PathBuf,
-    sockets: Option<Arc<SafeDir>>,
-    dir_mode: DirMode,
-    _lock: Option<OwnedFd>,
+    sockets: Option<Arc<RuntimeDir>>,
+    dir_access: DirAccess,
+    _lock: Option<DirLock>,
     doomed: Vec<(usize, usize, u32, Reason)>,
 }
 
@@ -307,9 +339,10 @@ impl Daemon {
         epoll::add(&epoll, &stop, epoll::EventData::new_u64(STOP_TOKEN), epoll::EventFlags::IN)
             .map_err(sys("watching the stop eventfd"))?;
         let any_sockets = config.regions.iter().any(|r| !r.plain);
-        let dir_mode = DirMode::private(config.socket_group);
+        let dir_access = dir_access(config.socket_group);
         let (sockets, lock) = if any_sockets {
-            let dir = SafeDir::open(&socket_dir, dir_mode)?;
+            let dir = RuntimeDir::open_service(&socket_dir, dir_access, Existing::Enforce)
+                .map_err(dir_error(&socket_dir, "opening the socket directory"))?;
             let lock = lock_dir(&dir)?;
             (Some(Arc::new(dir)), Some(lock))
         } else {
@@ -322,7 +355,7 @@ impl Daemon {
             stop: Arc::new(stop),
             socket_dir,
             sockets,
-            dir_mode,
+            dir_access,
             _lock: lock,
             doomed: Vec::new(),
         };
@@ -378,7 +411,10 @@ impl Daemon {
             return Ok(region);
         }
         let sockets = self.sockets.clone().expect("socket directory opened for doorbell regions");
-        let dir = Arc::new(sockets.subdir(&cfg.name, self.dir_mode)?);
+        let dir =
+            Arc::new(sockets.subdir_with(&cfg.name, self.dir_access, Existing::Enforce).map_err(
+                dir_error(&sockets.path().join(&cfg.name), "opening the region's socket directory"),
+            )?);
         region.dir = Some((dir.clone(), sockets));
         for (mi, member) in cfg.members.iter().enumerate() {
             let listener = bind_listener(&dir, &format!("{member}.sock"), cfg.bindings[mi].as_ref())?;
@@ -760,7 +796,7 @@ impl Drop for Daemon {
 impl Drop for Listener {
     fn drop(&mut self) {
         // Remove only our own socket file, not one a successor bound since.
-        self.dir.remove_if(&self.name, self.id);
+        let _ = self.dir.unlink_if(&self.name, self.id);
     }
 }
 
@@ -771,7 +807,7 @@ impl Drop for Region {
             m.listener = None;
         }
         if let Some((_, parent)) = &self.dir {
-            parent.remove_empty_dir(&self.cfg.name); // only if empty
+            let _ = parent.remove_dir(&self.cfg.name); // only if empty
         }
     }
 }
@@ -791,88 +827,36 @@ fn raise_fd_limit() {
 }
 
 /// Takes the socket directory's lock file, so that two daemons never serve the same sockets.
-/// Never blocks: the lock is tried once (`LOCK_NB`); a held lock is [`DaemonError::DirInUse`].
-/// The file is reached through the checked directory, not following a symlink.
-fn lock_dir(dir: &SafeDir) -> Result<OwnedFd, DaemonError> {
-    use rustix::fs::FlockOperation;
+/// Never blocks: the lock is tried once; a held lock is [`DaemonError::DirInUse`]. The file is
+/// reached through the checked directory ([`RuntimeDir::lock_file`]).
+fn lock_dir(dir: &RuntimeDir) -> Result<DirLock, DaemonError> {
     let name = ".ivcom-daemon.lock";
     let lock = dir.path().join(name);
-    let fd = rustix::fs::openat(
-        dir.fd(),
-        name,
-        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| at(&lock, "opening the lock file")(e.into()))?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| at(&lock, "inspecting the lock file")(e.into()))?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err(at(&lock, "opening the lock file")(io::Error::other("not a regular file")));
-    }
-    loop {
-        return match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(fd),
-            Err(Errno::INTR) => continue,
-            Err(Errno::WOULDBLOCK) => Err(DaemonError::DirInUse { dir: dir.path().to_owned(), lock }),
-            Err(e) => Err(at(&lock, "locking")(e.into())),
-        };
-    }
+    dir.lock_file(name, std::time::Duration::ZERO).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut => DaemonError::DirInUse { dir: dir.path().to_owned(), lock: lock.clone() },
+        _ => at(&lock, "locking")(e),
+    })
 }
 
-fn unix_socket() -> Result<OwnedFd, DaemonError> {
-    rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )
-    .map_err(sys("creating a socket"))
-}
-
-/// Binds member socket `name` in the region's directory `dir`, replacing a stale socket file
-/// nobody listens on, and gives it the owner and mode of the member's binding
-/// ([`Binding::socket_owner`]) before it listens. Everything goes through the directory's
-/// descriptor (`/proc/self/fd/N/NAME` for `bind` and the probe's `connect`); nobody else can
-/// write the directory, so the entry cannot be swapped between the calls.
-fn bind_listener(dir: &Arc<SafeDir>, name: &str, binding: Option<&Binding>) -> Result<Listener, DaemonError> {
+/// Binds member socket `name` in the region's directory `dir` with
+/// [`RuntimeDir::listen_unix`]: a stale socket file nobody listens on is replaced, and the
+/// socket gets the owner and mode of the member's binding ([`Binding::socket_owner`]) before
+/// it listens. Everything goes through the directory's descriptor; nobody else can write the
+/// directory, so the entry cannot be swapped between the calls.
+fn bind_listener(
+    dir: &Arc<RuntimeDir>,
+    name: &str,
+    binding: Option<&Binding>,
+) -> Result<Listener, DaemonError> {
     let path = dir.path().join(name);
-    let via = dir.via_fd(name);
-    let addr = SocketAddrUnix::new(&via).map_err(|e| at(&path, "socket path")(e.into()))?;
-    match dir.entry(name) {
-        Ok(Some(e)) if e.kind != rustix::fs::FileType::Socket => {
-            return Err(DaemonError::NotASocket { path })
-        }
-        Ok(Some(_)) => {
-            let probe = unix_socket()?;
-            match rustix::net::connect(&probe, &addr) {
-                // A listener answered, or its backlog is full (it exists).
-                Ok(()) | Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => {
-                    return Err(DaemonError::SocketInUse { path })
-                }
-                Err(Errno::CONNREFUSED) | Err(Errno::NOENT) => {
-                    tracing::info!("replacing stale socket {}", path.display());
-                    dir.remove(name).map_err(at(&path, "removing the stale socket"))?;
-                }
-                Err(e) => return Err(at(&path, "probing the existing socket")(e.into())),
-            }
-        }
-        Ok(None) => {}
-        Err(e) => return Err(at(&path, "inspecting the socket path")(e)),
-    }
-    let fd = unix_socket()?;
-    rustix::net::bind(&fd, &addr).map_err(|e| match e {
-        Errno::ADDRINUSE => DaemonError::SocketInUse { path: path.clone() },
-        e => at(&path, "binding")(e.into()),
-    })?;
-    let id = match dir.entry(name) {
-        Ok(Some(e)) => e.id,
-        Ok(None) => return Err(at(&path, "inspecting the new socket")(io::ErrorKind::NotFound.into())),
-        Err(e) => return Err(at(&path, "inspecting the new socket")(e)),
-    };
-    let listener = Listener { fd, dir: dir.clone(), name: name.to_owned(), path: path.clone(), id };
     let (uid, gid, mode) = Binding::socket_owner(binding);
-    dir.set_entry(name, uid, gid, mode).map_err(at(&path, "setting the socket's owner and mode"))?;
-    rustix::net::listen(&listener.fd, 64).map_err(|e| at(&path, "listening")(e.into()))?;
-    Ok(listener)
+    let spec = SocketSpec { kind: SocketType::STREAM, nonblocking: true, uid, gid, mode, backlog: 64 };
+    let (fd, id) = dir.listen_unix(name, &spec).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => DaemonError::SocketInUse { path: path.clone() },
+        io::ErrorKind::AlreadyExists => DaemonError::NotASocket { path: path.clone() },
+        _ => at(&path, "binding the socket")(e),
+    })?;
+    Ok(Listener { fd, dir: dir.clone(), name: name.to_owned(), path, id })
 }
 
 /// Opens a plain region's file in `shm_dir` (`/dev/shm`): created exclusively (`O_CREAT |

@@ -6,10 +6,7 @@
 //!   through it.
 //! - [`guest`]: inside a guest: finding ivshmem PCI devices, mapping BAR2, the doorbell
 //!   registers, and receiving doorbells through VFIO (MSI-X to an eventfd) or by polling.
-//! - [`safedir`]: directories only their owner controls (the daemon's and the agent's socket
-//!   directories), and the socket files in them.
 
 pub mod client;
 pub mod guest;
 pub mod protocol;
-pub mod safedir;

@@ -8,13 +8,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustix::fs::FileType;
-
 use ivcom_ring::layout::{self, Direction, Params, HEADER_SIZE, MAX_CAPACITY};
 
 use crate::config::{self, Options, DEFAULT_CAPACITY};
 use crate::conn::{Conn, ConnParts, ListenerFile};
-use crate::rundir::RuntimeDir;
+use crate::rundir::{RuntimeDir, SocketSpec};
 use crate::signal::Signal;
 use crate::sys::{self, Mapping};
 
@@ -273,11 +271,7 @@ impl Drop for Listener {
         let Some(dir) = &self.dir else { return };
         match dir.lock(DROP_LOCK_TIMEOUT) {
             Ok(_lock) => {
-                if let Ok(st) = dir.stat(&self.file) {
-                    if crate::rundir::file_id(&st) == self.ino {
-                        let _ = dir.unlink(&self.file);
-                    }
-                }
+                let _ = dir.unlink_if(&self.file, self.ino);
             }
             Err(e) => tracing::warn!("ivcom: leaving socket file {}: {e}", self.path.display()),
         }
@@ -318,59 +312,38 @@ pub(crate) fn bind(name: &str, opts: &Options, messages: bool) -> io::Result<Lis
     opts.spin_budget()?;
     let dir = RuntimeDir::resolve(opts)?;
     let path = dir.path().join(&file);
-    let addr = dir.unix_addr(&file)?;
     // Serialises the check-and-replace of a stale file among ivcom processes; bounded, as
     // anyone who can open the directory can hold it.
     let _lock = dir.lock(sys::DIR_LOCK_TIMEOUT)?;
-    let fd = match sys::bind_seqpacket_at(&addr) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            // Something is there: a live listener answers a connect, a stale socket file left
-            // by a dead one is refused. Holding the directory lock, no other ivcom process can
-            // bind or replace it meanwhile; only we can write in the verified directory.
-            let st = dir.stat(&file)?;
-            if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket; remove it to listen on {name:?}", path.display()),
-                ));
-            }
-            match sys::connect_seqpacket_at(&addr) {
-                Ok(_probe) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!(
-                            "listener name {name:?} is already taken by a live listener ({})",
-                            path.display()
-                        ),
-                    ))
-                }
-                Err(pe) if pe.kind() == io::ErrorKind::ConnectionRefused => {
-                    tracing::info!("ivcom: replacing stale socket file {}", path.display());
-                    dir.unlink(&file)?;
-                    sys::bind_seqpacket_at(&addr)?
-                }
-                Err(pe) => {
-                    return Err(io::Error::new(
-                        pe.kind(),
-                        format!("{} exists and is not a usable ivcom socket: {pe}", path.display()),
-                    ))
-                }
-            }
-        }
-        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot listen at {}: {e}", path.display()))),
+    // The socket file gets its mode before the socket listens; a stale file left by a dead
+    // listener is replaced, a live listener's never. Holding the directory lock, no other ivcom
+    // process can bind or replace it meanwhile; only we can write in the verified directory.
+    let spec = SocketSpec {
+        kind: rustix::net::SocketType::SEQPACKET,
+        nonblocking: false,
+        uid: None,
+        gid: None,
+        mode: opts.socket_file_mode(),
+        backlog: 128,
     };
-    // Through an O_PATH|O_NOFOLLOW descriptor of the entry in the verified directory: never a
-    // chmod of whatever a symlink swapped in at the path points to.
-    dir.chmod(&file, opts.socket_file_mode())?;
-    let st = dir.stat(&file)?;
+    let (fd, ino) = dir.listen_unix(&file, &spec).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("listener name {name:?} is already taken by a live listener ({})", path.display()),
+        ),
+        io::ErrorKind::AlreadyExists => io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; remove it to listen on {name:?}", path.display()),
+        ),
+        _ => e,
+    })?;
     Ok(Listener {
         fd,
         name: name.to_owned(),
         dir: Some(dir),
         file,
         path,
-        ino: crate::rundir::file_id(&st),
+        ino,
         opts: opts.clone(),
         messages,
         via_agent: false,

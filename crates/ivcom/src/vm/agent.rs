@@ -19,7 +19,7 @@ use ivcom_ring::layout::{self, Direction, Params};
 use ivcom_ring::{Ctrl, ShmCtrl};
 use rustix::event::epoll;
 
-use ivcom_ivshmem::safedir::{DirMode, SafeDir};
+use crate::rundir::{DirAccess, DirRefusal, Existing, RuntimeDir, SocketSpec};
 
 use super::port::{DoorbellShare, Port};
 use super::wire::{self, Channel, Packet};
@@ -170,7 +170,7 @@ pub struct Agent<P: Port> {
     live: Live,
     listen: OwnedFd,
     /// The socket's directory, its name there and its (device, inode), to remove only it.
-    socket_dir: SafeDir,
+    socket_dir: RuntimeDir,
     socket_name: String,
     socket_id: (u64, u64),
     euid: u32,
@@ -864,7 +864,7 @@ impl<P: Port> Drop for Agent<P> {
             let dir = view(&self.port, self.geom);
             let _ = dir.set_peer(self.me, directory::PeerState { epoch: self.epoch, alive: false });
         }
-        self.socket_dir.remove_if(&self.socket_name, self.socket_id);
+        let _ = self.socket_dir.unlink_if(&self.socket_name, self.socket_id);
     }
 }
 
@@ -922,29 +922,29 @@ fn wake_sleepers(region: &ivcom_ring::ShmRegion, c: &mut Chan) -> bool {
     woke
 }
 
-/// The mode and group of a directory the agent creates for its socket: reachable by exactly
-/// the processes `access` admits.
-fn dir_mode_for(access: &Access) -> DirMode {
+/// The access of a directory the agent creates for its socket: reachable by exactly the
+/// processes `access` admits.
+fn dir_access_for(access: &Access) -> DirAccess {
     match access {
-        Access::SameUid => DirMode { mode: 0o700, gid: None, enforce: false },
-        Access::Group(g) => DirMode { mode: 0o750, gid: Some(*g), enforce: false },
+        Access::SameUid => DirAccess::Private,
+        Access::Group(g) => DirAccess::Group(*g),
         // Others may pass through to the socket, not list or change the directory.
-        Access::Uids(_) | Access::Anyone => DirMode { mode: 0o711, gid: None, enforce: false },
+        Access::Uids(_) | Access::Anyone => DirAccess::Traverse,
     }
 }
 
-/// Binds the agent's socket: its directory is opened and checked (ours, nobody else can
-/// write it, no symlink; created with [`dir_mode_for`] if missing, an existing one is left
-/// as it is), the socket is bound through that descriptor, given its mode (and for
-/// [`Access::Group`] its group) with `fchmodat` in that directory, and only then listens. A
-/// stale socket file is replaced, never a live agent's. Returns the listening socket, the
-/// directory, the socket's name and its (device, inode).
+/// Binds the agent's socket: its directory is opened and checked with
+/// [`RuntimeDir::open_service`] (ours, nobody else can write it or a directory on the way to
+/// it, no symlink; created with [`dir_access_for`] if missing, an existing one is left as it
+/// is), and the socket is bound with [`RuntimeDir::listen_unix`]: through that descriptor,
+/// given its mode (and for [`Access::Group`] its group) before it listens. A stale socket
+/// file is replaced, never a live agent's. Returns the listening socket, the directory, the
+/// socket's name and its (device, inode).
 fn bind_socket(
     path: &Path,
     access: &Access,
     mode: u32,
-) -> io::Result<(OwnedFd, SafeDir, String, (u64, u64))> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+) -> io::Result<(OwnedFd, RuntimeDir, String, (u64, u64))> {
     let bad = |what: &str| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("agent socket {}: {what}", path.display()))
     };
@@ -953,14 +953,24 @@ fn bind_socket(
         .and_then(|n| n.to_str())
         .ok_or_else(|| bad("the path must end in a UTF-8 file name"))?
         .to_owned();
-    let parent = match path.parent() {
-        Some(p) if p.is_absolute() => p.to_owned(),
-        Some(p) => std::env::current_dir()?.join(p),
-        None => return Err(bad("no directory")),
-    };
-    let how = dir_mode_for(access);
-    let dir = SafeDir::open(&parent, how)
-        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    let parent = path.parent().ok_or_else(|| bad("no directory"))?;
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let dir = RuntimeDir::open_service(parent, dir_access_for(access), Existing::Keep).map_err(|e| {
+        match DirRefusal::of(&e) {
+            Some(r) => io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "agent socket directory: {} is owned by uid {} (group {}, mode {:04o}): {}; refusing to use it",
+                    r.path.display(),
+                    r.uid,
+                    r.gid,
+                    r.mode,
+                    r.why
+                ),
+            ),
+            None => e,
+        }
+    })?;
     if let Ok(st) = rustix::fs::fstat(dir.fd()) {
         let reach = match access {
             Access::SameUid => 0,
@@ -975,48 +985,24 @@ fn bind_socket(
             );
         }
     }
-    let socket = || {
-        rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )
+    let spec = SocketSpec {
+        kind: rustix::net::SocketType::SEQPACKET,
+        // A connection gone before `accept` never stalls the loop.
+        nonblocking: true,
+        uid: None,
+        gid: match access {
+            Access::Group(g) => Some(*g),
+            _ => None,
+        },
+        mode,
+        backlog: 128,
     };
-    let addr = SocketAddrUnix::new(dir.via_fd(&name)).map_err(|e| bad(&format!("unusable path ({e})")))?;
-    if let Some(e) = dir.entry(&name)? {
-        if e.kind != rustix::fs::FileType::Socket {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; refusing to replace it", path.display()),
-            ));
+    let (fd, id) = dir.listen_unix(&name, &spec).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            io::Error::new(io::ErrorKind::AddrInUse, format!("{} is in use by another agent", path.display()))
         }
-        // A probe that never blocks: a live agent answers (or has a full backlog).
-        match rustix::net::connect(&socket()?, &addr) {
-            Ok(()) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by another agent", path.display()),
-                ))
-            }
-            Err(_) => dir.remove(&name)?,
-        }
-    }
-    let fd = socket()?;
-    rustix::net::bind(&fd, &addr).map_err(|e| {
-        io::Error::new(io::Error::from(e).kind(), format!("cannot bind {}: {e}", path.display()))
+        _ => e,
     })?;
-    let id = dir.entry(&name)?.map(|e| e.id).ok_or_else(|| bad("vanished after bind"))?;
-    let gid = match access {
-        Access::Group(g) => Some(*g),
-        _ => None,
-    };
-    let res = dir.set_entry(&name, None, gid, mode).and_then(|()| Ok(rustix::net::listen(&fd, 128)?));
-    if let Err(e) = res {
-        dir.remove_if(&name, id);
-        return Err(io::Error::new(e.kind(), format!("{}: setting up the socket: {e}", path.display())));
-    }
-    // The listener is non-blocking: a connection gone before `accept` never stalls the loop.
     Ok((fd, dir, name, id))
 }
 
