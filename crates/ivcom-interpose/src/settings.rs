@@ -81,7 +81,9 @@ fn open_log(path: &std::path::Path) -> Option<OwnedFd> {
     check_log(path).ok()
 }
 
-/// [`open_log`], saying why a path cannot be the decision log (for `ivcom run --log`).
+/// Opens the decision log as the library does (created 0600, never through a symbolic link,
+/// only a regular file of our own user), saying why a path cannot be it (for
+/// `ivcom run --log`).
 pub fn check_log(path: &std::path::Path) -> Result<OwnedFd, String> {
     use rustix::fs::{Mode, OFlags};
     let f = rustix::fs::open(
