@@ -11,9 +11,10 @@
 //! checks each entry against the descriptors themselves and takes the connections over.
 //!
 //! Any other exec (`LD_PRELOAD` without us, a static or foreign target, a set-id target):
-//! no memfd crosses, and the accelerated sockets that would survive it are made
-//! close-on-exec for that exec (the new image could not tell the peer's wakeup bytes from
-//! data): the connection is closed for the child. If the exec fails, every flag is put back.
+//! no memfd crosses; the sockets stay as the program left them, so a child that only holds a
+//! connection keeps it open as over TCP (one that reads or writes it would meet the peer's
+//! wakeup bytes, not its data: handing the connection back to TCP is not built yet). If the
+//! exec fails, every flag is put back.
 //!
 //! Format of the variable (one line; the version first):
 //! `IVCOM_INHERIT=1:ENTRY;ENTRY;...`, each `ENTRY` thirteen comma-separated fields:
@@ -504,13 +505,11 @@ impl Plan {
                 crate::decision!("exec: passing {} accelerated connection(s) to the new image", groups.len());
             }
             Some(why) => {
-                for (_, fds) in &groups {
-                    for &fd in fds {
-                        set_flag(&mut restore, fd, true);
-                    }
-                }
+                // Its sockets stay as the program left them (a child that only holds one keeps
+                // the connection open, as over TCP); their memory does not cross (the memfds
+                // are close-on-exec).
                 crate::decision!(
-                    "exec: the new image does not continue under ivcom ({why}); {} accelerated connection(s) closed for it",
+                    "exec: the new image does not continue under ivcom ({why}); it keeps the socket(s) of {} accelerated connection(s) but not their channel",
                     groups.len()
                 );
             }
@@ -928,23 +927,12 @@ pub unsafe fn posix_spawn(
     let p = unsafe { CStr::from_ptr(path) };
     let target = if search { Target::Search(p) } else { Target::Path(p) };
     let Some(recorded) = recorded else {
-        // File actions we did not see being made: close the channels for the child by
-        // making the sockets close-on-exec here for the time of the call.
-        let mut restore = Vec::new();
-        for (_, fds) in &groups {
-            for &fd in fds {
-                set_flag(&mut restore, fd, true);
-            }
-        }
-        crate::decision!(
-            "posix_spawn: file actions not recorded; accelerated connections closed for the child"
-        );
+        // File actions we did not see being made: the child gets what they give it, and no
+        // channel memory (the memfds are close-on-exec).
+        crate::decision!("posix_spawn: file actions not recorded; no channel passed to the child");
         let envv = with_inherit(&env, None);
         let ptrs = env_ptrs(&envv);
-        let r = call(fa, ptrs.as_ptr().cast());
-        let mut plan = Plan { env: Vec::new(), restore };
-        plan.undo();
-        return r;
+        return call(fa, ptrs.as_ptr().cast());
     };
     let child = simulate(&groups, &recorded);
     let Some(mut own) = OwnActions::new() else { return libc::ENOMEM };
@@ -977,17 +965,13 @@ pub unsafe fn posix_spawn(
                 }
             }
             entries.extend(es);
-        } else {
-            for &fd in fds {
-                own.add(&Action::Close(fd));
-            }
         }
     }
     if !child.is_empty() {
         match &why {
             None => crate::decision!("posix_spawn: passing {} accelerated connection(s) to the child", child.len()),
             Some(w) => crate::decision!(
-                "posix_spawn: the child does not continue under ivcom ({w}); {} accelerated connection(s) closed for it",
+                "posix_spawn: the child does not continue under ivcom ({w}); it keeps the socket(s) of {} accelerated connection(s) but not their channel",
                 child.len()
             ),
         }
@@ -998,26 +982,17 @@ pub unsafe fn posix_spawn(
 }
 
 /// `system` and `popen` run `/bin/sh` through the C library's internal spawn, which passes
-/// neither our variable nor our file actions: the accelerated sockets that would survive are
-/// made close-on-exec for the time of the call (the command does not get them).
+/// neither our variable nor our file actions: the shell keeps the sockets the program left
+/// inheritable and gets no channel memory (the memfds are close-on-exec).
 pub fn around_shell<T>(what: &str, f: impl FnOnce() -> T) -> T {
     let groups = survivors();
-    if groups.is_empty() {
-        return f();
+    if !groups.is_empty() {
+        crate::decision!(
+            "{what}: the shell keeps the socket(s) of {} accelerated connection(s) but not their channel",
+            groups.len()
+        );
     }
-    let mut restore = Vec::new();
-    for (_, fds) in &groups {
-        for &fd in fds {
-            set_flag(&mut restore, fd, true);
-        }
-    }
-    crate::decision!("{what}: {} accelerated connection(s) closed for the shell it runs", groups.len());
-    let r = f();
-    let e = errno();
-    let mut plan = Plan { env: Vec::new(), restore };
-    plan.undo();
-    set_errno(e);
-    r
+    f()
 }
 
 // ---------------------------------------------------------------------------------------
