@@ -70,8 +70,10 @@ impl DirAccess {
 /// In every case it must be a directory owned by the effective uid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
-    /// Refused if its mode gives more than the [`DirAccess`] allows, as [`RuntimeDir::open`]
-    /// does.
+    /// Refused if group or others can write it (or, for [`DirAccess::Group`], a group other
+    /// than the configured one may look into it); read and search permission beyond what the
+    /// [`DirAccess`] allows is taken away (`fchmod` through the opened descriptor: nobody else
+    /// could write in it, so nothing in it is theirs). As [`RuntimeDir::open`] does.
     Verify,
     /// Refused if group or others can write it; otherwise given exactly the access's mode and
     /// group. For a directory this program alone uses (the VM daemon's socket directories).
@@ -164,7 +166,9 @@ impl RuntimeDir {
     /// uid, no write permission for group/others, and for `Private` no read/search for
     /// group/others (for `Group(g)`: group `g` when the group has any permission, `r-x` for the
     /// group at most, nothing for others; for `Traverse`: search (`x`) at most for group and
-    /// others). A symlink at the last component is refused (`O_NOFOLLOW`).
+    /// others). Read or search permission beyond that on a directory of ours that nobody else
+    /// can write (a `mkdir -p` with the usual umask gives 0755) is taken away, not refused.
+    /// A symlink at the last component is refused (`O_NOFOLLOW`).
     ///
     /// Errors: `PermissionDenied` (or the OS error's kind) with a message naming the path, its
     /// owner uid and its mode, and what to do (a [`DirRefusal`]).
@@ -655,13 +659,35 @@ fn settle(
         Ok(())
     };
     match existing {
-        Existing::Verify => check_mode(path, &st, access),
+        Existing::Verify => {
+            unwritable()?;
+            narrow(fd, path, &st, access)
+        }
         Existing::Keep => unwritable(),
         Existing::Enforce => {
             unwritable()?;
             set_access(fd, path, access)
         }
     }
+}
+
+/// Takes away read and search permission that `access` does not give (the directory is ours
+/// and nobody else can write it), then checks the result.
+fn narrow(fd: BorrowedFd<'_>, path: &Path, st: &Stat, access: DirAccess) -> io::Result<()> {
+    let allowed = access.mode();
+    let mode = st.st_mode & 0o7777;
+    if let DirAccess::Group(g) = access {
+        if mode & 0o070 & allowed != 0 && st.st_gid != g {
+            return check_mode(path, st, access);
+        }
+    }
+    if mode & !allowed != 0 {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & allowed)).map_err(|e| {
+            ctx(e, || format!("cannot narrow runtime directory {} to mode {:04o}", path.display(), mode & allowed))
+        })?;
+        tracing::info!("ivcom: runtime directory {} narrowed from mode {mode:04o} to {:04o}", path.display(), mode & allowed);
+    }
+    check_mode(path, &rustix::fs::fstat(fd)?, access)
 }
 
 /// The mode checks of [`RuntimeDir::open`] for `access`.
@@ -804,17 +830,22 @@ mod tests {
     #[test]
     fn refuses_modes_open_to_others() {
         let t = Tmp::new("modes");
-        for (mode, ok) in [(0o700, true), (0o755, false), (0o711, false), (0o770, false), (0o1777, false)] {
+        // Readable or searchable by others: narrowed to 0700. Writable by others: refused.
+        for (mode, ok) in [(0o700, true), (0o755, true), (0o711, true), (0o770, false), (0o1777, false)] {
             std::fs::set_permissions(&t.0, std::fs::Permissions::from_mode(mode)).unwrap();
             let r = RuntimeDir::open(&t.0, DirAccess::Private);
             assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
-            if let Err(e) = r {
-                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
-                let msg = e.to_string();
-                assert!(msg.contains(&t.0.display().to_string()), "{msg}");
-                assert!(msg.contains(&format!("mode {mode:04o}")), "{msg}");
-                assert!(msg.contains(&format!("owner uid {}", euid())), "{msg}");
-                assert!(msg.contains("chmod 700"), "{msg}");
+            match r {
+                Ok(_) => assert_eq!(mode_of(&t.0), 0o700, "mode {mode:o} narrowed"),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+                    let msg = e.to_string();
+                    assert!(msg.contains(&t.0.display().to_string()), "{msg}");
+                    assert!(msg.contains(&format!("mode {mode:04o}")), "{msg}");
+                    assert!(msg.contains(&format!("owner uid {}", euid())), "{msg}");
+                    assert!(msg.contains("chmod go-w"), "{msg}");
+                    assert_eq!(mode_of(&t.0) & 0o777, mode & 0o777, "a refused directory is left as it was");
+                }
             }
         }
     }
@@ -845,17 +876,20 @@ mod tests {
         let d = RuntimeDir::open(&p, DirAccess::Group(gid)).unwrap();
         assert_eq!(mode_of(d.path()), 0o750);
         assert_eq!(cwd_stat(&p).st_gid, gid);
-        // A private open of it is refused (its group may read it), a group open of a private
+        // A private open of it takes the group's access away; a group open of a private
         // directory is fine.
-        assert!(RuntimeDir::open(&p, DirAccess::Private).is_err());
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        RuntimeDir::open(&p, DirAccess::Private).unwrap();
+        assert_eq!(mode_of(&p), 0o700);
         RuntimeDir::open(&p, DirAccess::Group(gid)).unwrap();
-        for bad in [0o770, 0o751, 0o755] {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(bad)).unwrap();
-            let e = RuntimeDir::open(&p, DirAccess::Group(gid)).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{bad:o}");
-            assert!(e.to_string().contains("chmod 750"), "{e}");
+        for wide in [0o751, 0o755] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(wide)).unwrap();
+            RuntimeDir::open(&p, DirAccess::Group(gid)).unwrap();
+            assert_eq!(mode_of(&p), 0o750, "{wide:o} narrowed");
         }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let e = RuntimeDir::open(&p, DirAccess::Group(gid)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("chmod go-w"), "{e}");
         // Group bits for a group other than the configured one.
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o750)).unwrap();
         let e = RuntimeDir::open(&p, DirAccess::Group(gid.wrapping_add(12345))).unwrap_err();
@@ -1001,13 +1035,14 @@ mod tests {
         let t = Tmp::new("existing-svc");
         let p = t.0.join("vm");
         std::fs::create_dir(&p).unwrap();
-        // Narrower than writable by others: Keep leaves it, Enforce brings it to the access,
-        // Verify refuses it.
+        // Narrower than writable by others: Keep leaves it, Verify takes read and search away,
+        // Enforce brings it to the access.
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         RuntimeDir::open_service(&p, DirAccess::Private, Existing::Keep).unwrap();
         assert_eq!(mode_of(&p), 0o755);
-        let e = RuntimeDir::open_service(&p, DirAccess::Private, Existing::Verify).unwrap_err();
-        assert!(e.to_string().contains("chmod 700"), "{e}");
+        RuntimeDir::open_service(&p, DirAccess::Private, Existing::Verify).unwrap();
+        assert_eq!(mode_of(&p), 0o700);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         RuntimeDir::open_service(&p, DirAccess::Private, Existing::Enforce).unwrap();
         assert_eq!(mode_of(&p), 0o700);
         // Writable by others: refused whatever `existing` says, and left as it is.
@@ -1032,8 +1067,9 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
         let d = RuntimeDir::open_service(&p, DirAccess::Private, Existing::Enforce).unwrap();
         std::fs::create_dir(p.join("lab")).unwrap();
+        std::fs::set_permissions(p.join("lab"), std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(d.subdir("lab", DirAccess::Private).is_err(), "group-writable");
         std::fs::set_permissions(p.join("lab"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(d.subdir("lab", DirAccess::Private).is_err());
         d.subdir_with("lab", DirAccess::Private, Existing::Enforce).unwrap();
         assert_eq!(mode_of(&p.join("lab")), 0o700);
         d.remove_dir("lab").unwrap();
@@ -1047,13 +1083,15 @@ mod tests {
         RuntimeDir::open_service(&p, DirAccess::Traverse, Existing::Keep).unwrap();
         assert_eq!(mode_of(&p), 0o711);
         RuntimeDir::open(&p, DirAccess::Traverse).unwrap();
-        assert!(RuntimeDir::open(&p, DirAccess::Private).is_err());
-        for (mode, ok) in [(0o700, true), (0o701, true), (0o755, false), (0o731, false), (0o715, false)] {
+        RuntimeDir::open(&p, DirAccess::Private).unwrap();
+        assert_eq!(mode_of(&p), 0o700, "a private open takes search away");
+        // Read permission is taken away; write permission is refused.
+        for (mode, ok) in [(0o700, true), (0o701, true), (0o755, true), (0o731, false), (0o715, true)] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
             let r = RuntimeDir::open(&p, DirAccess::Traverse);
             assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
             if let Err(e) = r {
-                assert!(e.to_string().contains("chmod 711"), "{e}");
+                assert!(e.to_string().contains("chmod go-w"), "{e}");
             }
         }
     }
