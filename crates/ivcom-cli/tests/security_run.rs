@@ -419,9 +419,80 @@ fn role_unix_server() {
     }
 }
 
+/// Role `relay`: a man in the middle. Waits for the real announcement in `SEC_DIR`, hides
+/// it, announces the same listener with a registration socket of its own, and relays
+/// every registration to the real one and every claim back, keeping the channel's memfd
+/// (and whatever else passes) to read the ring; for `SEC_SECONDS`.
+fn role_relay() {
+    let dir = PathBuf::from(env("SEC_DIR"));
+    let end = Instant::now() + Duration::from_secs(env("SEC_SECONDS").parse().unwrap());
+    let real = loop {
+        let found = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "ann"));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < end, "no announcement to relay");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(&real).unwrap();
+    let real_sock = real.with_extension("sock");
+    std::fs::rename(&real, real.with_extension("hidden")).unwrap();
+    let stem = format!("{}-relay", real.file_stem().unwrap().to_string_lossy());
+    let ann = dir.join(format!("{stem}.ann"));
+    std::fs::write(&ann, &text).unwrap();
+    let lock = std::fs::File::open(&ann).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared).unwrap();
+    let own = rustix::net::socket(rustix::net::AddressFamily::UNIX, rustix::net::SocketType::SEQPACKET, None)
+        .unwrap();
+    rustix::net::bind(&own, &rustix::net::SocketAddrUnix::new(dir.join(format!("{stem}.sock"))).unwrap())
+        .unwrap();
+    rustix::net::listen(&own, 64).unwrap();
+    println!("relaying");
+    let _ = std::io::stdout().flush();
+    let mut p = [rustix::event::PollFd::new(&own, rustix::event::PollFlags::IN)];
+    while Instant::now() < end {
+        if rustix::event::poll(&mut p, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 20_000_000 }))
+            .unwrap_or(0)
+            == 0
+        {
+            continue;
+        }
+        let victim = rustix::net::accept(&own).unwrap();
+        let mut buf = [0u8; 256];
+        // A client that checked us and went away sends nothing.
+        let Ok((n @ 1.., fds)) = ivcom::sys::recv_packet(victim.as_fd(), &mut buf) else { continue };
+        println!("registration with {} descriptors", fds.len());
+        let up =
+            rustix::net::socket(rustix::net::AddressFamily::UNIX, rustix::net::SocketType::SEQPACKET, None)
+                .unwrap();
+        rustix::net::connect(&up, &rustix::net::SocketAddrUnix::new(&real_sock).unwrap()).unwrap();
+        let borrowed: Vec<std::os::fd::BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        ivcom::sys::send_packet(up.as_fd(), &buf[..n], &borrowed).unwrap();
+        let mut claim = [0u8; 64];
+        if let Ok((m @ 1.., cfds)) = ivcom::sys::recv_packet(up.as_fd(), &mut claim) {
+            let cb: Vec<std::os::fd::BorrowedFd<'_>> = cfds.iter().map(|f| f.as_fd()).collect();
+            let _ = ivcom::sys::send_packet(victim.as_fd(), &claim[..m], &cb);
+            println!("claim relayed");
+        }
+        let _ = std::io::stdout().flush();
+        if let Some(memfd) = fds.first() {
+            let size = rustix::fs::fstat(memfd).unwrap().st_size as usize;
+            let map = MappedRegion::map(memfd.as_fd(), 0, size).unwrap();
+            let params = layout::validate_shape(map.region(), false).unwrap();
+            steal(&map, &params, Direction::ToListener, None, 4);
+        }
+    }
+}
+
 #[test]
 fn attacker_roles() {
     match role().as_deref() {
+        Some("relay") => role_relay(),
         Some("unix_server") => role_unix_server(),
         Some("plant") => role_plant(),
         Some("register") => role_register(),
@@ -530,6 +601,39 @@ fn same_user_announcement_cannot_hijack_a_client() {
         assert_real_answer(&client, "secret", &format!("netns {netns}; log:\n{}", victim.log_text(&log)));
         assert_nothing_stolen(&stolen);
     }
+}
+
+/// A process of the same user (another container, in its own pid and network namespaces is
+/// no different) puts itself between a client and a server that both run under `ivcom run`:
+/// it hides the server's announcement, announces the same listener with a registration
+/// socket of its own, and relays registrations and claims between them to keep the channel.
+/// The client must not register with it (the process serving that socket does not hold the
+/// listening socket), so the relay gets nothing and the client the real answer.
+#[test]
+fn a_relay_between_client_and_server_gets_nothing() {
+    let Some((user, _)) = ivcom_testkit::users("a_relay_between_client_and_server_gets_nothing") else {
+        return;
+    };
+    let victim = Victim::new(&user, "relay");
+    let port = free_port();
+    let _server = victim.server(Mode::Logged("server.log"), port, 0, 1);
+    let tcp = victim.tcp_dir();
+    let relay =
+        start_until(&mut attacker(&user, "relay", &[("SEC_DIR", &tcp), ("SEC_SECONDS", "8")]), "relaying");
+    let client = victim.client(Mode::Logged("client.log"), port, "secret");
+    let (relayed, _) = relay.finish(LIMIT);
+    let log = victim.log_text("client.log");
+    assert_real_answer(&client, "secret", &format!("client log:\n{log}"));
+    assert!(
+        !text(&relayed.stdout).contains("registration"),
+        "the client registered with the relay:\n{}\n{log}",
+        text(&relayed.stdout)
+    );
+    assert_nothing_stolen(&relayed);
+    assert!(
+        log.contains("does not hold the announced listening socket"),
+        "the client should say why it did not register:\n{log}"
+    );
 }
 
 /// A process of the same user reads a plain client's 4-tuple from `/proc/net/tcp` and

@@ -104,6 +104,9 @@ pub struct Announcement {
     pub locals: Vec<std::net::Ipv6Addr>,
     /// An IPv6 listener that takes no IPv4 connections (`IPV6_V6ONLY`).
     pub v6only: bool,
+    /// The listening socket in the announcing process: its descriptor number there and its
+    /// inode (what a connecting side checks before it registers, [`crate::verify::announcer`]).
+    pub listener: Option<(i32, u64)>,
 }
 
 impl Announcement {
@@ -113,6 +116,9 @@ impl Announcement {
             "ivcom-tcp {VERSION}\nnetns {}\naddr {}\nport {}\nv6only {}\n",
             self.netns, self.bound.ip, self.bound.port, self.v6only as u8
         );
+        if let Some((fd, ino)) = self.listener {
+            s.push_str(&format!("fd {fd}\ninode {ino}\n"));
+        }
         for l in &self.locals {
             s.push_str(&format!("local {l}\n"));
         }
@@ -126,6 +132,7 @@ impl Announcement {
             return None;
         }
         let (mut netns, mut addr, mut port, mut locals, mut v6only) = (None, None, None, Vec::new(), false);
+        let (mut fd, mut inode) = (None, None);
         for l in lines {
             let (k, v) = l.split_once(' ')?;
             match k {
@@ -134,10 +141,19 @@ impl Announcement {
                 "port" => port = v.parse().ok(),
                 "local" => locals.push(v.parse().ok()?),
                 "v6only" => v6only = v == "1",
+                "fd" => fd = v.parse().ok(),
+                "inode" => inode = v.parse().ok(),
                 _ => {}
             }
         }
-        Some(Announcement { netns: netns?, bound: Endpoint { ip: addr?, port: port? }, locals, v6only })
+        let listener = fd.zip(inode);
+        Some(Announcement {
+            netns: netns?,
+            bound: Endpoint { ip: addr?, port: port? },
+            locals,
+            v6only,
+            listener,
+        })
     }
 
     /// Whether a connection from namespace `my_netns` (whose own addresses `my_addrs` gives)
@@ -191,13 +207,10 @@ pub struct Registration {
     pub conn: OwnedFd,
 }
 
-/// Tells the connecting side on `conn` that its channel is claimed, handing it the accepted
-/// socket as proof. Failure only means the connecting side gave up (it then stays on TCP).
-pub fn confirm(conn: &OwnedFd, accepted: c_int) -> io::Result<()> {
-    // SAFETY: `accepted` is the descriptor `accept` just returned to the call we serve; it is
-    // open for the duration of this call.
-    let s = unsafe { BorrowedFd::borrow_raw(accepted) };
-    ivcom::sys::send_packet(conn.as_fd(), &header(KIND_CLAIM), &[s])
+/// Tells the connecting side on `conn` that its channel is claimed. Failure only means the
+/// connecting side gave up (it then stays on TCP).
+pub fn confirm(conn: &OwnedFd) -> io::Result<()> {
+    ivcom::sys::send_packet(conn.as_fd(), &header(KIND_CLAIM), &[])
 }
 
 /// An announced listening socket.
@@ -217,11 +230,19 @@ fn euid() -> u32 {
 }
 
 impl Listening {
-    /// Announces a listener bound to `bound` in namespace `netns`, in `dir` (the verified
-    /// `tcp` directory).
-    pub fn announce(dir: &'static RuntimeDir, bound: Endpoint, netns: u64, v6only: bool) -> io::Result<Self> {
+    /// Announces the listening socket `fd`, bound to `bound` in namespace `netns`, in `dir`
+    /// (the verified `tcp` directory).
+    pub fn announce(
+        dir: &'static RuntimeDir,
+        fd: c_int,
+        bound: Endpoint,
+        netns: u64,
+        v6only: bool,
+    ) -> io::Result<Self> {
+        // SAFETY: `fd` is the program's listening socket, open for the `listen` call we serve.
+        let ino = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) })?.st_ino;
         let locals = if is_unspecified(&bound.ip) { crate::net::local_addrs() } else { Vec::new() };
-        let ann = Announcement { netns, bound, locals, v6only };
+        let ann = Announcement { netns, bound, locals, v6only, listener: Some((fd, ino)) };
         let stem = format!(
             "{}-{}-{}-{}",
             bound.port,
@@ -453,11 +474,12 @@ pub fn find(dir: &RuntimeDir, dst: &Endpoint, my_netns: u64) -> Option<Found> {
 /// registration is meant to be live; the claim arrives on it ([`recv_claim`]).
 pub fn register(
     dir: &RuntimeDir,
-    sock: &str,
+    found: &Found,
     tuple: &Tuple,
     region: BorrowedFd<'_>,
     tcp: c_int,
 ) -> io::Result<OwnedFd> {
+    let sock = found.sock.as_str();
     let s = rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
@@ -472,6 +494,10 @@ pub fn register(
             format!("{sock} is served by uid {}, not ours", cred.uid.as_raw()),
         ));
     }
+    // Anyone of our user can write an announcement: only the process that holds the
+    // listening socket gets the channel and our socket.
+    crate::verify::announcer(s.as_fd(), &found.announcement)
+        .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, format!("{sock}: {why}")))?;
     // SAFETY: `tcp` is the program's socket for the `connect` call we serve; it is open for
     // the duration of this call.
     let tcp = unsafe { BorrowedFd::borrow_raw(tcp) };
@@ -484,8 +510,8 @@ pub fn register(
 pub enum Claim {
     /// Nothing yet.
     NotYet,
-    /// The claim and the socket that proves it (still to be checked).
-    Claimed(OwnedFd),
+    /// The claim (from the process that holds the listening socket: [`register`] checked it).
+    Claimed,
     /// The connection ended or carried something else: no claim will come.
     Never(String),
 }
@@ -497,10 +523,8 @@ pub fn recv_claim(reg: BorrowedFd<'_>) -> Claim {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Claim::NotYet,
         Err(e) => Claim::Never(format!("registration connection failed ({e})")),
         Ok((0, _)) => Claim::Never("the listener's side closed the registration without a claim".into()),
-        Ok((n, fds)) => match <[OwnedFd; 1]>::try_from(fds) {
-            Ok([s]) if is_claim(&buf[..n]) => Claim::Claimed(s),
-            _ => Claim::Never("malformed claim".into()),
-        },
+        Ok((n, fds)) if fds.is_empty() && is_claim(&buf[..n]) => Claim::Claimed,
+        Ok(_) => Claim::Never("malformed claim".into()),
     }
 }
 
@@ -530,6 +554,7 @@ mod tests {
             bound: ep("0.0.0.0", 6379),
             locals: vec![ep("10.0.0.2", 0).ip],
             v6only: true,
+            listener: None,
         };
         assert_eq!(Announcement::parse(&a.render()), Some(a));
         assert_eq!(Announcement::parse("nonsense"), None);
@@ -543,6 +568,7 @@ mod tests {
             bound: ep("0.0.0.0", 80),
             locals: vec![ep("10.0.0.2", 0).ip],
             v6only: false,
+            listener: None,
         };
         // Same namespace: loopback and own addresses reach a wildcard listener.
         assert!(wild.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
@@ -554,13 +580,20 @@ mod tests {
         assert!(!wild.serves(&ep("127.0.0.1", 80), 2, &mut { mine }));
         assert!(!wild.serves(&ep("10.0.0.1", 80), 2, &mut { mine }));
         // A listener bound to one address is reached only there.
-        let lo = Announcement { netns: 1, bound: ep("127.0.0.1", 80), locals: vec![], v6only: false };
+        let lo = Announcement {
+            netns: 1,
+            bound: ep("127.0.0.1", 80),
+            locals: vec![],
+            v6only: false,
+            listener: None,
+        };
         assert!(lo.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         assert!(!lo.serves(&ep("127.0.0.2", 80), 1, &mut { mine }));
         assert!(!lo.serves(&ep("::1", 80), 1, &mut { mine }));
         // Wildcards take their own family; [::] takes IPv4 too unless IPV6_V6ONLY.
         assert!(!wild.serves(&ep("::1", 80), 1, &mut { mine }));
-        let six = Announcement { netns: 1, bound: ep("::", 80), locals: vec![], v6only: true };
+        let six =
+            Announcement { netns: 1, bound: ep("::", 80), locals: vec![], v6only: true, listener: None };
         assert!(six.serves(&ep("::1", 80), 1, &mut { mine }));
         assert!(!six.serves(&ep("127.0.0.1", 80), 1, &mut { mine }));
         let dual = Announcement { v6only: false, ..six };
@@ -582,7 +615,7 @@ mod tests {
                 proptest::prop_assert_eq!(encode(&t).to_vec(), bytes.clone());
             }
             let _ = Announcement::parse(&text);
-            let a = Announcement { netns, bound: Endpoint { ip: Ipv6Addr::from(ip), port }, locals: vec![Ipv6Addr::from(ip)], v6only };
+            let a = Announcement { netns, bound: Endpoint { ip: Ipv6Addr::from(ip), port }, locals: vec![Ipv6Addr::from(ip)], v6only, listener: Some((port as i32, netns)) };
             proptest::prop_assert_eq!(Announcement::parse(&a.render()), Some(a));
         }
     }

@@ -136,11 +136,6 @@ pub struct TcpConn {
     /// Mirror of the connector's `Tx::switched`, readable without the lock.
     switched: AtomicBool,
     registration: Mutex<Option<OwnedFd>>,
-    /// The connector's connection as it names it (`src`: its own address, `dst`: the
-    /// listener's), and the cookie of its socket's network namespace: what the accepting
-    /// side's socket must mirror ([`crate::verify::other_end`]).
-    ends: crate::net::Tuple,
-    netns_cookie: u64,
     tx: Mutex<Tx>,
     rx: Mutex<Rx>,
     eof: AtomicBool,
@@ -260,13 +255,7 @@ unsafe fn buf<'a>(v: &iovec) -> &'a [u8] {
 }
 
 impl TcpConn {
-    fn new(
-        map: MappedRegion,
-        region_fd: OwnedFd,
-        side: Side,
-        params: &Params,
-        ends: (crate::net::Tuple, u64),
-    ) -> Self {
+    fn new(map: MappedRegion, region_fd: OwnedFd, side: Side, params: &Params) -> Self {
         let acceptor = side == Side::Acceptor;
         let (mine, theirs) = if acceptor {
             (Direction::ToConnector, Direction::ToListener)
@@ -284,8 +273,6 @@ impl TcpConn {
             claim_seen: AtomicBool::new(acceptor),
             switched: AtomicBool::new(acceptor),
             registration: Mutex::new(None),
-            ends: ends.0,
-            netns_cookie: ends.1,
             tx: Mutex::new(Tx {
                 w: StreamWriter::new(params.ring(mine)),
                 switched: acceptor,
@@ -312,17 +299,16 @@ impl TcpConn {
         }
     }
 
-    /// A new channel for connection `tuple` that this process is making from a socket in the
-    /// network namespace with cookie `netns_cookie` (register [`TcpConn::region_fd`] with the
-    /// listener).
-    pub fn connector(ring: u64, tuple: &crate::net::Tuple, netns_cookie: u64) -> io::Result<Self> {
+    /// A new channel for connection `tuple` that this process is making (register
+    /// [`TcpConn::region_fd`] with the listener).
+    pub fn connector(ring: u64, tuple: &crate::net::Tuple) -> io::Result<Self> {
         let params = Params { capacity: [ring, ring], max_message: None };
         let size = params.region_size().map_err(io::Error::other)?;
         let fd = ivcom_ring::shm::create_memfd_named(MEMFD_NAME, size)?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         layout::init(map.region(), &params).map_err(io::Error::other)?;
         tcp::store_tuple(map.region(), &tuple.to_bytes()).map_err(io::Error::other)?;
-        Ok(Self::new(map, fd, Side::Connector, &params, (*tuple, netns_cookie)))
+        Ok(Self::new(map, fd, Side::Connector, &params))
     }
 
     /// The region's memfd.
@@ -336,15 +322,7 @@ impl TcpConn {
     /// held one. Nothing the peer can write is trusted here: the ring indices, counts and
     /// flags come from `p` (the region's own indices are adopted later only as they are on
     /// every use, validated). The region's shape is validated as at accept.
-    /// `ends`: the connection as the connector names it and its socket's namespace cookie,
-    /// read from the socket itself (a connector that has not seen the claim yet checks the
-    /// claim against them).
-    pub fn resume(
-        fd: OwnedFd,
-        p: &Private,
-        registration: Option<OwnedFd>,
-        ends: (crate::net::Tuple, u64),
-    ) -> io::Result<Self> {
+    pub fn resume(fd: OwnedFd, p: &Private, registration: Option<OwnedFd>) -> io::Result<Self> {
         let size = ivcom_ring::shm::check_memfd(fd.as_fd(), MAX_REGION)?;
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         let params = layout::validate_shape(map.region(), false)
@@ -355,7 +333,7 @@ impl TcpConn {
             Side::Connector => (Direction::ToListener, Direction::ToConnector),
         };
         let (gm, gt) = (params.ring(mine), params.ring(theirs));
-        let c = Self::new(map, fd, side, &params, ends);
+        let c = Self::new(map, fd, side, &params);
         {
             let mut tx = lock(&c.tx);
             tx.w = StreamWriter::resume(gm, p.tx_tail);
@@ -442,7 +420,7 @@ impl TcpConn {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "channel already claimed"));
         }
         tcp::claim(map.region()).map_err(io::Error::other)?;
-        Ok(Self::new(map, fd, Side::Acceptor, &params, (crate::net::Tuple::UNKNOWN, 0)))
+        Ok(Self::new(map, fd, Side::Acceptor, &params))
     }
 
     fn region(&self) -> &ShmRegion {
@@ -503,26 +481,21 @@ impl TcpConn {
         if self.side == Side::Acceptor || self.is_plain() || !tcp::claimed(self.region()).unwrap_or(false) {
             return false;
         }
-        // The claim word is written by whoever holds the region: it only says that a claim
-        // message should be on the registration connection. That message carries the
-        // accepting side's socket, which must prove to be the other end of our connection.
+        // The claim word only says that the claim message should be on the registration
+        // connection, which reaches the process that holds the listening socket (checked at
+        // registration); that message settles it.
         let mut reg = lock(&self.registration);
         let Some(r) = reg.as_ref() else { return false };
         let why = match crate::announce::recv_claim(r.as_fd()) {
             crate::announce::Claim::NotYet => return false,
             crate::announce::Claim::Never(why) => why,
-            crate::announce::Claim::Claimed(s) => {
-                match crate::verify::other_end(s.as_fd(), &self.ends, self.netns_cookie) {
-                    Ok(()) => {
-                        *reg = None;
-                        drop(reg);
-                        self.claim_seen.store(true, Ordering::Release);
-                        count(&COUNTERS.accelerated, 1);
-                        crate::decision!("connect: listener claimed the channel; connection accelerated");
-                        return true;
-                    }
-                    Err(e) => format!("claim refused: {e}"),
-                }
+            crate::announce::Claim::Claimed => {
+                *reg = None;
+                drop(reg);
+                self.claim_seen.store(true, Ordering::Release);
+                count(&COUNTERS.accelerated, 1);
+                crate::decision!("connect: listener claimed the channel; connection accelerated");
+                return true;
             }
         };
         drop(reg);

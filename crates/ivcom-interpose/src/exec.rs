@@ -1014,9 +1014,7 @@ fn is_registration_socket(fd: RawFd) -> bool {
 
 /// Whether socket `fd` is the connection whose tuple the region of `memfd` records, seen
 /// from `side`.
-/// Checks that socket `fd` is the connection region `memfd` records; returns the connection
-/// as the connector names it (our local address first) and the socket's namespace cookie.
-fn tuple_matches(fd: RawFd, memfd: RawFd, side: Side) -> Result<(Tuple, u64), String> {
+fn tuple_matches(fd: RawFd, memfd: RawFd, side: Side) -> Result<(), String> {
     if net::tcp_domain(fd).is_none() {
         return Err("not a TCP socket".into());
     }
@@ -1033,7 +1031,7 @@ fn tuple_matches(fd: RawFd, memfd: RawFd, side: Side) -> Result<(Tuple, u64), St
     let map = ivcom_ring::MappedRegion::map(borrow(memfd), 0, size).map_err(|e| e.to_string())?;
     let t = ivcom_ring::layout::tcp::tuple(map.region()).map_err(|e| e.to_string())?;
     if t == want {
-        Ok((Tuple { src: l, dst: p }, crate::verify::netns_cookie(fd).unwrap_or(0)))
+        Ok(())
     } else {
         Err(format!("the region records another connection than {l} - {p}"))
     }
@@ -1078,13 +1076,10 @@ pub fn at_start() {
             }
             ours.push(e.memfd);
         }
-        let ends = match tuple_matches(e.fd, e.memfd, e.state.side) {
-            Ok(ends) => ends,
-            Err(why) => {
-                crate::decision!("exec: fd {} not taken over ({why})", e.fd);
-                continue;
-            }
-        };
+        if let Err(why) = tuple_matches(e.fd, e.memfd, e.state.side) {
+            crate::decision!("exec: fd {} not taken over ({why})", e.fd);
+            continue;
+        }
         let conn = match conns.get(&e.memfd) {
             Some(c) => c.clone(),
             None if consumed.contains(&e.memfd) => continue,
@@ -1101,7 +1096,7 @@ pub fn at_start() {
                         unsafe { OwnedFd::from_raw_fd(e.reg) }
                     },
                 );
-                match TcpConn::resume(owned, &e.state, reg, ends) {
+                match TcpConn::resume(owned, &e.state, reg) {
                     Ok(c) => {
                         let c = Arc::new(c);
                         conns.insert(e.memfd, c.clone());

@@ -103,18 +103,14 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
         local = net::local(fd)?;
     }
     let tuple = Tuple { src: Endpoint::of(local), dst: dst_ep };
-    let Some(cookie) = crate::verify::netns_cookie(fd) else {
-        crate::decision!("connect fd {fd}: the kernel reports no network namespace cookie; plain TCP");
-        return None;
-    };
-    let conn = match TcpConn::connector(s.ring, &tuple, cookie) {
+    let conn = match TcpConn::connector(s.ring, &tuple) {
         Ok(x) => x,
         Err(e) => {
             crate::decision!("connect fd {fd}: cannot create a channel ({e}); plain TCP");
             return None;
         }
     };
-    match announce::register(dir, &found.sock, &tuple, conn.region_fd(), fd) {
+    match announce::register(dir, &found, &tuple, conn.region_fd(), fd) {
         Ok(reg) => conn.hold_registration(reg),
         Err(e) => {
             crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", found.sock);
@@ -140,7 +136,7 @@ pub unsafe fn listen(fd: c_int, backlog: c_int) -> c_int {
         if let Some(local) = net::local(fd) {
             let v6only = domain == libc::AF_INET6 && net::v6only(fd);
             let announced = match &settings::get().dir {
-                Ok(dir) => Listening::announce(dir, Endpoint::of(local), net::netns(), v6only),
+                Ok(dir) => Listening::announce(dir, fd, Endpoint::of(local), net::netns(), v6only),
                 Err(why) => Err(std::io::Error::other(format!("no usable runtime directory: {why}"))),
             };
             match announced {
@@ -200,7 +196,7 @@ fn claim(l: &Listening, nfd: c_int) {
     match TcpConn::acceptor(region, settings::get().max_region) {
         Ok(c) => {
             // The connecting side uses the ring only once it has checked this socket.
-            if let Err(e) = announce::confirm(&reg, nfd) {
+            if let Err(e) = announce::confirm(&reg) {
                 crate::decision!("accept fd {nfd} from {peer}: the connecting side gave up ({e}); plain TCP");
                 return;
             }

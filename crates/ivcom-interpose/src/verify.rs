@@ -1,9 +1,20 @@
-//! Proof that a socket a peer handed us is the other end of our TCP connection.
+//! Who is at the other end: the process behind an announcement, and the socket a
+//! registration hands over.
 //!
-//! Announcements, registrations and the claim word of a region can all be written by any
-//! process of the user, so none of them proves who holds the other end of a connection. The
-//! kernel does: the two ends exchange their TCP sockets over the registration connection
-//! (`SCM_RIGHTS`), and each side checks the one it received:
+//! **The announcer.** Anyone of the user can write an announcement, so before a connecting
+//! side sends anything to a registration socket it checks, through the kernel, that the
+//! process serving that socket (`SO_PEERCRED`: the process that called `listen` on it) holds
+//! the listening TCP socket the announcement names: `/proc/PID/fd/N` is that socket's inode,
+//! which `/proc/PID/net/tcp{,6}` lists as listening on the port, in that process's network
+//! namespace (ours, or one owned by the same user namespace). A process that merely wrote the
+//! announcement, or relays registrations to the real listener, fails this check and gets
+//! nothing (no memfd, no socket). A process in a pid namespace we cannot see (the kernel
+//! reports pid 0), or one we may not inspect, cannot be checked: plain TCP.
+//!
+//! **The registration.**
+//! A registration can be sent by any process of the user for any 4-tuple (they are in
+//! `/proc/net/tcp`), so it carries the connecting TCP socket itself (`SCM_RIGHTS`), and the
+//! listening side checks it:
 //!
 //! - it is a connected TCP socket (`getpeername` succeeds only once the handshake is done);
 //! - its local address is our peer's and its peer address is our local one (the 4-tuple
@@ -16,8 +27,7 @@
 //!   by whoever made ours (the host's root, or a rootless container's user namespace), not
 //!   by an unprivileged user who could give a namespace of their own any addresses and
 //!   connections. Reading a socket's namespace needs `CAP_NET_ADMIN` over its owner, so
-//!   without it a connection between namespaces stays on plain TCP: both ends apply the same
-//!   rule, so they agree.
+//!   without it a connection between namespaces stays on plain TCP.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -148,4 +158,87 @@ pub fn other_end(passed: BorrowedFd<'_>, ours: &Tuple, our_netns: u64) -> Result
         },
         None => Err(NotOurPeer::Namespace("the kernel does not report namespace cookies".into())),
     }
+}
+
+/// The pid of the process at the other end of a Unix socket (`SO_PEERCRED`), as this process
+/// sees it; `None` when it is in a pid namespace we cannot see.
+fn peer_pid(sock: BorrowedFd<'_>) -> Option<i32> {
+    let mut c = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `c` is a writable ucred and `len` says so.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(c).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && c.pid > 0).then_some(c.pid)
+}
+
+/// Largest `/proc/PID/net/tcp{,6}` read (about 150 bytes a socket).
+const MAX_TCP_TABLE: u64 = 64 << 20;
+
+/// Whether `/proc/PID/net/tcp{,6}` lists socket `inode` as listening on `port`.
+fn listens(pid: i32, inode: u64, port: u16) -> Result<bool, String> {
+    use std::io::Read;
+    for table in ["tcp", "tcp6"] {
+        let path = format!("/proc/{pid}/net/{table}");
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_TCP_TABLE).read_to_string(&mut text))
+            .map_err(|e| format!("cannot read {path}: {e}"))?;
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(ino)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+            let lport = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && lport == Some(port) && ino.parse::<u64>().ok() == Some(inode) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Checks that the process serving the registration connection `reg` holds the listening
+/// socket `a` names, listening on `a`'s port in `a`'s network namespace (see the module docs).
+pub fn announcer(reg: BorrowedFd<'_>, a: &crate::announce::Announcement) -> Result<(), String> {
+    let (fd, inode) = a.listener.ok_or("the announcement names no listening socket")?;
+    let pid = peer_pid(reg).ok_or("its server is in a pid namespace this process cannot see")?;
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(|e| format!("cannot look at the descriptors of its server, pid {pid} ({e})"))?;
+    if link.as_os_str() != std::ffi::OsStr::new(&format!("socket:[{inode}]")) {
+        return Err(format!("its server, pid {pid}, does not hold the announced listening socket"));
+    }
+    if !listens(pid, inode, a.bound.port)? {
+        return Err(format!("pid {pid}'s socket {inode} is not listening on port {}", a.bound.port));
+    }
+    let ns_path = format!("/proc/{pid}/ns/net");
+    let ns = rustix::fs::stat(ns_path.as_str()).map_err(|e| format!("cannot look at {ns_path}: {e}"))?;
+    if ns.st_ino != a.netns {
+        return Err(format!(
+            "pid {pid} is in network namespace {}, not the announced {}",
+            ns.st_ino, a.netns
+        ));
+    }
+    if ns.st_ino != crate::net::netns() {
+        let f = rustix::fs::open(
+            ns_path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open {ns_path}: {e}"))?;
+        match (owner_of(&f), own_netns_owner()) {
+            (Ok(theirs), Ok(mine)) if theirs == mine => {}
+            (Ok(_), Ok(_)) => {
+                return Err(format!("pid {pid}'s network namespace is owned by another user namespace"))
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(format!("cannot check the owner of pid {pid}'s network namespace ({e})"))
+            }
+        }
+    }
+    Ok(())
 }

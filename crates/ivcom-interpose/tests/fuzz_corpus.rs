@@ -65,8 +65,15 @@ fn seeds() -> Vec<(&'static str, Seeds<'static>)> {
         bound: ep("0.0.0.0", 6379),
         locals: vec![ep("10.0.0.2", 0).ip, ep("fd00::2", 0).ip],
         v6only: false,
+        listener: None,
     };
-    let exact = Announcement { netns: 7, bound: ep("::1", 80), locals: vec![], v6only: true };
+    let exact = Announcement {
+        netns: 7,
+        bound: ep("::1", 80),
+        locals: vec![],
+        v6only: true,
+        listener: Some((5, 123456)),
+    };
     let reg = announce::encode(&Tuple { src: ep("127.0.0.1", 40000), dst: ep("127.0.0.1", 6379) });
     let mut claim = reg[..8].to_vec();
     claim[6] = 2;

@@ -683,9 +683,15 @@ fn narrow(fd: BorrowedFd<'_>, path: &Path, st: &Stat, access: DirAccess) -> io::
     }
     if mode & !allowed != 0 {
         rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & allowed)).map_err(|e| {
-            ctx(e, || format!("cannot narrow runtime directory {} to mode {:04o}", path.display(), mode & allowed))
+            ctx(e, || {
+                format!("cannot narrow runtime directory {} to mode {:04o}", path.display(), mode & allowed)
+            })
         })?;
-        tracing::info!("ivcom: runtime directory {} narrowed from mode {mode:04o} to {:04o}", path.display(), mode & allowed);
+        tracing::info!(
+            "ivcom: runtime directory {} narrowed from mode {mode:04o} to {:04o}",
+            path.display(),
+            mode & allowed
+        );
     }
     check_mode(path, &rustix::fs::fstat(fd)?, access)
 }
