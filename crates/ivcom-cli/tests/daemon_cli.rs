@@ -261,7 +261,7 @@ fn qemu_args_prints_both_forms() {
     assert_eq!(with_env(&[("XDG_RUNTIME_DIR", "/x")]), "socket,path=/x/ivcom/vm/lab/host.sock,id=ivcom-lab");
     let uid = rustix::process::geteuid().as_raw();
     let fallback = if uid == 0 {
-        "/run/ivcom/vm".to_string()
+        "/run/ivcom-vm".to_string()
     } else {
         std::env::temp_dir().join(format!("ivcom-{uid}/vm")).display().to_string()
     };

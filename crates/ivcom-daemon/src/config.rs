@@ -1,7 +1,7 @@
 //! The daemon's configuration file (TOML): which members share which regions.
 //!
 //! ```toml
-//! socket_dir = "/run/ivcom/vm"   # optional
+//! socket_dir = "/run/ivcom-vm"   # optional
 //! socket_group = 990             # optional: socket directories 0750 with this group, else 0700
 //! [members.vm1]                  # optional: who may connect as vm1 (checked with SO_PEERCRED)
 //! uid = 1001                     # and/or gid = ...
@@ -492,8 +492,9 @@ impl Config {
     }
 }
 
-/// `$IVCOM_RUNTIME_DIR/vm`, else `$XDG_RUNTIME_DIR/ivcom/vm`, else `/run/ivcom/vm` for root,
-/// else `<temp dir>/ivcom-UID/vm` (the `vm` directory of ivcom's runtime directory).
+/// `$IVCOM_RUNTIME_DIR/vm`, else `$XDG_RUNTIME_DIR/ivcom/vm`, else `/run/ivcom-vm` for root
+/// (beside, not inside, root's private runtime directory `/run/ivcom`: the QEMU users of a
+/// `socket_group` must be able to reach it), else `<temp dir>/ivcom-UID/vm`.
 pub fn default_socket_dir() -> PathBuf {
     let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(d) = env("IVCOM_RUNTIME_DIR") {
@@ -503,7 +504,7 @@ pub fn default_socket_dir() -> PathBuf {
     } else {
         let uid = rustix::process::geteuid().as_raw();
         if uid == 0 {
-            PathBuf::from("/run/ivcom/vm")
+            PathBuf::from("/run/ivcom-vm")
         } else {
             std::env::temp_dir().join(format!("ivcom-{uid}")).join("vm")
         }

@@ -787,6 +787,23 @@ fn open_error(parent: BorrowedFd<'_>, name: &OsStr, path: &Path, e: Errno) -> io
             Err(_) => {}
         }
     }
+    if e == Errno::ACCESS {
+        if let Ok(st) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            if st.st_uid != euid() {
+                return refusal(
+                    path,
+                    &st,
+                    &format!(
+                        "it belongs to uid {} and this process (uid {}) may not open it; ivcom needs a \
+                         runtime directory of its own: remove it (if you trust it was left by mistake) \
+                         or set IVCOM_RUNTIME_DIR or XDG_RUNTIME_DIR to a directory of yours",
+                        st.st_uid,
+                        euid()
+                    ),
+                );
+            }
+        }
+    }
     ctx(e, || format!("cannot open runtime directory {}", path.display()))
 }
 
