@@ -739,11 +739,8 @@ impl TcpConn {
                 self.switch_now(&mut tx);
             } else {
                 let m = msghdr_of(iov);
-                // While the claim may still come, a blocking write waits in our loop (which
-                // also wakes for the claim), not in the kernel.
-                let f = if self.claim_pending() { flags | libc::MSG_DONTWAIT } else { flags };
                 // SAFETY: `m` describes the program's own buffers for this call.
-                let n = unsafe { crate::real::sendmsg(fd, &m, f) };
+                let n = unsafe { crate::real::sendmsg(fd, &m, flags) };
                 if n < 0 {
                     return Err(errno());
                 }
@@ -826,16 +823,6 @@ impl TcpConn {
     /// Whether data the peer sent is still unread here.
     pub fn has_unread(&self) -> bool {
         matches!(self.ring_bytes(), Some(Ok(n)) if n > 0)
-    }
-
-    /// Connector: registered, and the claim not seen yet. While it is, waits also announce
-    /// sleep for reading, so that the claiming side's wakeup makes this side read the claim
-    /// (which holds a reference to the claiming side's socket until it is read).
-    pub fn claim_pending(&self) -> bool {
-        self.side == Side::Connector
-            && !self.claim_seen.load(Ordering::Acquire)
-            && !self.is_plain()
-            && lock(&self.registration).is_some()
     }
 
     /// Whether writes go over TCP still (the connector before the claim).
@@ -987,18 +974,11 @@ impl TcpConn {
             match rx.r.ctrl(region) {
                 Ok(c) if rx.sleepers == 0 => {
                     // Announce even while data still comes over TCP: the peer may switch.
-                    if !rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
-                        false
-                    } else if self.side == Side::Connector
-                        && !self.claim_seen.load(Ordering::Acquire)
-                        && self.claimed()
-                    {
-                        // The claim arrived: data now comes from the ring; look again.
-                        let _ = rx.r.state().end_sleep(&c);
-                        false
-                    } else {
+                    if rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
                         rx.sleepers = 1;
                         true
+                    } else {
+                        false
                     }
                 }
                 Ok(c) => {
@@ -1035,21 +1015,6 @@ impl TcpConn {
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
         ok
-    }
-
-    /// Acceptor, after sending the claim: signals the connecting side if it announced sleep
-    /// (it may have gone to sleep before the claim arrived; see [`TcpConn::arm`]).
-    pub fn wake_if_asleep(&self, fd: c_int) {
-        let mut tx = lock(&self.tx);
-        let region = self.region();
-        // SYNC: the claim message was queued (a system call) before this check; pairs with
-        // the connector's announce-then-read-the-claim in `arm`.
-        if let Ok(c) = tx.w.ctrl(region) {
-            if tx.w.state().publish(&c, 0).unwrap_or(false) {
-                drop(tx);
-                doorbell(fd);
-            }
-        }
     }
 
     /// Withdraws an announcement made by [`TcpConn::arm`].

@@ -200,10 +200,6 @@ fn claim(l: &Listening, nfd: c_int) {
                 crate::decision!("accept fd {nfd} from {peer}: the connecting side gave up ({e}); plain TCP");
                 return;
             }
-            // The claim holds a reference to our socket until the connecting side reads it:
-            // wake a connecting side that already sleeps in the kernel, so that it reads the
-            // claim now and our socket's end (close, or our death) reaches it when it happens.
-            c.wake_if_asleep(nfd);
             c.tcp_option(0).store(
                 net::sockopt(nfd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0),
                 std::sync::atomic::Ordering::Relaxed,

@@ -82,8 +82,6 @@ impl<'a> Armed<'a> {
     pub fn new(wants: impl IntoIterator<Item = (&'a TcpConn, bool, bool)>) -> Self {
         let mut a = Armed { list: Vec::new(), ready: false, short: false };
         for (c, r, w) in wants {
-            // A connector waiting to write before the claim also waits for the claim.
-            let r = r || (w && c.claim_pending());
             for (read, on) in [(true, r), (false, w)] {
                 if !on {
                     continue;
