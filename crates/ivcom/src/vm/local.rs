@@ -63,6 +63,20 @@ fn recv(sock: BorrowedFd<'_>) -> io::Result<(Packet, Vec<OwnedFd>)> {
     Ok((Packet::decode(&buf[..n])?, fds))
 }
 
+/// Sends a request. An agent that does not admit this process answers with `ERROR` and
+/// closes at once, so the send may find the connection gone: that answer is then the error.
+fn send_request(sock: BorrowedFd<'_>, p: &Packet) -> io::Result<()> {
+    match sys::send_packet(sock, &p.encode(), &[]) {
+        Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+            match recv(sock) {
+                Ok((Packet::Error { errno, message }, _)) => Err(error_of(errno, message)),
+                _ => Err(e),
+            }
+        }
+        r => r,
+    }
+}
+
 fn error_of(errno: i32, message: String) -> io::Error {
     let kind = io::Error::from_raw_os_error(errno).kind();
     io::Error::new(kind, message)
@@ -73,7 +87,7 @@ fn error_of(errno: i32, message: String) -> io::Error {
 pub(crate) fn bind(agent: &Path, name: &str, timeout: Duration) -> io::Result<OwnedFd> {
     let sock = connect_agent(agent)?;
     sys::set_timeouts(sock.as_fd(), Some(timeout))?;
-    sys::send_packet(sock.as_fd(), &Packet::Bind { name: name.to_owned() }.encode(), &[])?;
+    send_request(sock.as_fd(), &Packet::Bind { name: name.to_owned() })?;
     match recv(sock.as_fd())?.0 {
         Packet::Ok => {
             sys::set_timeouts(sock.as_fd(), None)?;
@@ -99,7 +113,7 @@ pub(crate) fn connect(agent: &Path, name: &str, timeout: Duration, spin: Duratio
     // The agent answers by the deadline we give it; the socket timeout is a backstop.
     sys::set_timeouts(sock.as_fd(), Some(timeout + Duration::from_secs(2)))?;
     let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-    sys::send_packet(sock.as_fd(), &Packet::Connect { timeout_ms, name: name.to_owned() }.encode(), &[])?;
+    send_request(sock.as_fd(), &Packet::Connect { timeout_ms, name: name.to_owned() })?;
     match recv(sock.as_fd())? {
         (Packet::Channel(c), fds) => conn(c, fds, spin),
         (Packet::Error { errno, message }, _) => Err(error_of(errno, message)),
