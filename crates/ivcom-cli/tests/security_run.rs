@@ -489,9 +489,55 @@ fn role_relay() {
     }
 }
 
+/// Role `mirror`, run inside a user and network namespace of the attacker's own (`unshare
+/// -Urn`): makes there a connection whose 4-tuple mirrors a victim's real one
+/// (127.0.0.1:`SEC_CPORT` -> 127.0.0.1:`SEC_PORT`) and registers a channel for it with the
+/// victim's listener (`SEC_DIR`, reachable by path from any namespace), passing that
+/// connection's socket as "proof"; then reads what the victim's server writes into it.
+fn role_mirror() {
+    let dir = PathBuf::from(env("SEC_DIR"));
+    let port: u16 = env("SEC_PORT").parse().unwrap();
+    let cport: u16 = env("SEC_CPORT").parse().unwrap();
+    let lo = std::net::Ipv4Addr::LOCALHOST;
+    let l = std::net::TcpListener::bind((lo, port)).unwrap();
+    let s =
+        rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&s, &std::net::SocketAddrV4::new(lo, cport)).unwrap();
+    rustix::net::connect(&s, &std::net::SocketAddrV4::new(lo, port)).unwrap();
+    let _accepted = l.accept().unwrap();
+    let sock = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "sock") && p.to_string_lossy().contains(&format!("/{port}-"))
+        })
+        .expect("the victim's registration socket");
+    let params = Params { capacity: [65536, 65536], max_message: None };
+    let size = params.region_size().unwrap();
+    let memfd = ivcom_ring::shm::create_memfd_named("ivcom-tcp", size).unwrap();
+    let map = MappedRegion::map(memfd.as_fd(), 0, size).unwrap();
+    layout::init(map.region(), &params).unwrap();
+    let mut b = Vec::from(*b"IVTC");
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    for p in [cport, port] {
+        b.extend_from_slice(&lo.to_ipv6_mapped().octets());
+        b.extend_from_slice(&p.to_le_bytes());
+    }
+    let r = rustix::net::socket(rustix::net::AddressFamily::UNIX, rustix::net::SocketType::SEQPACKET, None)
+        .unwrap();
+    rustix::net::connect(&r, &rustix::net::SocketAddrUnix::new(&sock).unwrap()).unwrap();
+    ivcom::sys::send_packet(r.as_fd(), &b, &[memfd.as_fd(), s.as_fd()]).unwrap();
+    println!("registered");
+    let _ = std::io::stdout().flush();
+    steal(&map, &params, Direction::ToConnector, None, 5);
+}
+
 #[test]
 fn attacker_roles() {
     match role().as_deref() {
+        Some("mirror") => role_mirror(),
         Some("relay") => role_relay(),
         Some("unix_server") => role_unix_server(),
         Some("plant") => role_plant(),
@@ -662,6 +708,55 @@ fn a_registration_for_someone_elses_connection_is_never_claimed() {
     assert!(text(&stolen.stdout).contains("registered"), "the attack did not run: {}", text(&stolen.stdout));
     assert_real_answer(&client, "secret", &format!("server log:\n{}", victim.log_text("server.log")));
     assert_nothing_stolen(&stolen);
+}
+
+/// A process of the same user creates a user and network namespace of its own, makes there a
+/// connection whose 4-tuple mirrors a plain client's connection to the victim's server, and
+/// registers a channel for it with that socket as proof. The server must not claim it (the
+/// socket lives in a namespace owned by another user namespace), so the attacker gets none
+/// of the server's reply and the client gets it whole over TCP.
+#[test]
+fn a_registration_from_a_namespace_of_the_attackers_own_is_never_claimed() {
+    let Some((user, _)) =
+        ivcom_testkit::users("a_registration_from_a_namespace_of_the_attackers_own_is_never_claimed")
+    else {
+        return;
+    };
+    let victim = Victim::new(&user, "mirror");
+    let port = free_port();
+    let _server = victim.server(Mode::Logged("server.log"), port, 2500, 1);
+    let client =
+        Bounded::spawn(&mut victim.echo(Mode::Plain, &["client", "127.0.0.1", &port.to_string(), "secret"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let cport = loop {
+        if let Some((c, _)) = tuples_to(port).into_iter().next() {
+            break c.port();
+        }
+        assert!(Instant::now() < deadline, "the client did not connect");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (p, c, tcp) = (port.to_string(), cport.to_string(), victim.tcp_dir());
+    let mut cmd = user.command("unshare");
+    cmd.args(["--user", "--map-root-user", "--net", "sh", "-c"])
+        .arg("ip link set lo up && exec \"$0\" --exact attacker_roles --nocapture --test-threads 1")
+        .arg(std::env::current_exe().unwrap())
+        .envs([
+            ("SEC_ROLE", "mirror"),
+            ("SEC_DIR", tcp.as_str()),
+            ("SEC_PORT", p.as_str()),
+            ("SEC_CPORT", c.as_str()),
+        ]);
+    let mirror = start_until(&mut cmd, "registered");
+    let (client, in_time) = client.finish(LIMIT);
+    let (stolen, _) = mirror.finish(LIMIT);
+    assert!(in_time, "the client hung");
+    let log = victim.log_text("server.log");
+    assert_real_answer(&client, "secret", &format!("server log:\n{log}"));
+    assert_nothing_stolen(&stolen);
+    assert!(
+        log.contains("owned by another user namespace"),
+        "the server should say why it ignored the registration:\n{log}"
+    );
 }
 
 /// A FIFO and a link to `/dev/zero` planted as announcements (by a process that can write the
