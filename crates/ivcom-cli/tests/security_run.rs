@@ -419,29 +419,49 @@ fn role_unix_server() {
     }
 }
 
-/// Role `relay`: a man in the middle. Waits for the real announcement in `SEC_DIR`, hides
+/// Role `relay`: a man in the middle. Waits for the real announcement of `SEC_PORT` in
+/// `SEC_DIR`, hides
 /// it, announces the same listener with a registration socket of its own, and relays
 /// every registration to the real one and every claim back, keeping the channel's memfd
 /// (and whatever else passes) to read the ring; for `SEC_SECONDS`.
 fn role_relay() {
     let dir = PathBuf::from(env("SEC_DIR"));
+    let port = env("SEC_PORT");
     let end = Instant::now() + Duration::from_secs(env("SEC_SECONDS").parse().unwrap());
     let real = loop {
-        let found = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "ann"));
+        let found = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).find(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(&format!("{port}-")) && name.ends_with(".ann") && !name.contains("-relay")
+        });
         if let Some(p) = found {
             break p;
         }
         assert!(Instant::now() < end, "no announcement to relay");
         std::thread::sleep(Duration::from_millis(10));
     };
-    let text = std::fs::read_to_string(&real).unwrap();
+    let mut text = std::fs::read_to_string(&real).unwrap();
     let real_sock = real.with_extension("sock");
     std::fs::rename(&real, real.with_extension("hidden")).unwrap();
+    let mode = std::env::var("SEC_MODE").unwrap_or_default();
+    // `impostor`: a listener of its own on the same port at another address, announced as
+    // the victim's (its own descriptor and inode, the victim's address).
+    let _impostor = (mode == "impostor").then(|| {
+        let port: u16 = text.lines().find_map(|l| l.strip_prefix("port ")).unwrap().parse().unwrap();
+        let l = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
+        let ino = rustix::fs::fstat(&l).unwrap().st_ino;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        text = text
+            .lines()
+            .map(|x| match x.split_once(' ') {
+                Some(("fd", _)) => format!("fd {fd}"),
+                Some(("inode", _)) => format!("inode {ino}"),
+                _ => x.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        l
+    });
     let stem = format!("{}-relay", real.file_stem().unwrap().to_string_lossy());
     let ann = dir.join(format!("{stem}.ann"));
     std::fs::write(&ann, &text).unwrap();
@@ -451,7 +471,27 @@ fn role_relay() {
         .unwrap();
     rustix::net::bind(&own, &rustix::net::SocketAddrUnix::new(dir.join(format!("{stem}.sock"))).unwrap())
         .unwrap();
-    rustix::net::listen(&own, 64).unwrap();
+    if mode == "orphan" {
+        // `orphan`: `listen` is called by a child that exits at once, so the socket's
+        // credentials name a pid that may later be anyone's (the victim's, after pid reuse).
+        // SAFETY: the child makes one system call and exits without returning.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: listen on a socket the child inherited, then _exit.
+                unsafe {
+                    libc::listen(std::os::fd::AsRawFd::as_raw_fd(&own), 64);
+                    libc::_exit(0)
+                }
+            }
+            child => {
+                let mut st = 0;
+                // SAFETY: reaping the child we just forked.
+                unsafe { libc::waitpid(child, &mut st, 0) };
+            }
+        }
+    } else {
+        rustix::net::listen(&own, 64).unwrap();
+    }
     println!("relaying");
     let _ = std::io::stdout().flush();
     let mut p = [rustix::event::PollFd::new(&own, rustix::event::PollFlags::IN)];
@@ -649,37 +689,53 @@ fn same_user_announcement_cannot_hijack_a_client() {
     }
 }
 
-/// A process of the same user (another container, in its own pid and network namespaces is
-/// no different) puts itself between a client and a server that both run under `ivcom run`:
-/// it hides the server's announcement, announces the same listener with a registration
-/// socket of its own, and relays registrations and claims between them to keep the channel.
-/// The client must not register with it (the process serving that socket does not hold the
-/// listening socket), so the relay gets nothing and the client the real answer.
+/// A process of the same user puts itself between a client and a server that both run under
+/// `ivcom run`: it hides the server's announcement and announces the same listener with a
+/// registration socket of its own, (`relay`) relaying registrations and claims between them to
+/// keep the channel, (`impostor`) naming a listener of its own on the same port at another
+/// address, or (`orphan`) serving a socket whose `listen` was called by a child that exited,
+/// so that its credentials name a pid the victim's process could later get. The client must
+/// not register with it in any case: the relay gets nothing and the client the real answer.
 #[test]
 fn a_relay_between_client_and_server_gets_nothing() {
     let Some((user, _)) = ivcom_testkit::users("a_relay_between_client_and_server_gets_nothing") else {
         return;
     };
     let victim = Victim::new(&user, "relay");
-    let port = free_port();
-    let _server = victim.server(Mode::Logged("server.log"), port, 0, 1);
-    let tcp = victim.tcp_dir();
-    let relay =
-        start_until(&mut attacker(&user, "relay", &[("SEC_DIR", &tcp), ("SEC_SECONDS", "8")]), "relaying");
-    let client = victim.client(Mode::Logged("client.log"), port, "secret");
-    let (relayed, _) = relay.finish(LIMIT);
-    let log = victim.log_text("client.log");
-    assert_real_answer(&client, "secret", &format!("client log:\n{log}"));
-    assert!(
-        !text(&relayed.stdout).contains("registration"),
-        "the client registered with the relay:\n{}\n{log}",
-        text(&relayed.stdout)
-    );
-    assert_nothing_stolen(&relayed);
-    assert!(
-        log.contains("does not hold the announced listening socket"),
-        "the client should say why it did not register:\n{log}"
-    );
+    for (mode, why) in [
+        ("relay", "does not hold the announced listening socket"),
+        ("impostor", "is not the one listener a connection"),
+        ("orphan", "has exited"),
+    ] {
+        let port = free_port();
+        let _server = victim.server(Mode::Logged(&format!("server-{mode}.log")), port, 0, 1);
+        let tcp = victim.tcp_dir();
+        let relay = start_until(
+            &mut attacker(
+                &user,
+                "relay",
+                &[
+                    ("SEC_DIR", &tcp),
+                    ("SEC_PORT", &port.to_string()),
+                    ("SEC_SECONDS", "8"),
+                    ("SEC_MODE", mode),
+                ],
+            ),
+            "relaying",
+        );
+        let log_name = format!("client-{mode}.log");
+        let client = victim.client(Mode::Logged(&log_name), port, "secret");
+        let (relayed, _) = relay.finish(LIMIT);
+        let log = victim.log_text(&log_name);
+        assert_real_answer(&client, "secret", &format!("{mode}: client log:\n{log}"));
+        assert!(
+            !text(&relayed.stdout).contains("registration"),
+            "{mode}: the client registered with the relay:\n{}\n{log}",
+            text(&relayed.stdout)
+        );
+        assert_nothing_stolen(&relayed);
+        assert!(log.contains(why), "{mode}: the client should say why it did not register ({why}):\n{log}");
+    }
 }
 
 /// A process of the same user reads a plain client's 4-tuple from `/proc/net/tcp` and

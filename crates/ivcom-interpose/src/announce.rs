@@ -496,7 +496,7 @@ pub fn register(
     }
     // Anyone of our user can write an announcement: only the process that holds the
     // listening socket gets the channel and our socket.
-    crate::verify::announcer(s.as_fd(), &found.announcement)
+    crate::verify::announcer(s.as_fd(), &found.announcement, &tuple.dst)
         .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, format!("{sock}: {why}")))?;
     // SAFETY: `tcp` is the program's socket for the `connect` call we serve; it is open for
     // the duration of this call.

@@ -160,9 +160,13 @@ pub fn other_end(passed: BorrowedFd<'_>, ours: &Tuple, our_netns: u64) -> Result
     }
 }
 
-/// The pid of the process at the other end of a Unix socket (`SO_PEERCRED`), as this process
-/// sees it; `None` when it is in a pid namespace we cannot see.
-fn peer_pid(sock: BorrowedFd<'_>) -> Option<i32> {
+/// `SO_PEERPIDFD` (Linux 6.5): a pidfd for the process at the other end of a Unix socket.
+const SO_PEERPIDFD: c_int = 77;
+
+/// The process at the other end of a Unix socket (the one that called `listen` or `connect`
+/// on it): its pid as this process sees it, and a pidfd that pins it (`SO_PEERPIDFD`). `Err`
+/// when it is in a pid namespace we cannot see, has exited, or the kernel has no pidfds.
+fn peer_process(sock: BorrowedFd<'_>) -> Result<(i32, OwnedFd), String> {
     let mut c = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `c` is a writable ucred and `len` says so.
@@ -175,16 +179,54 @@ fn peer_pid(sock: BorrowedFd<'_>) -> Option<i32> {
             &mut len,
         )
     };
-    (r == 0 && c.pid > 0).then_some(c.pid)
+    if r != 0 || c.pid <= 0 {
+        return Err("its server is in a pid namespace this process cannot see".into());
+    }
+    let mut pidfd: c_int = -1;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: `pidfd` is a writable int and `len` says so.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            std::ptr::addr_of_mut!(pidfd).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || pidfd < 0 {
+        return Err(format!(
+            "its server, pid {}, cannot be pinned ({}): it has exited, or the kernel is older than 6.5",
+            c.pid,
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // A socket keeps the credentials of the process that called `listen` after it exits;
+    // its pid may be another process's by now.
+    if !alive(&pidfd) {
+        return Err(format!("its server, pid {}, has exited (that pid may be another process's now)", c.pid));
+    }
+    Ok((c.pid, pidfd))
+}
+
+/// Whether the process a pidfd refers to is still running (it polls readable once it exits).
+fn alive(pidfd: &OwnedFd) -> bool {
+    let mut p = [libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    // SAFETY: a local pollfd array of length 1, no waiting.
+    unsafe { libc::poll(p.as_mut_ptr(), 1, 0) == 0 }
 }
 
 /// Largest `/proc/PID/net/tcp{,6}` read (about 150 bytes a socket).
 const MAX_TCP_TABLE: u64 = 64 << 20;
 
-/// Whether `/proc/PID/net/tcp{,6}` lists socket `inode` as listening on `port`.
-fn listens(pid: i32, inode: u64, port: u16) -> Result<bool, String> {
+/// The listening sockets `/proc/PID/net/tcp{,6}` lists (those of PID's network namespace):
+/// where each listens, and its inode.
+fn listeners(pid: i32) -> Result<Vec<(Endpoint, u64)>, String> {
     use std::io::Read;
-    for table in ["tcp", "tcp6"] {
+    let mut out = Vec::new();
+    for (table, v6) in [("tcp", false), ("tcp6", true)] {
         let path = format!("/proc/{pid}/net/{table}");
         let mut text = String::new();
         std::fs::File::open(&path)
@@ -192,28 +234,88 @@ fn listens(pid: i32, inode: u64, port: u16) -> Result<bool, String> {
             .map_err(|e| format!("cannot read {path}: {e}"))?;
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(ino)) = (f.get(1), f.get(3), f.get(9)) else { continue };
-            let lport = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if *state == "0A" && lport == Some(port) && ino.parse::<u64>().ok() == Some(inode) {
-                return Ok(true);
+            let (Some(local), Some(&"0A"), Some(ino)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+            if let (Some(at), Ok(ino)) = (proc_endpoint(local, v6), ino.parse::<u64>()) {
+                out.push((at, ino));
             }
         }
     }
-    Ok(false)
+    Ok(out)
+}
+
+/// How specifically a socket listening at `at` matches a connection to `dst` (higher wins,
+/// as in the kernel's lookup: the exact address, then the wildcard of the destination's
+/// family, then the IPv6 wildcard for IPv4, which only a dual-stack socket takes); `None`:
+/// it does not match.
+fn specificity(at: &Endpoint, dst: &Endpoint) -> Option<u8> {
+    if at.port != dst.port {
+        return None;
+    }
+    let v4 = dst.ip.to_ipv4_mapped().is_some();
+    if at.ip == dst.ip {
+        Some(3)
+    } else if v4 && at.ip.to_ipv4_mapped() == Some(std::net::Ipv4Addr::UNSPECIFIED) {
+        Some(2)
+    } else if at.ip.is_unspecified() {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+/// An address of `/proc/net/tcp{,6}` (`0100007F:1F90`: the address as the kernel's 32-bit
+/// words in host byte order, hexadecimal, then the port).
+fn proc_endpoint(s: &str, v6: bool) -> Option<Endpoint> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| ip.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()))
+        .collect::<Option<_>>()?;
+    let mut b = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        b.get_mut(i * 4..i * 4 + 4)?.copy_from_slice(&w.to_ne_bytes());
+    }
+    let ip = match (v6, words.len()) {
+        (false, 1) => std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_ipv6_mapped(),
+        (true, 4) => std::net::Ipv6Addr::from(b),
+        _ => return None,
+    };
+    Some(Endpoint { ip, port })
 }
 
 /// Checks that the process serving the registration connection `reg` holds the listening
-/// socket `a` names, listening on `a`'s port in `a`'s network namespace (see the module docs).
-pub fn announcer(reg: BorrowedFd<'_>, a: &crate::announce::Announcement) -> Result<(), String> {
+/// socket `a` names, listening where `a` says and where a connection to `dst` arrives (the
+/// exact address or a wildcard of its family), in `a`'s network namespace (see the module
+/// docs). The process is pinned by a pidfd for the whole check, so its pid cannot be another
+/// process's by the end.
+pub fn announcer(
+    reg: BorrowedFd<'_>,
+    a: &crate::announce::Announcement,
+    dst: &Endpoint,
+) -> Result<(), String> {
     let (fd, inode) = a.listener.ok_or("the announcement names no listening socket")?;
-    let pid = peer_pid(reg).ok_or("its server is in a pid namespace this process cannot see")?;
+    let (pid, pidfd) = peer_process(reg)?;
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
         .map_err(|e| format!("cannot look at the descriptors of its server, pid {pid} ({e})"))?;
     if link.as_os_str() != std::ffi::OsStr::new(&format!("socket:[{inode}]")) {
         return Err(format!("its server, pid {pid}, does not hold the announced listening socket"));
     }
-    if !listens(pid, inode, a.bound.port)? {
-        return Err(format!("pid {pid}'s socket {inode} is not listening on port {}", a.bound.port));
+    // It must be the one socket a connection to `dst` reaches in its namespace: the most
+    // specific listener there, and alone at that level (another process of the user could
+    // listen beside it on another address, or join a SO_REUSEPORT group; then we cannot
+    // tell whose our connection is).
+    let all = listeners(pid)?;
+    let Some(&(at, _)) = all.iter().find(|(_, i)| *i == inode) else {
+        return Err(format!("pid {pid}'s socket {inode} is not listening"));
+    };
+    let mine = specificity(&at, dst);
+    let best = all.iter().filter_map(|(e, _)| specificity(e, dst)).max();
+    let rivals = all.iter().filter(|(e, i)| *i != inode && specificity(e, dst) == mine).count();
+    if at != a.bound || mine.is_none() || mine != best || rivals > 0 {
+        return Err(format!(
+            "pid {pid}'s socket {inode} listening at {at} is not the one listener a connection to {dst} reaches (announced: {})",
+            a.bound
+        ));
     }
     let ns_path = format!("/proc/{pid}/ns/net");
     let ns = rustix::fs::stat(ns_path.as_str()).map_err(|e| format!("cannot look at {ns_path}: {e}"))?;
@@ -240,5 +342,26 @@ pub fn announcer(reg: BorrowedFd<'_>, a: &crate::announce::Announcement) -> Resu
             }
         }
     }
+    // Still the same process: what /proc showed under its pid was its own.
+    if !alive(&pidfd) {
+        return Err(format!("its server, pid {pid}, exited during the check"));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_addresses() {
+        let e = proc_endpoint("0100007F:1F90", false).unwrap();
+        assert_eq!((e.ip(), e.port), ("127.0.0.1".parse().unwrap(), 8080));
+        let e = proc_endpoint("00000000000000000000000001000000:0050", true).unwrap();
+        assert_eq!((e.ip(), e.port), ("::1".parse().unwrap(), 80));
+        let e = proc_endpoint("0000000000000000FFFF00000100007F:0050", true).unwrap();
+        assert_eq!((e.ip(), e.port), ("127.0.0.1".parse().unwrap(), 80));
+        assert_eq!(proc_endpoint("zz:1", false), None);
+        assert_eq!(proc_endpoint("0100007F", false), None);
+    }
 }
