@@ -49,6 +49,9 @@ pub fn users(test: &str) -> Option<(User, User)> {
         eprintln!("note: {test} needs root (it creates unprivileged users); skipped");
         return None;
     }
+    // useradd locks /etc/passwd: tests of one process create the users one at a time.
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = CREATING.lock().unwrap_or_else(|e| e.into_inner());
     let mut got = Vec::new();
     for name in USER_NAMES {
         if lookup(name).is_none() {
