@@ -6,7 +6,7 @@
 # Tunables (kernel command line): chan_poll_count, chan_irq_count, chan_bulk_mib (the host
 # side's counts are vm-test.sh's).
 
-IVCOM_AGENT=/tmp/agent.sock
+IVCOM_AGENT=/tmp/ivcom/agent.sock
 export IVCOM_AGENT
 
 # The PCI address of the ivshmem-doorbell device: the 1af4:1110 device with a BAR1 (MSI-X).
@@ -53,7 +53,7 @@ chan_plain_bdf() {
 # sleeping, a 32 MiB transfer, and the idle CPU of polling agents.
 step_chan_plain() {
     bdf=$(chan_plain_bdf) || { echo "no 8 MiB ivshmem-plain device"; return 1; }
-    sock=/tmp/agent-plain.sock
+    sock=/tmp/ivcom/agent-plain.sock
     peer=0
     [ "$role" = b ] && peer=1
     ivcom agent --device "$bdf" --device-access sysfs --peer-id $peer --socket $sock >/tmp/agent-plain.log 2>&1 &
@@ -77,7 +77,7 @@ step_chan_plain() {
         ivcom vm-chan rtt plainirq --size 64 --count $((ic / 10)) --spin-us 0 --label plainirq64 || rc=1
         ivcom vm-chan transfer plainpoll --bytes $((32 << 20)) --label plainbulk || rc=1
         ivcom vm-chan idle plainpoll --secs 3 || rc=1
-        export IVCOM_AGENT=/tmp/agent.sock
+        export IVCOM_AGENT=/tmp/ivcom/agent.sock
     fi
     kill $apid 2>/dev/null
     wait $apid 2>/dev/null
