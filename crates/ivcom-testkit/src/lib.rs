@@ -1,8 +1,9 @@
 //! Test-only helpers for the security tests (never linked into a shipped binary).
 //!
 //! The security tests act out attacks as another local user would: they need root to create
-//! two unprivileged users ([`users`]) and network namespaces ([`NetNs`]), and they bound every
-//! child process they start ([`run_bounded`], [`Bounded`]), ending only those, by PID. Run
+//! two unprivileged users ([`users`]) (the attackers make their own user and network namespaces
+//! with `unshare`), and they bound every child process they start ([`run_bounded`],
+//! [`Bounded`]), ending only those, by PID. Run
 //! without root, [`users`] returns `None` and the tests print a note and pass without
 //! asserting anything (the README's test command runs them as root in CI).
 
@@ -194,58 +195,6 @@ impl Drop for Bounded {
 /// and whether it finished in time.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, bool) {
     Bounded::spawn(cmd).finish(limit)
-}
-
-/// A network namespace made for one test (`ip netns add`), deleted when dropped.
-#[derive(Debug)]
-pub struct NetNs {
-    /// Its name under `/run/netns`.
-    pub name: String,
-}
-
-impl NetNs {
-    /// Creates `ivcomsec-<tag>-<pid>` with its loopback up.
-    pub fn new(tag: &str) -> Self {
-        let name = format!("ivcomsec-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name} failed (needs root and iproute2)");
-        let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `ip -n NAME ARGS...` and panics if it fails.
-    pub fn ip(&self, args: &[&str]) {
-        let ok = Command::new("ip").arg("-n").arg(&self.name).args(args).status().is_ok_and(|s| s.success());
-        assert!(ok, "ip -n {} {args:?} failed", self.name);
-    }
-
-    /// A command that runs `argv` inside this namespace (as root; wrap with `setpriv` to drop
-    /// to a user).
-    pub fn command(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(argv);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-/// The argv prefix that drops from root to `user` (no supplementary groups) before running
-/// a program: for commands that must first enter a namespace as root.
-pub fn setpriv_as(user: &User) -> Vec<String> {
-    vec![
-        "setpriv".into(),
-        format!("--reuid={}", user.uid),
-        format!("--regid={}", user.gid),
-        "--clear-groups".into(),
-        "--".into(),
-    ]
 }
 
 /// Replaying fuzz corpora in the normal test suite: the seeds of `fuzz/corpus/<target>/`, and
