@@ -208,14 +208,7 @@ fn squatted_fallback_runtime_dir_is_refused() {
     squatter.wait_line("READY", T);
     assert_eq!(std::fs::metadata(&fallback).unwrap().uid(), attacker.uid);
 
-    let mut c = as_user(&victim, "connect_send", &[("TMPDIR", tmp_s)]);
-    let line = c.wait_line("CONNECT", T);
-    c.finish(T);
-    let mut b = as_user(&victim, "bind_once", &[("TMPDIR", tmp_s)]);
-    let bind = b.wait_line("BIND", T);
-    b.finish(T);
-    let got = got_lines(&mut squatter);
-    eprintln!("victim connect: {line}\nvictim bind: {bind}\nattacker: {got:?}");
+    let (line, bind, got) = victim_connects_and_binds(&victim, tmp_s, &mut squatter);
 
     assert!(got.is_empty(), "the attacker received a connection: {got:?}");
     for l in [&line, &bind] {
@@ -225,6 +218,20 @@ fn squatted_fallback_runtime_dir_is_refused() {
         assert!(l.contains(&format!("owner uid {}", attacker.uid)), "the error does not name the owner: {l}");
         assert!(l.contains("mode 0777"), "the error does not name the mode: {l}");
     }
+}
+
+/// The victim, with `TMPDIR=tmp`, connects and then binds through its default runtime
+/// directory; returns its two report lines and what the attacker's listener received.
+fn victim_connects_and_binds(victim: &User, tmp: &str, attacker: &mut Peer) -> (String, String, Vec<String>) {
+    let mut c = as_user(victim, "connect_send", &[("TMPDIR", tmp)]);
+    let line = c.wait_line("CONNECT", T);
+    c.finish(T);
+    let mut b = as_user(victim, "bind_once", &[("TMPDIR", tmp)]);
+    let bind = b.wait_line("BIND", T);
+    b.finish(T);
+    let got = got_lines(attacker);
+    eprintln!("victim connect: {line}\nvictim bind: {bind}\nattacker: {got:?}");
+    (line, bind, got)
 }
 
 /// (b) The victim's fallback runtime directory is a symlink the attacker planted, pointing to
@@ -253,14 +260,7 @@ fn symlinked_runtime_dir_is_refused() {
     assert!(st.success());
 
     let tmp_s = tmp.to_str().unwrap();
-    let mut c = as_user(&victim, "connect_send", &[("TMPDIR", tmp_s)]);
-    let line = c.wait_line("CONNECT", T);
-    c.finish(T);
-    let mut b = as_user(&victim, "bind_once", &[("TMPDIR", tmp_s)]);
-    let bind = b.wait_line("BIND", T);
-    b.finish(T);
-    let got = got_lines(&mut l);
-    eprintln!("victim connect: {line}\nvictim bind: {bind}\nattacker: {got:?}");
+    let (line, bind, got) = victim_connects_and_binds(&victim, tmp_s, &mut l);
     assert!(got.is_empty(), "the attacker received a connection: {got:?}");
     for l in [&line, &bind] {
         assert_eq!(kv(l, "ok"), Some("0"), "the victim followed the symlink: {l}");
