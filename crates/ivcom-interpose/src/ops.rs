@@ -690,6 +690,83 @@ pub unsafe fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     unsafe { real::sendmsg(fd, msg, flags) }
 }
 
+/// `recvmmsg` on a connection: one `recvmsg` per entry, as the kernel does for a stream
+/// socket (blocking for each unless `MSG_DONTWAIT`; after the first with
+/// `MSG_WAITFORONE`); stops at an error after the first entry, or when `timeout` has passed
+/// after an entry (the kernel checks it only then, too).
+///
+/// # Safety
+/// The C contract of `recvmmsg`.
+pub unsafe fn recvmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int, t: *mut timespec) -> c_int {
+    if !table::tracked(fd) || table::conn(fd).is_none() || v.is_null() {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::recvmmsg(fd, v, n, flags, t) };
+    }
+    let deadline = ts_timeout(t).and_then(|d| Instant::now().checked_add(d));
+    let mut f = flags & !libc::MSG_WAITFORONE;
+    let mut done: c_uint = 0;
+    while done < n.min(libc::UIO_MAXIOV as c_uint) {
+        // SAFETY: entry `done` of the program's array of `n`.
+        let e = unsafe { &mut *v.add(done as usize) };
+        // SAFETY: the program's message header.
+        let r = unsafe { recvmsg(fd, &mut e.msg_hdr, f) };
+        if r < 0 {
+            if done == 0 {
+                return -1;
+            }
+            break;
+        }
+        e.msg_len = r as c_uint;
+        done += 1;
+        if flags & libc::MSG_WAITFORONE != 0 {
+            f |= libc::MSG_DONTWAIT;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    if let Some(d) = deadline {
+        if !t.is_null() {
+            let left = d.saturating_duration_since(Instant::now());
+            // SAFETY: the program's timespec; the kernel writes back the time left.
+            unsafe { *t = timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ } };
+        }
+    }
+    done as c_int
+}
+
+/// `sendmmsg` on a connection: one `sendmsg` per entry; stops at an error after the first
+/// entry or at a short write, as the kernel does.
+///
+/// # Safety
+/// The C contract of `sendmmsg`.
+pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int) -> c_int {
+    if !table::tracked(fd) || table::conn(fd).is_none() || v.is_null() {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::sendmmsg(fd, v, n, flags) };
+    }
+    let mut done: c_uint = 0;
+    while done < n.min(libc::UIO_MAXIOV as c_uint) {
+        // SAFETY: entry `done` of the program's array of `n`.
+        let e = unsafe { &mut *v.add(done as usize) };
+        // SAFETY: the program's message header.
+        let r = unsafe { sendmsg(fd, &e.msg_hdr, flags) };
+        if r < 0 {
+            if done == 0 {
+                return -1;
+            }
+            break;
+        }
+        e.msg_len = r as c_uint;
+        done += 1;
+        let whole = iov_slice(e.msg_hdr.msg_iov, e.msg_hdr.msg_iovlen as c_int).map_or(0, iov_len);
+        if (r as usize) < whole {
+            break;
+        }
+    }
+    done as c_int
+}
+
 /// `dup`.
 ///
 /// # Safety
@@ -924,6 +1001,29 @@ pub unsafe fn epoll_pwait(
     unsafe { real::epoll_pwait(epfd, ev, max, timeout, mask) }
 }
 
+/// `epoll_pwait2` (a `timespec` timeout).
+///
+/// # Safety
+/// The C contract of `epoll_pwait2`.
+pub unsafe fn epoll_pwait2(
+    epfd: c_int,
+    ev: *mut epoll_event,
+    max: c_int,
+    t: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    if max > 0 && !ev.is_null() && table::tracked(epfd) {
+        if let Some(set) = epoll_set(epfd, false) {
+            if !set.is_empty() {
+                // SAFETY: the caller's contract.
+                return unsafe { epoll::wait(epfd, &set, ev, max, ts_timeout(t), mask) };
+            }
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::epoll_pwait2(epfd, ev, max, t, mask) }
+}
+
 /// `sendfile`: into a connection, bytes are read from the file and written to the ring.
 ///
 /// # Safety
@@ -1021,6 +1121,53 @@ pub unsafe fn splice(
     unsafe { real::splice(inp, ioff, out, ooff, n, flags) }
 }
 
+/// `vfork`, run as `fork`. A `vfork` child runs in its parent's memory, so the library's
+/// bookkeeping of whatever it does before its `exec` (CPython's subprocess points
+/// descriptors at a connection and closes every other one) would be the parent's. The
+/// interposed `vfork` cannot return twice through a frame of its own either, so the child
+/// gets a copy of the memory: for a program that keeps to what `vfork` allows, that is
+/// indistinguishable apart from the cost of copying the page tables.
+///
+/// # Safety
+/// The C contract of `vfork`.
+pub unsafe fn vfork() -> libc::pid_t {
+    // SAFETY: the caller's contract, which `fork`'s contains.
+    unsafe { fork() }
+}
+
+/// `clone`: a child that shares our memory but is not a thread of this process
+/// (`CLONE_VM` without `CLONE_THREAD`) runs with the library passing every call straight to
+/// the C library ([`table::foreign`]), so nothing it does touches this process's
+/// connections. The argument list is `clone`'s full one; the C library reads the optional
+/// ones only where `flags` asks for them.
+///
+/// # Safety
+/// The C contract of `clone`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn clone(
+    f: Option<real::CloneFn>,
+    stack: *mut c_void,
+    flags: c_int,
+    arg: *mut c_void,
+    ptid: *mut libc::pid_t,
+    tls: *mut c_void,
+    ctid: *mut libc::pid_t,
+) -> c_int {
+    let vm = flags & libc::CLONE_VM != 0 && flags & libc::CLONE_THREAD == 0;
+    if vm {
+        table::vm_child_starting();
+    }
+    // SAFETY: passed on unchanged.
+    let r = unsafe { real::clone(f, stack, flags, arg, ptid, tls, ctid) };
+    if vm && (r < 0 || flags & libc::CLONE_VFORK != 0) {
+        // The parent resumes only after a CLONE_VFORK child exec'd or exited.
+        let e = errno();
+        table::vm_child_done();
+        set_errno(e);
+    }
+    r
+}
+
 /// `fork`, with the table consistent in the child.
 ///
 /// # Safety
@@ -1032,6 +1179,7 @@ pub unsafe fn fork() -> libc::pid_t {
         let e = errno();
         crate::exec::after_fork();
         if r == 0 {
+            table::after_fork_in_child();
             crate::exec::after_fork_in_child();
         }
         set_errno(e);

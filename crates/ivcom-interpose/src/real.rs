@@ -7,6 +7,9 @@ use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, iovec, msghdr, n
 use libc::{loff_t, off_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The entry point `clone` runs in the child.
+pub type CloneFn = extern "C" fn(*mut c_void) -> c_int;
+
 fn resolve(name: &std::ffi::CStr) -> usize {
     // SAFETY: `dlsym` with RTLD_NEXT and a NUL-terminated name has no other precondition.
     let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
@@ -65,6 +68,8 @@ real! {
     sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t;
     recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t;
     sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t;
+    recvmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int, t: *mut timespec) -> c_int;
+    sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int) -> c_int;
     dup(fd: c_int) -> c_int;
     dup2(fd: c_int, to: c_int) -> c_int;
     dup3(fd: c_int, to: c_int, flags: c_int) -> c_int;
@@ -82,6 +87,8 @@ real! {
     sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t;
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t;
     fork() -> libc::pid_t;
+    epoll_pwait2(epfd: c_int, ev: *mut epoll_event, max: c_int, t: *const timespec, mask: *const sigset_t) -> c_int;
+    clone(f: Option<CloneFn>, stack: *mut c_void, flags: c_int, arg: *mut c_void, ptid: *mut pid_t, tls: *mut c_void, ctid: *mut pid_t) -> c_int;
     setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int;
     getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int;
     execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;

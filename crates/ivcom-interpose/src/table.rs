@@ -10,7 +10,7 @@
 //! ([`forget_stale`]): the kernel only hands out free numbers, so our socket there is gone.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use libc::c_int;
@@ -68,10 +68,46 @@ fn slot(fd: c_int) -> Option<&'static AtomicU8> {
     usize::try_from(fd).ok().and_then(|i| FLAGS.get(i))
 }
 
+/// Children started with `clone(CLONE_VM)` (not threads) that may still run in this
+/// process's memory; never decremented for children without `CLONE_VFORK` (their end is
+/// not observable).
+static VM_CHILDREN: AtomicU32 = AtomicU32::new(0);
+/// This process's pid, recorded when a `CLONE_VM` child is started (and after `fork`).
+static OWN_PID: AtomicI32 = AtomicI32::new(0);
+
+/// A `clone(CLONE_VM)` child is about to start: until [`vm_child_done`], every call made in
+/// a process other than this one ([`foreign`]) passes the table by.
+pub fn vm_child_starting() {
+    OWN_PID.store(rustix::process::getpid().as_raw_nonzero().get(), Ordering::SeqCst);
+    VM_CHILDREN.fetch_add(1, Ordering::SeqCst);
+}
+
+/// A `CLONE_VFORK` child has exec'd or exited (its parent resumed).
+pub fn vm_child_done() {
+    VM_CHILDREN.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// After `fork`, in the child: its own pid is the one that owns the table.
+pub fn after_fork_in_child() {
+    if VM_CHILDREN.load(Ordering::SeqCst) > 0 {
+        OWN_PID.store(rustix::process::getpid().as_raw_nonzero().get(), Ordering::SeqCst);
+    }
+}
+
+/// Whether the caller runs in another process's memory: a child of `clone(CLONE_VM)`
+/// (e.g. a `posix_spawn`-style helper) shares our memory but has its own descriptor
+/// table, so nothing it does may touch ours. Costs a load, and a `getpid` only while such a
+/// child may be running.
+#[inline]
+pub fn foreign() -> bool {
+    VM_CHILDREN.load(Ordering::Relaxed) > 0
+        && rustix::process::getpid().as_raw_nonzero().get() != OWN_PID.load(Ordering::Relaxed)
+}
+
 /// Whether `fd` may be ours (no lock taken).
 #[inline]
 pub fn tracked(fd: c_int) -> bool {
-    slot(fd).is_some_and(|f| f.load(Ordering::Relaxed) != 0)
+    slot(fd).is_some_and(|f| f.load(Ordering::Relaxed) != 0) && !foreign()
 }
 
 /// The entry of `fd`.
@@ -120,6 +156,9 @@ pub fn forget_stale(fd: c_int) {
 
 /// [`forget_stale`] for every descriptor at or above `first` (after `closefrom`).
 pub fn forget_from(first: c_int) {
+    if foreign() {
+        return;
+    }
     let fds: Vec<c_int> = {
         let t = TABLE.read().unwrap_or_else(|e| e.into_inner());
         t.range(first.max(0)..).map(|(fd, _)| *fd).collect()
@@ -130,6 +169,9 @@ pub fn forget_from(first: c_int) {
 
 /// Every accelerated connection (not plain) with its descriptors, for `exec`.
 pub fn conns() -> Vec<(c_int, Arc<TcpConn>)> {
+    if foreign() {
+        return Vec::new();
+    }
     TABLE
         .read()
         .unwrap_or_else(|e| e.into_inner())
@@ -153,6 +195,9 @@ pub fn conn(fd: c_int) -> Option<Arc<TcpConn>> {
 /// Records `fd` (which must be below [`MAX_FD`]) with the identity of what it refers to now
 /// (one `fstat`); returns false if it is out of range or not open.
 pub fn set(fd: c_int, e: Entry) -> bool {
+    if foreign() {
+        return false;
+    }
     let Some(f) = slot(fd) else { return false };
     let Some(ident) = Ident::of(fd) else { return false };
     set_with(f, fd, e, ident);
@@ -168,7 +213,7 @@ fn set_with(f: &AtomicU8, fd: c_int, entry: Entry, ident: Ident) {
 /// Forgets `fd` (it was closed). The entry is dropped after the lock is released.
 pub fn remove(fd: c_int) -> Option<Entry> {
     let f = slot(fd)?;
-    if f.load(Ordering::Relaxed) == 0 {
+    if f.load(Ordering::Relaxed) == 0 || foreign() {
         return None;
     }
     let e = {
@@ -187,6 +232,9 @@ pub fn remove(fd: c_int) -> Option<Entry> {
 /// `new` now refers to what `old` refers to (after `dup2`/`F_DUPFD`). `old` is checked
 /// first ([`verify`]) when it is tracked, so a stale entry is not copied.
 pub fn copy(old: c_int, new: c_int) {
+    if foreign() {
+        return;
+    }
     let dropped = remove(new);
     if tracked(old) && verify(old) {
         let s = TABLE.read().unwrap_or_else(|e| e.into_inner()).get(&old).cloned();

@@ -171,11 +171,44 @@ impl Held {
     }
 }
 
+/// Whether a blocking call the kernel would restart after a signal (a read, write, `accept`
+/// or `connect` on a socket) should go on after the library's own sleep was interrupted:
+/// true when every handler installed has `SA_RESTART`. Used only where the sleep itself is a
+/// `poll` (which the kernel never restarts); the kernel cannot say which signal ran, so a
+/// program with handlers of both kinds gets `EINTR`, which it must handle anyway.
+pub fn restart_after_signal() -> bool {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: reading the disposition of a signal into a local; no change is made.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; a null new action only reads.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+            continue;
+        }
+        if old.sa_sigaction != libc::SIG_DFL
+            && old.sa_sigaction != libc::SIG_IGN
+            && old.sa_flags & libc::SA_RESTART == 0
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// Blocks until `conn` may be readable (`read`) or writable, or `deadline` passes
-/// (`Err(EAGAIN)`). Signals do not end the wait (as `SA_RESTART` does for TCP). Before it
-/// sleeps in the kernel it takes its own duplicate of `*fd` into `held` (unless it holds one
-/// already) and points `*fd` at it, so the caller goes on with the duplicate; the polling
-/// phase before makes no system call.
+/// (`Err(EAGAIN)`). Before it sleeps in the kernel it takes its own duplicate of `*fd` into
+/// `held` (unless it holds one already) and points `*fd` at it, so the caller goes on with
+/// the duplicate; the polling phase before makes no system call.
+///
+/// Signals act as on a blocking TCP call: the sleep is, where it can be, a blocking
+/// `recv(MSG_PEEK)` of one byte on the socket (a peer's wakeup byte, FIN or RST ends it),
+/// which the kernel itself restarts after a handler with `SA_RESTART` and ends with `EINTR`
+/// after one without, and ends at `SO_RCVTIMEO`. Where it cannot (a write with
+/// `SO_SNDTIMEO`, several threads on one connection, a write still going over TCP), the
+/// sleep is a `poll`, and an interrupted one ends the call with `EINTR` unless
+/// [`restart_after_signal`].
 pub fn wait_fd(
     conn: &TcpConn,
     fd: &mut c_int,
@@ -198,21 +231,38 @@ pub fn wait_fd(
         return Ok(());
     }
     let closed = conn.peer_closed();
-    let mut events = 0;
-    if read || !closed {
-        events |= libc::POLLIN | libc::POLLRDHUP;
-    }
-    if !read && conn.tx_on_tcp() {
-        events |= libc::POLLOUT;
-    }
-    let mut p = [pollfd { fd, events, revents: 0 }];
-    let r = kernel_poll(&mut p, armed.timeout(deadline), std::ptr::null());
-    let interrupted = r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+    let tx_tcp = !read && conn.tx_on_tcp();
+    let (r, err) = if !armed.short && !tx_tcp && (read || deadline.is_none()) {
+        let mut b = [0u8; 1];
+        // SAFETY: a blocking one-byte peek into a local buffer on our own duplicate.
+        let r = unsafe { crate::real::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        // A byte, EOF (0) or an error other than a timeout or a signal: something to look at.
+        let r = if r >= 0 || (e != libc::EAGAIN && e != libc::EINTR) { 1 } else if e == libc::EAGAIN { 0 } else { -1 };
+        (r, e)
+    } else {
+        let mut events = 0;
+        if read || !closed {
+            events |= libc::POLLIN | libc::POLLRDHUP;
+        }
+        if tx_tcp {
+            events |= libc::POLLOUT;
+        }
+        let mut p = [pollfd { fd, events, revents: 0 }];
+        let r = kernel_poll(&mut p, armed.timeout(deadline), std::ptr::null());
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let replaced = held.as_ref().is_some_and(Held::replaced);
+        if r < 0 && e == libc::EINTR && (replaced || !restart_after_signal()) {
+            armed.slept(r);
+            return Err(libc::EINTR);
+        }
+        (r, e)
+    };
     armed.slept(r);
     drop(armed);
-    // A signal while another thread took the descriptor away (closed it, or put another
-    // file in its place, as the JDK does to end a blocked read): end the call with EINTR.
-    if interrupted && held.as_ref().is_some_and(Held::replaced) {
+    if r < 0 && err == libc::EINTR {
+        // The kernel did not restart the peek: a handler without SA_RESTART ran (or another
+        // thread took the descriptor away, as the JDK does to end a blocked read).
         return Err(libc::EINTR);
     }
     if r > 0 {

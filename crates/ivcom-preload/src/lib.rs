@@ -60,6 +60,11 @@ shims! {
     sendfile64(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t => ops::sendfile(out, inp, off, n);
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t => ops::splice(inp, ioff, out, ooff, n, flags);
     fork() -> pid_t => ops::fork();
+    vfork() -> pid_t => ops::vfork();
+    clone(f: Option<real::CloneFn>, stack: *mut c_void, flags: c_int, arg: *mut c_void, ptid: *mut pid_t, tls: *mut c_void, ctid: *mut pid_t) -> c_int => ops::clone(f, stack, flags, arg, ptid, tls, ctid);
+    recvmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int, t: *mut timespec) -> c_int => ops::recvmmsg(fd, v, n, flags, t);
+    sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int) -> c_int => ops::sendmmsg(fd, v, n, flags);
+    epoll_pwait2(epfd: c_int, ev: *mut epoll_event, max: c_int, t: *const timespec, mask: *const sigset_t) -> c_int => ops::epoll_pwait2(epfd, ev, max, t, mask);
     setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int => ops::setsockopt(fd, level, name, val, len);
     getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int => ops::getsockopt(fd, level, name, val, len);
     __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t => {
