@@ -275,13 +275,14 @@ impl Listening {
             Ok(f)
         })();
         let lock = match lock {
-            Ok(l) => l,
+            Ok(l) => crate::fds::lift(l),
             Err(e) => {
                 let _ = dir.unlink(&tmp);
                 let _ = dir.unlink(&sock_name);
                 return Err(e);
             }
         };
+        let sock = crate::fds::lift(sock);
         Ok(Listening { sock, lock: Some(lock), dir, stem, stash: Mutex::new(Vec::new()) })
     }
 
@@ -312,6 +313,8 @@ impl Listening {
             if stash.len() >= MAX_PENDING {
                 stash.remove(0);
             }
+            let (conn, region, socket) =
+                (crate::fds::lift(conn), crate::fds::lift(region), crate::fds::lift(socket));
             stash.push(Pending { tuple, conn, region, socket: Some(socket) });
         }
         // Check the sockets that are connected by now and let go of them.

@@ -265,6 +265,7 @@ impl TcpConn {
         // Never inherited across exec unasked: a memfd passed on by a previous program image
         // arrives without the flag (`F_SETFD` on an open descriptor cannot fail).
         let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::CLOEXEC);
+        let region_fd = crate::fds::lift(region_fd);
         TcpConn {
             map,
             region_fd,
@@ -359,7 +360,7 @@ impl TcpConn {
         c.error.store(p.error, Ordering::Relaxed);
         c.tcp_opts[0].store(p.tcp_opts[0], Ordering::Relaxed);
         c.tcp_opts[1].store(p.tcp_opts[1], Ordering::Relaxed);
-        *lock(&c.registration) = registration;
+        *lock(&c.registration) = registration.map(crate::fds::lift);
         Ok(c)
     }
 
@@ -451,7 +452,7 @@ impl TcpConn {
 
     /// Keeps the registration connection open until the claim is seen.
     pub fn hold_registration(&self, s: OwnedFd) {
-        *lock(&self.registration) = Some(s);
+        *lock(&self.registration) = Some(crate::fds::lift(s));
     }
 
     /// Which end this is.
@@ -869,12 +870,14 @@ impl TcpConn {
             return true;
         }
         let mut rx = lock(&self.rx);
-        if rx.tcp_data {
-            return true;
-        }
         match self.rx_mode(&mut rx) {
-            Ok(RxMode::Ring) => rx.r.available(self.region()).map(|n| n > 0).unwrap_or(true),
-            Ok(RxMode::Tcp { .. }) => false,
+            Ok(RxMode::Ring) => {
+                // What the kernel reported before the switch was data up to the switch
+                // point (read since) or wakeups: it says nothing about the ring.
+                rx.tcp_data = false;
+                rx.r.available(self.region()).map(|n| n > 0).unwrap_or(true)
+            }
+            Ok(RxMode::Tcp { .. }) => rx.tcp_data,
             Err(_) => true,
         }
     }

@@ -16,12 +16,15 @@ use crate::wait::{ready_in_memory, set_errno, spin, Armed};
 const TAG: u64 = 0x1f0c_a11e_0000_0000;
 const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
 
-/// What we register in the kernel for a connection.
-pub const KERNEL_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-
-/// The kernel event that stands for connection `fd`.
-pub fn kernel_event(fd: c_int) -> epoll_event {
-    epoll_event { events: KERNEL_EVENTS, u64: TAG | fd as u32 as u64 }
+/// What we register in the kernel for a connection whose program registration asks for
+/// `want`: input (the peer's wakeup bytes, FIN, RST) and hang-up, edge-triggered; output
+/// only if the program asks for it (writability of the TCP socket matters only while writes
+/// still go over TCP). An instance must not look ready to `poll` or to an outer instance
+/// for an event its program did not ask for.
+pub fn kernel_event(fd: c_int, want: u32) -> epoll_event {
+    let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+    events |= want & libc::EPOLLOUT as u32;
+    epoll_event { events, u64: TAG | fd as u32 as u64 }
 }
 
 #[derive(Debug)]
@@ -34,10 +37,26 @@ struct Reg {
     last_out: Option<u64>,
 }
 
-/// Our registrations in one epoll instance.
+/// An epoll instance registered in this one (epoll inside epoll). The kernel keeps the
+/// program's own registration; what the kernel cannot see is readiness that lives in shared
+/// memory among the inner instance's connections, which is added here.
+#[derive(Debug)]
+struct Nested {
+    set: Arc<EpollSet>,
+    events: u32,
+    data: u64,
+    disabled: bool,
+}
+
+/// How deep epoll instances are followed inside each other (the kernel allows 5 levels).
+const MAX_DEPTH: usize = 5;
+
+/// Our registrations in one epoll instance: each epoll instance the program creates has
+/// one (empty until it watches one of our connections, or an instance that does).
 #[derive(Debug, Default)]
 pub struct EpollSet {
     regs: Mutex<BTreeMap<c_int, Reg>>,
+    nested: Mutex<BTreeMap<c_int, Nested>>,
 }
 
 impl EpollSet {
@@ -53,15 +72,80 @@ impl EpollSet {
         );
     }
 
-    /// Forgets `fd` (removed, or closed).
-    pub fn forget(&self, fd: c_int) {
-        let r = self.regs().remove(&fd);
-        drop(r);
+    fn nested(&self) -> std::sync::MutexGuard<'_, BTreeMap<c_int, Nested>> {
+        self.nested.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether any connection is registered.
+    /// Records (or updates) the program's registration of the epoll instance `fd`.
+    pub fn put_nested(&self, fd: c_int, set: Arc<EpollSet>, ev: &epoll_event) {
+        self.nested().insert(fd, Nested { set, events: ev.events, data: ev.u64, disabled: false });
+    }
+
+    /// Forgets `fd` (removed, or closed), whether a connection or an epoll instance.
+    pub fn forget(&self, fd: c_int) {
+        let r = self.regs().remove(&fd);
+        let n = self.nested().remove(&fd);
+        drop((r, n));
+    }
+
+    /// Whether no connection is registered, here or in an instance registered here.
     pub fn is_empty(&self) -> bool {
-        self.regs().is_empty()
+        self.is_empty_at(0)
+    }
+
+    fn is_empty_at(&self, depth: usize) -> bool {
+        if !self.regs().is_empty() {
+            return false;
+        }
+        depth >= MAX_DEPTH || self.nested_sets().iter().all(|s| s.is_empty_at(depth + 1))
+    }
+
+    fn nested_sets(&self) -> Vec<Arc<EpollSet>> {
+        self.nested().values().filter(|n| !n.disabled).map(|n| n.set.clone()).collect()
+    }
+
+    /// Whether an `epoll_wait` on this instance would report one of our connections now
+    /// (data, EOF or an error in shared memory; an edge not yet reported): what makes the
+    /// instance itself readable to `poll` or to an outer instance.
+    pub fn any_ready(&self) -> bool {
+        self.any_ready_at(0)
+    }
+
+    fn any_ready_at(&self, depth: usize) -> bool {
+        let regs: Vec<(c_int, Arc<TcpConn>, u32, Option<u64>, Option<u64>)> = self
+            .regs()
+            .iter()
+            .filter(|(_, r)| !r.disabled && !r.conn.is_plain())
+            .map(|(fd, r)| (*fd, r.conn.clone(), r.events, r.last_in, r.last_out))
+            .collect();
+        for (fd, c, want, last_in, last_out) in regs {
+            let (i, o) = event_parts(&c, fd, want);
+            let et = want & libc::EPOLLET as u32 != 0;
+            if (i != 0 && (!et || last_in != Some(c.in_signature())))
+                || (o != 0 && (!et || last_out != Some(c.out_signature())))
+            {
+                return true;
+            }
+        }
+        depth < MAX_DEPTH && self.nested_sets().iter().any(|s| s.any_ready_at(depth + 1))
+    }
+
+    /// Every connection registered here or in an instance registered here, with the
+    /// events the program asked for.
+    pub fn snapshot_deep(&self) -> Vec<(Arc<TcpConn>, u32)> {
+        let mut out = self.snapshot();
+        let mut todo = self.nested_sets();
+        let mut depth = 0;
+        while !todo.is_empty() && depth < MAX_DEPTH {
+            let mut next = Vec::new();
+            for s in &todo {
+                out.extend(s.snapshot());
+                next.extend(s.nested_sets());
+            }
+            todo = next;
+            depth += 1;
+        }
+        out
     }
 
     /// Copies the kernel's events out, turning ours into readiness bookkeeping.
@@ -110,21 +194,7 @@ impl EpollSet {
             let c = &reg.conn;
             let want = reg.events;
             let et = want & libc::EPOLLET as u32 != 0;
-            let rd = c.readiness(fd, want & libc::EPOLLIN as u32 != 0, want & libc::EPOLLOUT as u32 != 0);
-            let mut in_part = 0u32;
-            if rd.readable {
-                in_part |= libc::EPOLLIN as u32;
-            }
-            if rd.peer_closed {
-                in_part |= want & libc::EPOLLRDHUP as u32;
-            }
-            if rd.hangup {
-                in_part |= libc::EPOLLHUP as u32;
-            }
-            if rd.error {
-                in_part |= (libc::EPOLLERR | libc::EPOLLHUP) as u32;
-            }
-            let mut out_part = if rd.writable { libc::EPOLLOUT as u32 } else { 0 };
+            let (mut in_part, mut out_part) = event_parts(c, fd, want);
             if et {
                 if in_part != 0 {
                     let sig = c.in_signature();
@@ -152,12 +222,56 @@ impl EpollSet {
                 }
             }
         }
+        drop(regs);
+        // Inner epoll instances whose connections are ready in shared memory (unless the
+        // kernel already reported the instance in this round).
+        let inner: Vec<(c_int, Arc<EpollSet>, u32, u64)> = self
+            .nested()
+            .iter()
+            .filter(|(_, x)| !x.disabled && x.events & libc::EPOLLIN as u32 != 0)
+            .map(|(fd, x)| (*fd, x.set.clone(), x.events, x.data))
+            .collect();
+        for (fd, set, events, data) in inner {
+            if n >= out.len() {
+                break;
+            }
+            if out[..n].iter().any(|e| e.u64 == data) || !set.any_ready() {
+                continue;
+            }
+            out[n] = epoll_event { events: libc::EPOLLIN as u32, u64: data };
+            n += 1;
+            if events & libc::EPOLLONESHOT as u32 != 0 {
+                if let Some(x) = self.nested().get_mut(&fd) {
+                    x.disabled = true;
+                }
+            }
+        }
         n
     }
 
     fn snapshot(&self) -> Vec<(Arc<TcpConn>, u32)> {
         self.regs().values().filter(|r| !r.disabled).map(|r| (r.conn.clone(), r.events)).collect()
     }
+}
+
+/// The input and output parts of the events connection `fd` has for a registration that
+/// asks for `want` (level-triggered view; edges are the caller's).
+fn event_parts(c: &TcpConn, fd: c_int, want: u32) -> (u32, u32) {
+    let rd = c.readiness(fd, want & libc::EPOLLIN as u32 != 0, want & libc::EPOLLOUT as u32 != 0);
+    let mut in_part = 0u32;
+    if rd.readable {
+        in_part |= libc::EPOLLIN as u32;
+    }
+    if rd.peer_closed {
+        in_part |= want & libc::EPOLLRDHUP as u32;
+    }
+    if rd.hangup {
+        in_part |= libc::EPOLLHUP as u32;
+    }
+    if rd.error {
+        in_part |= (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+    }
+    (in_part, if rd.writable { libc::EPOLLOUT as u32 } else { 0 })
 }
 
 /// `epoll_pwait` on an instance where some of our connections are registered.
@@ -194,7 +308,7 @@ pub unsafe fn wait(
         if n > 0 || timeout == Some(Duration::ZERO) || deadline.is_some_and(|d| Instant::now() >= d) {
             return n as c_int;
         }
-        let snap = set.snapshot();
+        let snap = set.snapshot_deep();
         if !spun {
             spun = true;
             let mut i = 0u32;

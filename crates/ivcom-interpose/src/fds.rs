@@ -4,6 +4,20 @@
 //! `close` seeing it, and is dropped before the program sees the number. `fclose`,
 //! `freopen` and `closefrom` close through C library internals and are followed here too.
 //! None of this makes a system call unless an entry is found stale.
+//!
+//! The library's own long-lived descriptors (region memfds, registration and announcement
+//! sockets, locks, the log) are kept out of the program's way ([`lift`]): numbered at or above
+//! the soft `RLIMIT_NOFILE`, where the program cannot allocate, so that a program sized to
+//! its limit reaches as many connections as over TCP; and recorded, so that a program that
+//! closes every descriptor it does not know (`close_range`, `closefrom`, a loop over
+//! `/proc/self/fd`) gets `EBADF` for them, as it would without the library, instead of
+//! closing them.
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use libc::{c_int, FILE};
 
@@ -22,7 +36,126 @@ pub fn fresh(r: c_int) -> c_int {
     if r >= 0 && table::tracked(r) {
         keep_errno(|| table::forget_stale(r));
     }
+    if r >= LOWEST_OWN.load(Ordering::Relaxed) {
+        // Closed behind our back (not through `close`): no longer ours.
+        disown(r);
+    }
     r
+}
+
+/// The library's own descriptors ([`lift`]); [`LOWEST_OWN`] is the smallest of them, so
+/// that `close` of any lower number (nearly all of the program's) takes no lock.
+static OWN: Mutex<BTreeSet<c_int>> = Mutex::new(BTreeSet::new());
+static LOWEST_OWN: AtomicI32 = AtomicI32::new(c_int::MAX);
+
+fn own() -> std::sync::MutexGuard<'static, BTreeSet<c_int>> {
+    OWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn disown(fd: c_int) {
+    let mut o = own();
+    if o.remove(&fd) {
+        LOWEST_OWN.store(o.first().copied().unwrap_or(c_int::MAX), Ordering::Relaxed);
+    }
+}
+
+/// Whether `fd` is one of the library's own descriptors.
+#[inline]
+pub fn is_own(fd: c_int) -> bool {
+    fd >= LOWEST_OWN.load(Ordering::Relaxed) && own().contains(&fd)
+}
+
+/// The library's own descriptors in `first..=last`, in order.
+pub fn own_in(first: c_int, last: c_int) -> Vec<c_int> {
+    if last < LOWEST_OWN.load(Ordering::Relaxed) || first > last {
+        return Vec::new();
+    }
+    own().range(first..=last).copied().collect()
+}
+
+thread_local! {
+    /// How deep this thread is in intercepted calls: 1 inside a call the program made, more
+    /// when the library's own work calls an intercepted function (its `close` of a descriptor
+    /// of its own goes through the C library's `close`, which is ours).
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Held for the duration of an intercepted call ([`entered`]).
+#[derive(Debug)]
+pub struct Entered(());
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+/// Marks this thread as inside an intercepted call until the guard is dropped.
+#[inline]
+pub fn entered() -> Entered {
+    DEPTH.with(|d| d.set(d.get() + 1));
+    Entered(())
+}
+
+/// Whether the current intercepted call was made by the program (not by the library's own
+/// work from inside another one).
+#[inline]
+pub fn program_call() -> bool {
+    DEPTH.with(|d| d.get() == 1)
+}
+
+/// The library is closing `fd` itself: it is no longer one of its own.
+#[inline]
+pub fn closing_own(fd: c_int) {
+    if fd >= LOWEST_OWN.load(Ordering::Relaxed) {
+        disown(fd);
+    }
+}
+
+/// Makes `fd` one of the library's own descriptors: moved to a number at or above the soft
+/// `RLIMIT_NOFILE` when the hard limit leaves room (the soft limit is raised for the one
+/// `F_DUPFD_CLOEXEC` and put back: three system calls), and recorded. Where there is no room
+/// the descriptor keeps its number, recorded all the same. Close-on-exec either way.
+pub fn lift(fd: OwnedFd) -> OwnedFd {
+    let fd = if soft_limit().is_some_and(|s| fd.as_raw_fd() as u64 >= s) {
+        fd
+    } else {
+        above_limit(fd.as_fd()).unwrap_or(fd)
+    };
+    let raw = fd.as_raw_fd();
+    let mut o = own();
+    o.insert(raw);
+    LOWEST_OWN.fetch_min(raw, Ordering::Relaxed);
+    drop(o);
+    fd
+}
+
+/// A close-on-exec duplicate of `fd` numbered at or above the soft `RLIMIT_NOFILE`.
+pub fn dup_own(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let d = match above_limit(fd) {
+        Some(d) => d,
+        None => rustix::io::fcntl_dupfd_cloexec(fd, 0)?,
+    };
+    Ok(lift(d))
+}
+
+fn soft_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+fn above_limit(fd: BorrowedFd<'_>) -> Option<OwnedFd> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let soft = lim.current?;
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    if soft >= hard || soft > c_int::MAX as u64 {
+        return None;
+    }
+    let raised = Rlimit { current: Some(hard.min(soft + (1 << 16))), maximum: lim.maximum };
+    setrlimit(Resource::Nofile, raised).ok()?;
+    let d = rustix::io::fcntl_dupfd_cloexec(fd, soft as c_int).ok();
+    let _ = setrlimit(Resource::Nofile, lim);
+    d
 }
 
 /// [`fresh`] for the two descriptors `pipe`/`socketpair` wrote to `fds` when `r` is 0.
@@ -103,11 +236,17 @@ pub unsafe fn freopen(
     unsafe { fresh_file(r) }
 }
 
-/// `closefrom`.
+/// `closefrom`: as `close_range(first, ~0, 0)`, which keeps the library's own descriptors.
 pub fn closefrom(first: c_int) {
-    table::forget_from(first);
-    // SAFETY: passed on unchanged.
-    unsafe { crate::real::closefrom(first) };
+    if own_in(first.max(0), c_int::MAX).is_empty() {
+        table::forget_from(first);
+        // SAFETY: passed on unchanged.
+        unsafe { crate::real::closefrom(first) };
+    } else {
+        table::forget_from(first);
+        // SAFETY: the C contract of closefrom, as close_range.
+        unsafe { crate::ops::close_range(first.max(0) as libc::c_uint, libc::c_uint::MAX, 0) };
+    }
 }
 
 /// `recvmsg` passed descriptors in (`SCM_RIGHTS`): they are new numbers.

@@ -220,6 +220,14 @@ fn claim(l: &Listening, nfd: c_int) {
 /// # Safety
 /// The C contract of `close`.
 pub unsafe fn close(fd: c_int) -> c_int {
+    if crate::fds::program_call() {
+        if crate::fds::is_own(fd) {
+            // Not the program's: as without the library, there is nothing open there.
+            return fail(libc::EBADF);
+        }
+    } else {
+        crate::fds::closing_own(fd);
+    }
     let e = forget_closing(fd);
     // SAFETY: passed on unchanged.
     let r = unsafe { real::close(fd) };
@@ -274,8 +282,31 @@ pub unsafe fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
             fd += 1;
         }
     }
-    // SAFETY: passed on unchanged.
-    let r = unsafe { real::close_range(first, last, flags) };
+    let own = if crate::fds::program_call() {
+        crate::fds::own_in(first.min(c_int::MAX as c_uint) as c_int, last.min(c_int::MAX as c_uint) as c_int)
+    } else {
+        Vec::new()
+    };
+    let r = if own.is_empty() || flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 {
+        // SAFETY: passed on unchanged.
+        unsafe { real::close_range(first, last, flags) }
+    } else {
+        // The library's own descriptors stay open: close the ranges between them.
+        let mut r = 0;
+        let mut from = first as u64;
+        for o in own.iter().map(|&o| o as u64).chain(std::iter::once(last as u64 + 1)) {
+            if o > from {
+                // SAFETY: closing the program's own descriptors in a part of its range.
+                let x = unsafe { real::close_range(from as c_uint, (o - 1) as c_uint, flags) };
+                if x != 0 {
+                    r = x;
+                    break;
+                }
+            }
+            from = o + 1;
+        }
+        r
+    };
     let err = errno();
     drop(dropped);
     set_errno(err);
@@ -935,7 +966,20 @@ fn epoll_set(epfd: c_int, create: bool) -> Option<Arc<EpollSet>> {
     }
 }
 
-/// `epoll_ctl`: our connections are registered with a tag and tracked here.
+/// `epoll_create`/`epoll_create1` returned `r`: every epoll instance gets an (empty) set,
+/// so that one registered in another instance, or polled, is known as one.
+pub fn epoll_created(r: c_int) -> c_int {
+    let r = crate::fds::fresh(r);
+    if r >= 0 {
+        let e = errno();
+        table::set(r, Entry::Epoll(Arc::new(EpollSet::default())));
+        set_errno(e);
+    }
+    r
+}
+
+/// `epoll_ctl`: our connections are registered with a tag and tracked here; an epoll
+/// instance registered in another is recorded (the kernel keeps the program's registration).
 ///
 /// # Safety
 /// The C contract of `epoll_ctl`.
@@ -943,10 +987,28 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
     // Not checked against the recorded identity here: event loops re-arm with `epoll_ctl`
     // once or more per request, and an `fstat` each would add a system call to the busy
     // path. A number reused behind our back was already forgotten when a call returned it.
-    let conn = if table::tracked(fd) { table::conn(fd) } else { None };
-    let Some(conn) = conn else {
-        // SAFETY: passed on unchanged.
-        return unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+    let entry = if table::tracked(fd) { table::get(fd) } else { None };
+    let conn = match entry {
+        Some(Entry::Conn(c)) if !c.is_plain() => c,
+        Some(Entry::Epoll(inner)) => {
+            // SAFETY: passed on unchanged.
+            let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+            if r == 0 {
+                if let Some(outer) = epoll_set(epfd, op != libc::EPOLL_CTL_DEL) {
+                    if op == libc::EPOLL_CTL_DEL || ev.is_null() {
+                        outer.forget(fd);
+                    } else {
+                        // SAFETY: the program's event, just accepted by the kernel.
+                        outer.put_nested(fd, inner, unsafe { &*ev });
+                    }
+                }
+            }
+            return r;
+        }
+        _ => {
+            // SAFETY: passed on unchanged.
+            return unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+        }
     };
     let Some(set) = epoll_set(epfd, op != libc::EPOLL_CTL_DEL) else {
         // SAFETY: passed on unchanged.
@@ -959,7 +1021,7 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
             }
             // SAFETY: the program's event.
             let app = unsafe { *ev };
-            let mut k = epoll::kernel_event(fd);
+            let mut k = epoll::kernel_event(fd, app.events);
             // SAFETY: our event for the program's instance.
             let r = unsafe { real::epoll_ctl(epfd, op, fd, &mut k) };
             if r == 0 {

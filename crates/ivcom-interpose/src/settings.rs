@@ -63,7 +63,8 @@ impl Settings {
             Some(v) if v == "stderr" => rustix::io::dup(rustix::stdio::stderr()).ok(),
             Some(v) if !v.is_empty() => open_log(&PathBuf::from(v)),
             _ => None,
-        };
+        }
+        .map(crate::fds::lift);
         Settings { enabled, spin, ring, max_region, dir, log }
     }
 }
@@ -72,6 +73,7 @@ impl Settings {
 pub fn runtime_dir() -> Result<RuntimeDir, String> {
     RuntimeDir::resolve(&ivcom::Options::new())
         .and_then(|d| d.subdir("tcp", DirAccess::Private))
+        .map(|d| d.with_fd(crate::fds::lift))
         .map_err(|e| e.to_string())
 }
 

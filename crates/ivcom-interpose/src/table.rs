@@ -221,7 +221,7 @@ pub fn remove(fd: c_int) -> Option<Entry> {
         f.store(0, Ordering::Relaxed);
         t.remove(&fd).map(|s| s.entry)
     };
-    if let Some(Entry::Conn(_)) = &e {
+    if let Some(Entry::Conn(_) | Entry::Epoll(_)) = &e {
         for set in epoll_sets() {
             set.forget(fd);
         }

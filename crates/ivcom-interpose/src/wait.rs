@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libc::{c_int, nfds_t, pollfd, sigset_t, timespec};
+use libc::{c_int, c_ulong, nfds_t, pollfd, sigset_t, timespec};
 
 use crate::conn::{Errno, TcpConn, R};
+use crate::epoll::EpollSet;
 use crate::settings::{self, count, COUNTERS};
 use crate::table;
 
@@ -149,7 +150,7 @@ impl Held {
         let want = table::ident(fd).ok_or(libc::EBADF)?;
         // SAFETY: `fd` is borrowed for this one `fcntl`.
         let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let d = rustix::io::fcntl_dupfd_cloexec(b, 0).map_err(|e| e.raw_os_error())?;
+        let d = crate::fds::dup_own(b).map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?;
         let got = rustix::fs::fstat(&d).ok().map(|st| table::Ident { dev: st.st_dev, ino: st.st_ino });
         if got != Some(want) {
             table::verify(fd);
@@ -238,7 +239,13 @@ pub fn wait_fd(
         let r = unsafe { crate::real::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };
         let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         // A byte, EOF (0) or an error other than a timeout or a signal: something to look at.
-        let r = if r >= 0 || (e != libc::EAGAIN && e != libc::EINTR) { 1 } else if e == libc::EAGAIN { 0 } else { -1 };
+        let r = if r >= 0 || (e != libc::EAGAIN && e != libc::EINTR) {
+            1
+        } else if e == libc::EAGAIN {
+            0
+        } else {
+            -1
+        };
         (r, e)
     } else {
         let mut events = 0;
@@ -302,14 +309,22 @@ fn revents_of(c: &TcpConn, fd: c_int, events: i16) -> i16 {
 /// # Safety
 /// `fds` points to `n` valid `pollfd`s.
 pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask: *const sigset_t) -> c_int {
-    let mut ours: Vec<(usize, Arc<TcpConn>)> = if fds.is_null() || n == 0 {
-        Vec::new()
-    } else {
+    let mut ours: Vec<(usize, Arc<TcpConn>)> = Vec::new();
+    // Epoll instances watching some of our connections: readable when one of those is
+    // ready in shared memory, and those are armed while this call sleeps.
+    let mut eps: Vec<(usize, Arc<EpollSet>)> = Vec::new();
+    if !fds.is_null() && n > 0 {
         // SAFETY: the caller's array.
         let s = unsafe { std::slice::from_raw_parts(fds, n as usize) };
-        s.iter().enumerate().filter_map(|(i, p)| table::conn(p.fd).map(|c| (i, c))).collect()
-    };
-    if ours.is_empty() {
+        for (i, p) in s.iter().enumerate() {
+            match table::get(p.fd) {
+                Some(table::Entry::Conn(c)) if !c.is_plain() => ours.push((i, c)),
+                Some(table::Entry::Epoll(e)) if !e.is_empty() => eps.push((i, e)),
+                _ => {}
+            }
+        }
+    }
+    if ours.is_empty() && eps.is_empty() {
         let ts = timeout.map(to_ts);
         let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const timespec);
         // SAFETY: the caller's array; `tsp` null or a local.
@@ -341,7 +356,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         if r < 0 {
             return r;
         }
-        let ready = merge(app, &k, &ours);
+        let ready = merge(app, &k, &ours, &eps);
         if ready > 0
             || timeout == Some(Duration::ZERO)
             || (slept && deadline.is_some_and(|d| Instant::now() >= d))
@@ -350,17 +365,18 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         }
         if !spun {
             spun = true;
-            let others = ours.len() < app.len();
+            let others = ours.len() + eps.len() < app.len() || !eps.is_empty();
             let mut i = 0u32;
             let hit = spin(deadline, || {
                 i = i.wrapping_add(1);
                 ours.iter().any(|(j, c)| {
                     let w = app[*j].events;
                     ready_in_memory(c, w & libc::POLLIN != 0, w & libc::POLLOUT != 0)
-                }) || (others && i.is_multiple_of(32) && {
-                    let mut probe = k.clone();
-                    kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0
-                })
+                }) || eps.iter().any(|(j, e)| app[*j].events & libc::POLLIN != 0 && e.any_ready())
+                    || (others && i.is_multiple_of(32) && {
+                        let mut probe = k.clone();
+                        kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0
+                    })
             });
             if hit {
                 continue;
@@ -380,16 +396,33 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                     false
                 }
             });
-            if ours.is_empty() {
+            if ours.is_empty() && eps.is_empty() {
                 let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 // SAFETY: the caller's array, as given.
                 return unsafe { poll(fds, n, if timeout.is_none() { None } else { left }, mask) };
             }
         }
-        let armed = Armed::new(ours.iter().map(|(i, c)| {
-            let w = app[*i].events;
-            (&**c, w & (libc::POLLIN | libc::POLLRDNORM) != 0, w & (libc::POLLOUT | libc::POLLWRNORM) != 0)
-        }));
+        let inner: Vec<(Arc<TcpConn>, u32)> = eps
+            .iter()
+            .filter(|(i, _)| app[*i].events & libc::POLLIN != 0)
+            .flat_map(|(_, e)| e.snapshot_deep())
+            .collect();
+        let armed = Armed::new(
+            ours.iter()
+                .map(|(i, c)| {
+                    let w = app[*i].events;
+                    (
+                        &**c,
+                        w & (libc::POLLIN | libc::POLLRDNORM) != 0,
+                        w & (libc::POLLOUT | libc::POLLWRNORM) != 0,
+                    )
+                })
+                .chain(
+                    inner
+                        .iter()
+                        .map(|(c, w)| (&**c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)),
+                ),
+        );
         if armed.ready() {
             continue;
         }
@@ -411,9 +444,19 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
 }
 
 /// Writes results into the program's array; returns how many entries are ready.
-fn merge(app: &mut [pollfd], k: &[pollfd], ours: &[(usize, Arc<TcpConn>)]) -> c_int {
+fn merge(
+    app: &mut [pollfd],
+    k: &[pollfd],
+    ours: &[(usize, Arc<TcpConn>)],
+    eps: &[(usize, Arc<EpollSet>)],
+) -> c_int {
     for (a, kk) in app.iter_mut().zip(k) {
         a.revents = kk.revents;
+    }
+    for (i, e) in eps {
+        if app[*i].events & libc::POLLIN != 0 && app[*i].revents & libc::POLLIN == 0 && e.any_ready() {
+            app[*i].revents |= libc::POLLIN;
+        }
     }
     for (i, c) in ours {
         if k[*i].revents != 0 {
@@ -434,7 +477,8 @@ pub fn set_errno(e: Errno) {
 /// (the caller then passes the call on).
 ///
 /// # Safety
-/// The sets are null or valid `fd_set`s covering `nfds` descriptors.
+/// The sets are null or valid bit arrays covering `nfds` descriptors (programs that watch
+/// descriptors at or above `FD_SETSIZE` allocate larger ones, as the kernel allows).
 pub unsafe fn select(
     nfds: c_int,
     r: *mut libc::fd_set,
@@ -443,9 +487,9 @@ pub unsafe fn select(
     timeout: Option<Duration>,
     mask: *const sigset_t,
 ) -> Option<c_int> {
-    let nfds = nfds.clamp(0, libc::FD_SETSIZE as c_int);
-    // SAFETY: FD_ISSET on the caller's sets, within nfds.
-    let isset = |s: *mut libc::fd_set, fd: c_int| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) };
+    let nfds = nfds.max(0);
+    // SAFETY: a bit below nfds of the caller's set.
+    let isset = |s: *mut libc::fd_set, fd: c_int| !s.is_null() && unsafe { fd_bit(s, fd) };
     let mut any = false;
     let mut p = Vec::new();
     for fd in 0..nfds {
@@ -474,8 +518,8 @@ pub unsafe fn select(
     }
     for s in [r, w, x] {
         if !s.is_null() {
-            // SAFETY: clearing the caller's set.
-            unsafe { libc::FD_ZERO(s) };
+            // SAFETY: clearing the caller's set, which covers nfds bits.
+            unsafe { fd_zero(s, nfds) };
         }
     }
     let mut count = 0;
@@ -487,7 +531,7 @@ pub unsafe fn select(
         let set = |s: *mut libc::fd_set, on: bool, count: &mut c_int| {
             if on && !s.is_null() {
                 // SAFETY: setting a bit of the caller's set, below nfds.
-                unsafe { libc::FD_SET(q.fd, s) };
+                unsafe { fd_set_bit(s, q.fd) };
                 *count += 1;
             }
         };
@@ -502,4 +546,35 @@ pub unsafe fn select(
         set(x, q.events & libc::POLLPRI != 0 && q.revents & libc::POLLPRI != 0, &mut count);
     }
     Some(count)
+}
+
+// `select` sets as the kernel reads them: arrays of `unsigned long` words, bit `fd % 64` of
+// word `fd / 64`, as long as `nfds` needs (the C library's macros and the `libc` crate's
+// stop at `FD_SETSIZE`).
+const WORD_BITS: usize = c_ulong::BITS as usize;
+
+/// # Safety
+/// `s` covers at least `fd + 1` bits.
+unsafe fn fd_bit(s: *const libc::fd_set, fd: c_int) -> bool {
+    let fd = fd as usize;
+    // SAFETY: within the caller's array.
+    unsafe { (*s.cast::<c_ulong>().add(fd / WORD_BITS) >> (fd % WORD_BITS)) & 1 != 0 }
+}
+
+/// # Safety
+/// `s` covers at least `fd + 1` bits.
+unsafe fn fd_set_bit(s: *mut libc::fd_set, fd: c_int) {
+    let fd = fd as usize;
+    // SAFETY: within the caller's array.
+    unsafe { *s.cast::<c_ulong>().add(fd / WORD_BITS) |= 1 << (fd % WORD_BITS) };
+}
+
+/// Clears the words that hold bits `0..nfds`.
+///
+/// # Safety
+/// `s` covers at least `nfds` bits (rounded up to whole words, as the kernel writes them).
+unsafe fn fd_zero(s: *mut libc::fd_set, nfds: c_int) {
+    let words = (nfds as usize).div_ceil(WORD_BITS);
+    // SAFETY: within the caller's array.
+    unsafe { std::ptr::write_bytes(s.cast::<c_ulong>(), 0, words) };
 }

@@ -18,6 +18,7 @@ macro_rules! shims {
         #[no_mangle]
         #[allow(unused_unsafe)]
         pub unsafe extern "C" fn $name($($a: $t),*) -> $r {
+            let _in = fds::entered();
             // SAFETY: the program calls this with the C function's contract, which the
             // forwarded-to function requires.
             unsafe { $body }
@@ -106,8 +107,8 @@ shims! {
     creat(path: *const c_char, mode: mode_t) -> c_int => fds::fresh(real::creat(path, mode));
     creat64(path: *const c_char, mode: mode_t) -> c_int => fds::fresh(real::creat64(path, mode));
     eventfd(init: c_uint, flags: c_int) -> c_int => fds::fresh(real::eventfd(init, flags));
-    epoll_create(size: c_int) -> c_int => fds::fresh(real::epoll_create(size));
-    epoll_create1(flags: c_int) -> c_int => fds::fresh(real::epoll_create1(flags));
+    epoll_create(size: c_int) -> c_int => ops::epoll_created(real::epoll_create(size));
+    epoll_create1(flags: c_int) -> c_int => ops::epoll_created(real::epoll_create1(flags));
     signalfd(fd: c_int, mask: *const sigset_t, flags: c_int) -> c_int => fds::fresh(real::signalfd(fd, mask, flags));
     timerfd_create(clock: c_int, flags: c_int) -> c_int => fds::fresh(real::timerfd_create(clock, flags));
     memfd_create(name: *const c_char, flags: c_uint) -> c_int => fds::fresh(real::memfd_create(name, flags));
@@ -149,6 +150,7 @@ macro_rules! fa_shims {
         #[no_mangle]
         #[allow(unused_unsafe)]
         pub unsafe extern "C" fn $name($($a: $t),*) -> c_int {
+            let _in = fds::entered();
             // SAFETY: the program's call, with the C function's contract.
             let r = unsafe { real::$name($($a),*) };
             if r == 0 {

@@ -133,6 +133,15 @@ pub struct RuntimeDir {
     path: PathBuf,
 }
 
+impl RuntimeDir {
+    /// The same directory through the descriptor `f` makes of this one's (for a caller that
+    /// keeps its own descriptors at numbers of its choosing, such as the preload library;
+    /// `f` must return a descriptor of the same open directory).
+    pub fn with_fd(self, f: impl FnOnce(OwnedFd) -> OwnedFd) -> Self {
+        RuntimeDir { fd: f(self.fd), path: self.path }
+    }
+}
+
 /// Flags of every open of a runtime directory: a real directory, never through a final
 /// symlink. `O_RDONLY` rather than `O_PATH` so that `flock` and `fchmod` work on it.
 fn dir_flags() -> OFlags {
