@@ -193,6 +193,26 @@ fn exec_takes_connections_over() {
 }
 
 #[test]
+fn readiness_through_every_wait() {
+    same_over_shared_memory("t_waits", &[]);
+}
+
+#[test]
+fn signals_interrupt_blocking_calls() {
+    same_over_shared_memory("t_intr", &[]);
+}
+
+#[test]
+fn children_sharing_memory_or_closing_everything() {
+    same_over_shared_memory("t_share", &[]);
+}
+
+#[test]
+fn descriptor_budget_and_message_vectors() {
+    same_over_shared_memory("t_budget", &[]);
+}
+
+#[test]
 fn switched_off_everything_stays_tcp() {
     let prog = c_bin("t_stream");
     let scene = Scene::new("off");

@@ -221,6 +221,8 @@ pub struct Listening {
     dir: &'static RuntimeDir,
     stem: String,
     stash: Mutex<Vec<Pending>>,
+    /// Registration connections accepted before their packet arrived.
+    unread: Mutex<Vec<OwnedFd>>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -283,7 +285,14 @@ impl Listening {
             }
         };
         let sock = crate::fds::lift(sock);
-        Ok(Listening { sock, lock: Some(lock), dir, stem, stash: Mutex::new(Vec::new()) })
+        Ok(Listening {
+            sock,
+            lock: Some(lock),
+            dir,
+            stem,
+            stash: Mutex::new(Vec::new()),
+            unread: Mutex::new(Vec::new()),
+        })
     }
 
     /// The name of the announcement file in the runtime directory's `tcp/`.
@@ -291,8 +300,11 @@ impl Listening {
         format!("{}.ann", self.stem)
     }
 
-    /// Takes in the registrations that arrived (at most [`MAX_PENDING`] kept).
+    /// Takes in the registrations that arrived (at most [`MAX_PENDING`] kept). A
+    /// registration connection accepted before its packet arrived is kept and read later.
     fn collect(&self, stash: &mut Vec<Pending>, our_netns: u64) {
+        let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting: Vec<OwnedFd> = std::mem::take(&mut *unread);
         for _ in 0..MAX_PENDING {
             let Ok(conn) = rustix::net::accept_with(&self.sock, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
             else {
@@ -301,11 +313,22 @@ impl Listening {
             // Only our own user registers (the socket file is 0600 in our own directory;
             // this also holds if either was changed behind our back).
             match rustix::net::sockopt::socket_peercred(&conn) {
-                Ok(c) if c.uid.as_raw() == euid() => {}
+                Ok(c) if c.uid.as_raw() == euid() => waiting.push(crate::fds::lift(conn)),
                 _ => continue,
             }
+        }
+        for conn in waiting {
             let mut buf = [0u8; REG_LEN + 1];
-            let Ok((n, fds)) = ivcom::sys::recv_packet(conn.as_fd(), &mut buf) else { continue };
+            let (n, fds) = match ivcom::sys::recv_packet(conn.as_fd(), &mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if unread.len() < MAX_PENDING {
+                        unread.push(conn);
+                    }
+                    continue;
+                }
+                Err(_) => continue,
+            };
             let (Some(tuple), Ok([region, socket])) = (decode(&buf[..n]), <[OwnedFd; 2]>::try_from(fds))
             else {
                 continue;
@@ -313,10 +336,10 @@ impl Listening {
             if stash.len() >= MAX_PENDING {
                 stash.remove(0);
             }
-            let (conn, region, socket) =
-                (crate::fds::lift(conn), crate::fds::lift(region), crate::fds::lift(socket));
+            let (region, socket) = (crate::fds::lift(region), crate::fds::lift(socket));
             stash.push(Pending { tuple, conn, region, socket: Some(socket) });
         }
+        drop(unread);
         // Check the sockets that are connected by now and let go of them.
         for p in stash.iter_mut() {
             let Some(s) = &p.socket else { continue };

@@ -114,13 +114,16 @@ pub fn closing_own(fd: c_int) {
 
 /// Makes `fd` one of the library's own descriptors: moved to a number at or above the soft
 /// `RLIMIT_NOFILE` when the hard limit leaves room (the soft limit is raised for the one
-/// `F_DUPFD_CLOEXEC` and put back: three system calls), and recorded. Where there is no room
-/// the descriptor keeps its number, recorded all the same. Close-on-exec either way.
+/// `F_DUPFD_CLOEXEC` and put back: three system calls), else into the top of the program's
+/// range ([`top_window`]: the program, which gets the lowest free numbers, reaches those
+/// last), and recorded. Close-on-exec either way.
 pub fn lift(fd: OwnedFd) -> OwnedFd {
-    let fd = if soft_limit().is_some_and(|s| fd.as_raw_fd() as u64 >= s) {
-        fd
-    } else {
-        above_limit(fd.as_fd()).unwrap_or(fd)
+    let fd = match soft_limit() {
+        Some(s) if fd.as_raw_fd() as u64 >= s || fd.as_raw_fd() as u64 >= top_window(s) => fd,
+        Some(s) => above_limit(fd.as_fd())
+            .or_else(|| rustix::io::fcntl_dupfd_cloexec(&fd, top_window(s) as c_int).ok())
+            .unwrap_or(fd),
+        None => fd,
     };
     let raw = fd.as_raw_fd();
     let mut o = own();
@@ -134,9 +137,19 @@ pub fn lift(fd: OwnedFd) -> OwnedFd {
 pub fn dup_own(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     let d = match above_limit(fd) {
         Some(d) => d,
-        None => rustix::io::fcntl_dupfd_cloexec(fd, 0)?,
+        None => {
+            let from = soft_limit().map_or(0, top_window).min(c_int::MAX as u64) as c_int;
+            rustix::io::fcntl_dupfd_cloexec(fd, from).or_else(|_| rustix::io::fcntl_dupfd_cloexec(fd, 0))?
+        }
     };
     Ok(lift(d))
+}
+
+/// The first number of the top of the descriptor range under soft limit `soft`, where the
+/// library keeps its own when the hard limit leaves no room above: the upper quarter, at
+/// most 4096 numbers.
+fn top_window(soft: u64) -> u64 {
+    soft - (soft / 4).min(4096)
 }
 
 fn soft_limit() -> Option<u64> {
