@@ -112,7 +112,9 @@ impl EpollSet {
     }
 
     fn any_ready_at(&self, depth: usize) -> bool {
-        let regs: Vec<(c_int, Arc<TcpConn>, u32, Option<u64>, Option<u64>)> = self
+        // (fd, connection, events, last input and output signatures reported)
+        type Seen = (c_int, Arc<TcpConn>, u32, Option<u64>, Option<u64>);
+        let regs: Vec<Seen> = self
             .regs()
             .iter()
             .filter(|(_, r)| !r.disabled && !r.conn.is_plain())

@@ -721,6 +721,44 @@ pub unsafe fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     unsafe { real::sendmsg(fd, msg, flags) }
 }
 
+/// `vdprintf` (and `dprintf`, whose shim calls this): on an accelerated connection the
+/// text is formatted by the C library (`vasprintf`) and written through the library; on
+/// anything else the C library's own `vdprintf` runs.
+///
+/// # Safety
+/// The C contract of `vdprintf`; `ap` is the caller's `va_list` as the platform passes it.
+pub unsafe fn vdprintf(fd: c_int, fmt: *const libc::c_char, ap: *mut c_void) -> c_int {
+    extern "C" {
+        fn vasprintf(out: *mut *mut libc::c_char, fmt: *const libc::c_char, ap: *mut c_void) -> c_int;
+    }
+    if !table::tracked(fd) || table::conn(fd).is_none() {
+        // SAFETY: passed on unchanged.
+        return unsafe { real::vdprintf(fd, fmt, ap) };
+    }
+    let mut text: *mut libc::c_char = std::ptr::null_mut();
+    // SAFETY: the program's format and arguments; the C library allocates `text`.
+    let n = unsafe { vasprintf(&mut text, fmt, ap) };
+    if n < 0 {
+        return -1;
+    }
+    let mut done = 0usize;
+    let mut r = n;
+    while done < n as usize {
+        // SAFETY: the formatted text of `n` bytes.
+        let w = unsafe { write(fd, text.add(done).cast(), n as usize - done) };
+        if w < 0 {
+            r = -1;
+            break;
+        }
+        done += w as usize;
+    }
+    let e = errno();
+    // SAFETY: allocated by vasprintf.
+    unsafe { libc::free(text.cast()) };
+    set_errno(e);
+    r
+}
+
 /// `recvmmsg` on a connection: one `recvmsg` per entry, as the kernel does for a stream
 /// socket (blocking for each unless `MSG_DONTWAIT`; after the first with
 /// `MSG_WAITFORONE`); stops at an error after the first entry, or when `timeout` has passed

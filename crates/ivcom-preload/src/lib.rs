@@ -62,6 +62,7 @@ shims! {
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t => ops::splice(inp, ioff, out, ooff, n, flags);
     fork() -> pid_t => ops::fork();
     vfork() -> pid_t => ops::vfork();
+    vdprintf(fd: c_int, fmt: *const c_char, ap: *mut c_void) -> c_int => ops::vdprintf(fd, fmt, ap);
     clone(f: Option<real::CloneFn>, stack: *mut c_void, flags: c_int, arg: *mut c_void, ptid: *mut pid_t, tls: *mut c_void, ctid: *mut pid_t) -> c_int => ops::clone(f, stack, flags, arg, ptid, tls, ctid);
     recvmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int, t: *mut timespec) -> c_int => ops::recvmmsg(fd, v, n, flags, t);
     sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int) -> c_int => ops::sendmmsg(fd, v, n, flags);
@@ -210,6 +211,29 @@ exec_list! {
     execl => ListKind::Path;
     execlp => ListKind::Search;
     execle => ListKind::Env;
+}
+
+// `dprintf` is variadic: its body is C (`src/variadic.c`, built by build.rs), reached by a
+// jump that leaves every argument register (and the vector-register count in `al`) as the
+// caller set them, so the C function sees the call exactly as made.
+extern "C" {
+    fn ivcom_dprintf(fd: c_int, fmt: *const c_char, ...) -> c_int;
+}
+
+/// `dprintf`: see `src/variadic.c`.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dprintf() {
+    core::arch::naked_asm!("jmp {f}", f = sym ivcom_dprintf)
+}
+
+/// `dprintf`: see `src/variadic.c`.
+#[cfg(target_arch = "aarch64")]
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dprintf() {
+    core::arch::naked_asm!("b {f}", f = sym ivcom_dprintf)
 }
 
 extern "C" fn at_exit() {

@@ -1,7 +1,7 @@
 /* Descriptor budget and the message-vector calls: with the soft RLIMIT_NOFILE lowered to 64,
  * a server and a client each hold 40 connections at once (the library's own descriptors do
  * not count against the program); recvmmsg splits a stream into fixed-size messages and
- * sendmmsg's messages arrive in order. */
+ * sendmmsg's messages arrive in order; dprintf writes through the connection. */
 #include "common.h"
 #include <sys/resource.h>
 
@@ -42,6 +42,8 @@ static void client(int port) {
     }
     int n = sendmmsg(s, mm, 3, 0);
     say("client: sendmmsg: %d messages", n);
+    n = dprintf(s, "dprintf %05d|", 42);
+    say("client: dprintf: %d bytes", n);
     for (int i = 0; i < CONNS; i++) close(cs[i]);
 }
 
@@ -79,6 +81,9 @@ static void server(int l) {
     char y[12];
     read_exact(c, y, 12);
     say("server: sendmmsg's messages arrived in order: %.12s", y);
+    char z[14];
+    read_exact(c, z, 14);
+    say("server: dprintf's text arrived: %.14s", z);
     for (int i = 0; i < CONNS; i++) close(cs[i]);
 }
 
