@@ -319,7 +319,8 @@ struct DaemonByPidFile {
 
 impl Drop for DaemonByPidFile {
     fn drop(&mut self) {
-        let Some(pid) = std::fs::read_to_string(&self.pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok())
+        let Some(pid) =
+            std::fs::read_to_string(&self.pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok())
         else {
             return;
         };
@@ -411,8 +412,9 @@ fn redis_mixed_with_plain_tcp() {
 fn iperf3(scene: &Scene, reverse: bool) -> (f64, f64) {
     let iperf = need("iperf3");
     let port = free_port().to_string();
-    let server =
-        spawn_group(scene.ivcom(&[], &iperf, &["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()));
+    let server = spawn_group(
+        scene.ivcom(&[], &iperf, &["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()),
+    );
     let mut server = Reaped(Some(server));
     // Wait for its announcement (a probe connection would take iperf3's one test).
     let tcp = scene.runtime().join("tcp");
