@@ -1,4 +1,5 @@
-//! Test-only helpers for the security tests (never linked into a shipped binary).
+//! Test-only helpers for the security tests and the tests of real programs (never linked into
+//! a shipped binary).
 //!
 //! The security tests act out attacks as another local user would: they need root to create
 //! two unprivileged users ([`users`]) (the attackers make their own user and network namespaces
@@ -64,24 +65,36 @@ pub fn users(test: &str) -> Option<(User, User)> {
         eprintln!("note: {test} needs root (it creates unprivileged users); skipped");
         return None;
     }
+    let [a, b] = USER_NAMES.map(ensure_user);
+    Some((a, b))
+}
+
+/// Name of the unprivileged user that real servers run as in the tests when the tests run as
+/// root (PostgreSQL refuses root; nginx and memcached would switch their workers to a user of
+/// their own).
+pub const SERVICE_USER: &str = "ivcomtest-svc";
+
+/// The user real servers (and their clients) run as: [`SERVICE_USER`], created if needed, when
+/// running as root; `None` otherwise (they run as the user running the tests).
+pub fn service_user() -> Option<User> {
+    is_root().then(|| ensure_user(SERVICE_USER))
+}
+
+/// The system user `name`, created with `useradd` (no home, no login) if it does not exist.
+/// Needs root.
+fn ensure_user(name: &str) -> User {
     // useradd locks /etc/passwd: tests of one process create the users one at a time.
     static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = CREATING.lock().unwrap_or_else(|e| e.into_inner());
-    let mut got = Vec::new();
-    for name in USER_NAMES {
-        if lookup(name).is_none() {
-            let st = Command::new("useradd")
-                .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name])
-                .status()
-                .expect("run useradd");
-            // Another test process may have created it at the same moment.
-            assert!(st.success() || lookup(name).is_some(), "useradd {name} failed");
-        }
-        got.push(lookup(name).unwrap_or_else(|| panic!("user {name} missing after useradd")));
+    if lookup(name).is_none() {
+        let st = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name])
+            .status()
+            .expect("run useradd");
+        // Another test process may have created it at the same moment.
+        assert!(st.success() || lookup(name).is_some(), "useradd {name} failed");
     }
-    let b = got.pop().expect("two users");
-    let a = got.pop().expect("two users");
-    Some((a, b))
+    lookup(name).unwrap_or_else(|| panic!("user {name} missing after useradd"))
 }
 
 impl User {
