@@ -31,20 +31,10 @@ declare -A VM_PID=()
 vm_log() { printf '[vm %s] %s\n' "$(date +%T)" "$*" >&2; }
 vm_die() { vm_log "error: $*"; exit 1; }
 
-# Installs the host packages the harness needs, only those missing.
+# Installs the host packages the harness needs, only those missing (the list is
+# scripts/deps.sh's group "vm").
 vm_install_deps() {
-    local missing=()
-    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-    dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
-    command -v cpio >/dev/null || missing+=(cpio)
-    command -v xz >/dev/null || missing+=(xz-utils)
-    command -v unshare >/dev/null || missing+=(util-linux)
-    if [ ${#missing[@]} -gt 0 ]; then
-        vm_log "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q >/dev/null || vm_die "apt-get update failed"
-        apt-get install -y -q "${missing[@]}" >/dev/null || vm_die "apt-get install ${missing[*]} failed"
-    fi
+    "$VM_REPO/scripts/deps.sh" vm || vm_die "the harness's packages are missing (scripts/deps.sh vm)"
 }
 
 # True if $1 needs no dynamic loader (ldd says "not a dynamic executable" or "statically linked").

@@ -3,109 +3,14 @@
 //! memory (the decision log's counters), leaving nothing behind in the runtime directory.
 //! Real programs (redis, iperf3) and a client and server in two network namespaces follow.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
-use support::{c_bin, preload_lib, IVCOM};
-
-/// A private runtime directory and decision log for one test.
-struct Scene {
-    dir: PathBuf,
-}
-
-impl Scene {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ivcom-preload-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scene { dir }
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.join("decisions.log")
-    }
-
-    fn runtime(&self) -> PathBuf {
-        self.dir.join("run")
-    }
-
-    /// `ivcom run [extra] -- prog args` with this scene's runtime directory and log.
-    fn ivcom(&self, extra: &[&str], prog: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(IVCOM);
-        c.arg("run").arg("--log").arg(self.log()).args(extra).arg("--").arg(prog).args(args);
-        c.env("IVCOM_RUNTIME_DIR", self.runtime()).env("IVCOM_PRELOAD_LIB", preload_lib());
-        c
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
-
-    /// Sums of the counters the processes logged at exit.
-    fn counters(&self) -> BTreeMap<String, u64> {
-        let mut sums = BTreeMap::new();
-        for line in self.log_text().lines().filter(|l| l.contains("exit:")) {
-            for kv in line.split_whitespace() {
-                if let Some((k, v)) = kv.split_once('=') {
-                    if let Ok(v) = v.parse::<u64>() {
-                        *sums.entry(k.to_string()).or_insert(0) += v;
-                    }
-                }
-            }
-        }
-        sums
-    }
-
-    /// Nothing left in the runtime directory's listener area.
-    fn assert_clean(&self) {
-        let tcp = self.runtime().join("tcp");
-        let left: Vec<_> =
-            std::fs::read_dir(&tcp).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-        assert!(left.is_empty(), "left in {}: {left:?}", tcp.display());
-    }
-}
-
-fn sorted_stdout(o: &Output, what: &str) -> Vec<String> {
-    assert!(
-        o.status.success(),
-        "{what} failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
-    v.sort();
-    v
-}
-
-/// Runs `c` in its own process group; on timeout the whole group is killed (a program's
-/// forked children hold its output pipes too).
-fn output_within(mut c: Command, limit: Duration) -> Output {
-    use std::os::unix::process::CommandExt;
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().expect("spawn");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!(
-                "timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use support::{
+    c_bin, free_port, maybe_ivcom, need, output_within, sorted_stdout, spawn_group, wait_until, Reaped, Scene,
+};
 
 /// Runs a C program plainly and under `ivcom run`; the outputs must match and the ivcom run
 /// must have carried its data through rings.
@@ -223,28 +128,6 @@ fn switched_off_everything_stays_tcp() {
     scene.assert_clean();
 }
 
-/// A child process (spawned with [`spawn_group`]) whose whole process group is killed if the
-/// test ends early: `ivcom run` and the program it started.
-struct Reaped(Option<Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Spawns `c` as the leader of a new process group.
-fn spawn_group(c: &mut Command) -> Child {
-    use std::os::unix::process::CommandExt;
-    c.process_group(0).spawn().expect("spawn")
-}
-
 /// Starts `t_split server` (under ivcom or not) and returns it with its port.
 fn split_server(scene: &Scene, under_ivcom: bool) -> (Reaped, u16) {
     let prog = c_bin("t_split");
@@ -312,41 +195,6 @@ fn both_under_ivcom_in_separate_processes() {
     assert!(scene.counters().get("ring_rx").copied().unwrap_or(0) >= 2 << 20);
 }
 
-fn need(tool: &str) -> PathBuf {
-    let p = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-        .iter()
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file());
-    p.unwrap_or_else(|| {
-        panic!("{tool} is needed (apt-get install redis-server redis-tools iperf3, as .ci/run does)")
-    })
-}
-
-/// A free TCP port on loopback (the kernel's pick, released for the program to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `cmd` under ivcom (`Some(scene)`) or plain.
-fn maybe_ivcom(scene: Option<&Scene>, prog: &Path, args: &[&str]) -> Command {
-    match scene {
-        Some(s) => s.ivcom(&[], prog, args),
-        None => {
-            let mut c = Command::new(prog);
-            c.args(args);
-            c
-        }
-    }
-}
-
 struct Redis {
     _child: Reaped,
     port: String,
@@ -369,11 +217,11 @@ fn start_redis(scene: &Scene, under: bool) -> Redis {
         "--dir",
         dir.to_str().unwrap(),
     ];
-    let child = maybe_ivcom(under.then_some(scene), &server, &args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // In a process group of its own: dropping it ends `ivcom run` and redis-server together
+    // (killing `ivcom run` alone would leave redis-server running).
+    let child = spawn_group(
+        maybe_ivcom(under.then_some(scene), &server, &args).stdout(Stdio::null()).stderr(Stdio::null()),
+    );
     let r = Redis { _child: Reaped(Some(child)), port };
     wait_until("redis-server answers PING", Duration::from_secs(20), || {
         Command::new(need("redis-cli"))
@@ -446,7 +294,7 @@ fn redis_under_ivcom() {
             &need("redis-benchmark"),
             &["-p", &r.port, "-q", "-n", "60000", "-c", "8", "-t", "set", "-r", "100000"],
         );
-        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        Reaped(Some(spawn_group(c.stdout(Stdio::piped()).stderr(Stdio::piped()))))
     };
     std::thread::sleep(Duration::from_millis(200));
     let reply = redis_cli(s, &r.port, &["bgsave"], None);
@@ -455,7 +303,7 @@ fn redis_under_ivcom() {
         "{}",
         String::from_utf8_lossy(&reply)
     );
-    let o = bench.wait_with_output().unwrap();
+    let o = bench.finish(Duration::from_secs(180), "redis-benchmark during the background save");
     let text = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
     assert!(
         o.status.success() && text.contains("requests per second") && !text.to_lowercase().contains("error"),
@@ -480,6 +328,31 @@ fn redis_under_ivcom() {
     assert!(!log.contains("violated"), "{log}");
 }
 
+/// A daemon known by the pid it wrote to `pidfile`, killed (by that pid) when dropped if it is
+/// still running: the test shuts it down itself, but a test that fails half-way must not leave
+/// it running.
+struct DaemonByPidFile {
+    pidfile: std::path::PathBuf,
+    /// Its program's name (`/proc/PID/comm`), so that a pid reused since is left alone.
+    name: &'static str,
+}
+
+impl Drop for DaemonByPidFile {
+    fn drop(&mut self) {
+        let Some(pid) =
+            std::fs::read_to_string(&self.pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == self.name {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
 #[test]
 fn redis_daemonized() {
     // `--daemonize yes`: redis forks, the parent exits (and so does `ivcom run`), the daemon
@@ -487,6 +360,7 @@ fn redis_daemonized() {
     let scene = Scene::new("redis-daemon");
     let port = free_port().to_string();
     let pidfile = scene.dir.join("redis.pid");
+    let _daemon = DaemonByPidFile { pidfile: pidfile.clone(), name: "redis-server" };
     let dir = scene.dir.join("redis");
     std::fs::create_dir_all(&dir).unwrap();
     let st = scene
@@ -558,12 +432,9 @@ fn redis_mixed_with_plain_tcp() {
 fn iperf3(scene: &Scene, reverse: bool) -> (f64, f64) {
     let iperf = need("iperf3");
     let port = free_port().to_string();
-    let server = scene
-        .ivcom(&[], &iperf, &["-s", "-1", "-p", &port])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = spawn_group(
+        scene.ivcom(&[], &iperf, &["-s", "-1", "-p", &port]).stdout(Stdio::null()).stderr(Stdio::null()),
+    );
     let mut server = Reaped(Some(server));
     // Wait for its announcement (a probe connection would take iperf3's one test).
     let tcp = scene.runtime().join("tcp");

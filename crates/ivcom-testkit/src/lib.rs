@@ -1,4 +1,5 @@
-//! Test-only helpers for the security tests (never linked into a shipped binary).
+//! Test-only helpers for the security tests and the tests of real programs (never linked into
+//! a shipped binary).
 //!
 //! The security tests act out attacks as another local user would: they need root to create
 //! two unprivileged users ([`users`]) (the attackers make their own user and network namespaces
@@ -37,6 +38,20 @@ fn lookup(name: &str) -> Option<User> {
     Some(User { name: name.to_owned(), uid: f.get(2)?.parse().ok()?, gid: f.get(3)?.parse().ok()? })
 }
 
+/// The variable `scripts/test.sh` puts in the environment of everything one run of the suite
+/// starts (a value unique to the run); its check at the end finds the processes the tests left
+/// running by it. A command started with a cleared environment passes it on with
+/// [`keep_run_mark`].
+pub const RUN_MARK: &str = "IVCOM_TEST_RUN";
+
+/// Passes this run's [`RUN_MARK`] (if any) on to `c`, whose environment was cleared.
+pub fn keep_run_mark(c: &mut Command) -> &mut Command {
+    if let Some(v) = std::env::var_os(RUN_MARK) {
+        c.env(RUN_MARK, v);
+    }
+    c
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -50,29 +65,42 @@ pub fn users(test: &str) -> Option<(User, User)> {
         eprintln!("note: {test} needs root (it creates unprivileged users); skipped");
         return None;
     }
+    let [a, b] = USER_NAMES.map(ensure_user);
+    Some((a, b))
+}
+
+/// Name of the unprivileged user that real servers run as in the tests when the tests run as
+/// root (PostgreSQL refuses root; nginx and memcached would switch their workers to a user of
+/// their own).
+pub const SERVICE_USER: &str = "ivcomtest-svc";
+
+/// The user real servers (and their clients) run as: [`SERVICE_USER`], created if needed, when
+/// running as root; `None` otherwise (they run as the user running the tests).
+pub fn service_user() -> Option<User> {
+    is_root().then(|| ensure_user(SERVICE_USER))
+}
+
+/// The system user `name`, created with `useradd` (no home, no login) if it does not exist.
+/// Needs root.
+fn ensure_user(name: &str) -> User {
     // useradd locks /etc/passwd: tests of one process create the users one at a time.
     static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = CREATING.lock().unwrap_or_else(|e| e.into_inner());
-    let mut got = Vec::new();
-    for name in USER_NAMES {
-        if lookup(name).is_none() {
-            let st = Command::new("useradd")
-                .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name])
-                .status()
-                .expect("run useradd");
-            // Another test process may have created it at the same moment.
-            assert!(st.success() || lookup(name).is_some(), "useradd {name} failed");
-        }
-        got.push(lookup(name).unwrap_or_else(|| panic!("user {name} missing after useradd")));
+    if lookup(name).is_none() {
+        let st = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name])
+            .status()
+            .expect("run useradd");
+        // Another test process may have created it at the same moment.
+        assert!(st.success() || lookup(name).is_some(), "useradd {name} failed");
     }
-    let b = got.pop().expect("two users");
-    let a = got.pop().expect("two users");
-    Some((a, b))
+    lookup(name).unwrap_or_else(|| panic!("user {name} missing after useradd"))
 }
 
 impl User {
     /// A command that runs `program` as this user (no supplementary groups), with an
-    /// environment holding only `PATH`, `HOME=/` and `TMPDIR=/tmp`.
+    /// environment holding only `PATH`, `HOME=/` and `TMPDIR=/tmp` (and the suite's
+    /// [`RUN_MARK`]).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
         c.env_clear()
@@ -81,6 +109,7 @@ impl User {
             .env("TMPDIR", "/tmp")
             .uid(self.uid)
             .gid(self.gid);
+        keep_run_mark(&mut c);
         c
     }
 }
