@@ -1078,6 +1078,15 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
     }
 }
 
+/// The epoll set of `epfd` when an `epoll_wait`-family call on it must look at shared
+/// memory (some connection of ours is registered there, or in an instance inside it).
+fn epoll_wait_set(epfd: c_int, ev: *mut epoll_event, max: c_int) -> Option<Arc<EpollSet>> {
+    if max <= 0 || ev.is_null() || !table::tracked(epfd) {
+        return None;
+    }
+    epoll_set(epfd, false).filter(|s| !s.is_empty())
+}
+
 /// `epoll_wait` and `epoll_pwait`.
 ///
 /// # Safety
@@ -1089,16 +1098,12 @@ pub unsafe fn epoll_pwait(
     timeout: c_int,
     mask: *const sigset_t,
 ) -> c_int {
-    if max > 0 && !ev.is_null() && table::tracked(epfd) {
-        if let Some(set) = epoll_set(epfd, false) {
-            if !set.is_empty() {
-                // SAFETY: the caller's contract.
-                return unsafe { epoll::wait(epfd, &set, ev, max, ms_timeout(timeout), mask) };
-            }
-        }
+    match epoll_wait_set(epfd, ev, max) {
+        // SAFETY: the caller's contract.
+        Some(set) => unsafe { epoll::wait(epfd, &set, ev, max, ms_timeout(timeout), mask) },
+        // SAFETY: passed on unchanged.
+        None => unsafe { real::epoll_pwait(epfd, ev, max, timeout, mask) },
     }
-    // SAFETY: passed on unchanged.
-    unsafe { real::epoll_pwait(epfd, ev, max, timeout, mask) }
 }
 
 /// `epoll_pwait2` (a `timespec` timeout).
@@ -1112,16 +1117,12 @@ pub unsafe fn epoll_pwait2(
     t: *const timespec,
     mask: *const sigset_t,
 ) -> c_int {
-    if max > 0 && !ev.is_null() && table::tracked(epfd) {
-        if let Some(set) = epoll_set(epfd, false) {
-            if !set.is_empty() {
-                // SAFETY: the caller's contract.
-                return unsafe { epoll::wait(epfd, &set, ev, max, ts_timeout(t), mask) };
-            }
-        }
+    match epoll_wait_set(epfd, ev, max) {
+        // SAFETY: the caller's contract.
+        Some(set) => unsafe { epoll::wait(epfd, &set, ev, max, ts_timeout(t), mask) },
+        // SAFETY: passed on unchanged.
+        None => unsafe { real::epoll_pwait2(epfd, ev, max, t, mask) },
     }
-    // SAFETY: passed on unchanged.
-    unsafe { real::epoll_pwait2(epfd, ev, max, t, mask) }
 }
 
 /// `sendfile`: into a connection, bytes are read from the file and written to the ring.

@@ -7,6 +7,16 @@
 
 #define CONNS 40
 
+/* Three 4-byte messages over the buffers x[0..3]. */
+static void vectors(char x[3][4], struct iovec iv[3], struct mmsghdr mm[3]) {
+    memset(mm, 0, 3 * sizeof *mm);
+    for (int i = 0; i < 3; i++) {
+        iv[i] = (struct iovec){x[i], 4};
+        mm[i].msg_hdr.msg_iov = &iv[i];
+        mm[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
 static void limit64(void) {
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
@@ -34,12 +44,7 @@ static void client(int port) {
     char x[3][4] = {{'M', 'N', 'O', 'P'}, {'Q', 'R', 'S', 'T'}, {'U', 'V', 'W', 'X'}};
     struct iovec iv[3];
     struct mmsghdr mm[3];
-    memset(mm, 0, sizeof mm);
-    for (int i = 0; i < 3; i++) {
-        iv[i] = (struct iovec){x[i], 4};
-        mm[i].msg_hdr.msg_iov = &iv[i];
-        mm[i].msg_hdr.msg_iovlen = 1;
-    }
+    vectors(x, iv, mm);
     int n = sendmmsg(s, mm, 3, 0);
     say("client: sendmmsg: %d messages", n);
     n = dprintf(s, "dprintf %05d|", 42);
@@ -69,12 +74,7 @@ static void server(int l) {
     char x[3][4];
     struct iovec iv[3];
     struct mmsghdr mm[3];
-    memset(mm, 0, sizeof mm);
-    for (int i = 0; i < 3; i++) {
-        iv[i] = (struct iovec){x[i], 4};
-        mm[i].msg_hdr.msg_iov = &iv[i];
-        mm[i].msg_hdr.msg_iovlen = 1;
-    }
+    vectors(x, iv, mm);
     int n = recvmmsg(c, mm, 3, MSG_WAITALL, NULL);
     say("server: recvmmsg: %d messages of %u %u %u bytes: %.4s %.4s %.4s", n, mm[0].msg_len, mm[1].msg_len,
         mm[2].msg_len, x[0], x[1], x[2]);
