@@ -85,6 +85,11 @@ struct Tx {
     /// Bytes the connector sent over TCP before switching.
     tcp_sent: u64,
     sleepers: u32,
+    /// Handback: the peer stopped reading our ring; the ring's bytes from this index to our
+    /// tail still go over TCP before anything else.
+    push: Option<u64>,
+    /// Handback done for this direction: writes go to the kernel as they are.
+    plain_tcp: bool,
 }
 
 #[derive(Debug)]
@@ -97,6 +102,8 @@ struct Rx {
     /// The kernel reported TCP data that is not wakeups.
     tcp_data: bool,
     sleepers: u32,
+    /// Handback done for this direction: what TCP carries is data.
+    plain_tcp: bool,
 }
 
 /// Where the next bytes come from.
@@ -106,6 +113,11 @@ enum RxMode {
     Tcp { limit: Option<u64> },
     /// The ring carries data; TCP carries only wakeups (and FIN/RST).
     Ring,
+    /// Handback: the ring part is over; this many of the peer's wakeup bytes are still to be
+    /// taken off TCP before its data.
+    Skip(u64),
+    /// Handback done: TCP carries data.
+    Plain,
 }
 
 /// What `poll` and `epoll` report for a connection, in TCP's terms.
@@ -154,6 +166,12 @@ pub struct TcpConn {
     /// threads (see [`TcpConn::drain`]).
     wake_lock: Mutex<()>,
     events: AtomicU64,
+    /// Handback: reading, and writing, go to TCP as they are now (mirrors of the locked
+    /// states, for [`TcpConn::finish_handback`]).
+    rx_handed: AtomicBool,
+    tx_handed: AtomicBool,
+    /// Handback: ring bytes the peer did not read still wait to go over TCP.
+    push_pending: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,14 +211,6 @@ fn sock_error(fd: c_int) -> Errno {
         e
     } else {
         libc::ECONNRESET
-    }
-}
-
-/// Sends one wakeup byte over TCP.
-pub fn doorbell(fd: c_int) {
-    use rustix::net::SendFlags;
-    if rustix::net::send(borrow(fd), &[0u8], SendFlags::DONTWAIT | SendFlags::NOSIGNAL).is_ok() {
-        count(&COUNTERS.doorbells, 1);
     }
 }
 
@@ -279,6 +289,8 @@ impl TcpConn {
                 switched: acceptor,
                 tcp_sent: 0,
                 sleepers: 0,
+                push: None,
+                plain_tcp: false,
             }),
             rx: Mutex::new(Rx {
                 r: StreamReader::new(params.ring(theirs)),
@@ -286,6 +298,7 @@ impl TcpConn {
                 peer_switch: None,
                 tcp_data: false,
                 sleepers: 0,
+                plain_tcp: false,
             }),
             eof: AtomicBool::new(false),
             error: AtomicI32::new(0),
@@ -297,6 +310,9 @@ impl TcpConn {
             tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
             wake_lock: Mutex::new(()),
             events: AtomicU64::new(0),
+            rx_handed: AtomicBool::new(false),
+            tx_handed: AtomicBool::new(false),
+            push_pending: AtomicBool::new(false),
         }
     }
 
@@ -309,6 +325,7 @@ impl TcpConn {
         let map = MappedRegion::map(fd.as_fd(), 0, size)?;
         layout::init(map.region(), &params).map_err(io::Error::other)?;
         tcp::store_tuple(map.region(), &tuple.to_bytes()).map_err(io::Error::other)?;
+        tcp::set_version(map.region()).map_err(io::Error::other)?;
         Ok(Self::new(map, fd, Side::Connector, &params))
     }
 
@@ -420,12 +437,102 @@ impl TcpConn {
         if tcp::claimed(map.region()).map_err(io::Error::other)? {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "channel already claimed"));
         }
+        let v = tcp::version(map.region()).map_err(io::Error::other)?;
+        if v != tcp::HANDOFF_VERSION {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("handoff protocol {v}, this library speaks {}", tcp::HANDOFF_VERSION),
+            ));
+        }
         tcp::claim(map.region()).map_err(io::Error::other)?;
         Ok(Self::new(map, fd, Side::Acceptor, &params))
     }
 
     fn region(&self) -> &ShmRegion {
         self.map.region()
+    }
+
+    /// This side's index in the handback lines (0: connecting side, 1: listener's).
+    fn me(&self) -> usize {
+        match self.side {
+            Side::Connector => 0,
+            Side::Acceptor => 1,
+        }
+    }
+
+    fn peer(&self) -> usize {
+        1 - self.me()
+    }
+
+    /// Sends one wakeup byte over TCP (`flags`: the send's; `MSG_DONTWAIT` is added),
+    /// counted in the region before it leaves, so that a handback knows how many of our TCP
+    /// bytes are wakeups. Sends nothing once our wakeups are frozen (a handback is under
+    /// way). Returns `send`'s result, or `None` if frozen.
+    fn send_wake(&self, fd: c_int, flags: c_int) -> Option<isize> {
+        let region = self.region();
+        if !tcp::reserve_wake(region, self.me()).unwrap_or(false) {
+            return None;
+        }
+        // SAFETY: sending one byte from a local.
+        let r = unsafe { crate::real::send(fd, [0u8].as_ptr().cast(), 1, flags | libc::MSG_DONTWAIT) };
+        let e = errno();
+        if r == 1 {
+            count(&COUNTERS.doorbells, 1);
+        }
+        // A byte that did not leave is still counted: the peer, handing back, then waits
+        // for it until its deadline (it takes nothing that is not there).
+        let _ = tcp::wake_sent(region, self.me());
+        if r < 0 {
+            // SAFETY: errno is this thread's.
+            unsafe { *libc::__errno_location() = e };
+        }
+        Some(r)
+    }
+
+    /// Wakes the peer (see [`TcpConn::send_wake`]).
+    fn wake(&self, fd: c_int) {
+        let _ = self.send_wake(fd, libc::MSG_NOSIGNAL);
+    }
+
+    /// How many of the peer's wakeup bytes are still ahead of us on TCP (counted before
+    /// they were sent, so never more than it sent); peer-written counts bound only what we
+    /// take off the peer's own stream.
+    fn wakes_ahead(&self) -> u64 {
+        let region = self.region();
+        match (tcp::wakes(region, self.peer()), tcp::taken(region, self.me())) {
+            (Ok((w, _)), Ok(t)) => w.saturating_sub(t),
+            _ => 0,
+        }
+    }
+
+    /// Takes up to `max` of the peer's wakeup bytes off TCP without waiting; notes EOF and
+    /// errors. Returns how many it took.
+    fn take_wakes(&self, fd: c_int, max: u64) -> u64 {
+        use rustix::net::RecvFlags;
+        let mut scratch = [0u8; 256];
+        let mut took = 0u64;
+        while took < max {
+            let want = ((max - took) as usize).min(scratch.len());
+            match rustix::net::recv(borrow(fd), &mut scratch[..want], RecvFlags::DONTWAIT) {
+                Ok((0, _)) => {
+                    self.eof.store(true, Ordering::Release);
+                    break;
+                }
+                Ok((n, _)) => took += n as u64,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    self.set_error(e.raw_os_error());
+                    break;
+                }
+            }
+        }
+        if took > 0 {
+            let region = self.region();
+            let t = tcp::taken(region, self.me()).unwrap_or(0);
+            let _ = tcp::store_taken(region, self.me(), t + took);
+        }
+        took
     }
 
     /// Wakeup bytes must leave at once: Nagle's algorithm would hold one back behind an
@@ -517,6 +624,48 @@ impl TcpConn {
     }
 
     fn rx_mode(&self, rx: &mut Rx) -> R<RxMode> {
+        if rx.plain_tcp {
+            return Ok(RxMode::Plain);
+        }
+        let m = self.rx_mode_accelerated(rx)?;
+        let region = self.region();
+        let (me, peer) = (self.me(), self.peer());
+        match m {
+            RxMode::Ring => {}
+            // The connecting side handed back before it ever switched: all of its TCP
+            // stream is data.
+            RxMode::Tcp { limit: None }
+                if self.side == Side::Acceptor && tcp::tx_stop(region, peer).ok().flatten().is_some() =>
+            {
+                rx.plain_tcp = true;
+                return Ok(RxMode::Plain);
+            }
+            _ => return Ok(m),
+        }
+        // Handback: the ring part ends where we stopped reading, or where the peer stopped
+        // writing; then the peer's wakeup bytes (a final count once frozen), then data.
+        let stop = match tcp::rx_stop(region, me).ok().flatten() {
+            Some(h) => Some(h),
+            None => tcp::tx_stop(region, peer).ok().flatten(),
+        };
+        let Some(stop) = stop else { return Ok(RxMode::Ring) };
+        if rx.r.state().head() < stop {
+            return Ok(RxMode::Ring);
+        }
+        match tcp::wakes(region, peer) {
+            Ok((_, true)) => {}
+            _ => return Ok(RxMode::Ring),
+        }
+        let ahead = self.wakes_ahead();
+        if ahead > 0 {
+            return Ok(RxMode::Skip(ahead));
+        }
+        rx.plain_tcp = true;
+        self.rx_handed.store(true, Ordering::Release);
+        Ok(RxMode::Plain)
+    }
+
+    fn rx_mode_accelerated(&self, rx: &mut Rx) -> R<RxMode> {
         match self.side {
             Side::Connector => Ok(if self.claimed() { RxMode::Ring } else { RxMode::Tcp { limit: None } }),
             Side::Acceptor => {
@@ -547,27 +696,16 @@ impl TcpConn {
     /// two exclusive. Otherwise only FIN and RST are noted.
     /// `_held`: the caller holds the receive lock (the lock order is `rx`, then `wake_lock`).
     fn drain(&self, _held: &Rx, fd: c_int) {
-        use rustix::net::RecvFlags;
         let _w = lock(&self.wake_lock);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
             self.note_hangup(fd);
             return;
         }
-        let mut scratch = [0u8; 256];
-        for _ in 0..64 {
-            match rustix::net::recv(borrow(fd), &mut scratch[..], RecvFlags::DONTWAIT) {
-                Ok((0, _)) => {
-                    self.eof.store(true, Ordering::Release);
-                    return;
-                }
-                Ok(_) => continue,
-                Err(rustix::io::Errno::AGAIN) => return,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    self.set_error(e.raw_os_error());
-                    return;
-                }
-            }
+        // Only the wakeup bytes the peer counted: anything past them is data it sent after
+        // handing the connection back, for whoever reads next.
+        let ahead = self.wakes_ahead();
+        if ahead == 0 || self.take_wakes(fd, ahead.min(64 * 256)) == 0 {
+            self.note_hangup(fd);
         }
     }
 
@@ -579,9 +717,31 @@ impl TcpConn {
         if self.shut_rd.load(Ordering::Relaxed) {
             return Ok(0);
         }
+        self.progress(fd);
         let mut rx = lock(&self.rx);
         for _ in 0..8 {
             match self.rx_mode(&mut rx)? {
+                RxMode::Skip(n) => {
+                    if self.take_wakes(fd, n) == 0 {
+                        if self.eof.load(Ordering::Acquire) {
+                            return Ok(0);
+                        }
+                        let e = self.error.load(Ordering::Relaxed);
+                        return Err(if e != 0 { e } else { EAGAIN });
+                    }
+                    continue;
+                }
+                RxMode::Plain => {
+                    drop(rx);
+                    self.finish_handback(fd);
+                    let m = msghdr_of(iov);
+                    let mut m = m;
+                    // SAFETY: `m` describes the program's own buffers for this call.
+                    let n = unsafe {
+                        crate::real::recvmsg(fd, &mut m, (flags & !libc::MSG_WAITALL) | libc::MSG_DONTWAIT)
+                    };
+                    return if n < 0 { Err(errno()) } else { Ok(n as usize) };
+                }
                 RxMode::Tcp { limit } => {
                     let lim = limit.map_or(want, |l| want.min(l.min(usize::MAX as u64) as usize));
                     let part = iov_truncated(iov, lim);
@@ -700,7 +860,7 @@ impl TcpConn {
             // Our TCP bytes count as data for the listener's side until we publish where
             // our data switched to the ring: publish first.
             self.ensure_switched();
-            doorbell(fd);
+            self.wake(fd);
         }
         if got > 0 && !peek {
             count(&COUNTERS.ring_rx, got as u64);
@@ -735,6 +895,15 @@ impl TcpConn {
     /// not, as the program asked); in the ring it never blocks (`Err(EAGAIN)` when full).
     pub fn try_send(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
         let mut tx = lock(&self.tx);
+        if let Some(r) = self.tx_handback(&mut tx, fd) {
+            r?;
+            drop(tx);
+            self.finish_handback(fd);
+            let m = msghdr_of(iov);
+            // SAFETY: `m` describes the program's own buffers for this call.
+            let n = unsafe { crate::real::sendmsg(fd, &m, flags | libc::MSG_DONTWAIT) };
+            return if n < 0 { Err(errno()) } else { Ok(n as usize) };
+        }
         if !tx.switched {
             if self.claimed() && !self.is_plain() {
                 self.switch_now(&mut tx);
@@ -756,11 +925,10 @@ impl TcpConn {
             // Let the kernel answer as TCP would: EPIPE (and SIGPIPE unless MSG_NOSIGNAL)
             // after our shutdown or the peer's reset; a write to a peer that closed provokes
             // its reset, and the byte is a harmless wakeup if it only half-closed.
-            let f = (flags & libc::MSG_NOSIGNAL) | libc::MSG_DONTWAIT;
-            // SAFETY: sending one byte from a local.
-            let r = unsafe { crate::real::send(fd, [0u8].as_ptr().cast(), 1, f) };
-            if r < 0 && errno() != EAGAIN {
-                return Err(errno());
+            if let Some(r) = self.send_wake(fd, flags & libc::MSG_NOSIGNAL) {
+                if r < 0 && errno() != EAGAIN {
+                    return Err(errno());
+                }
             }
         }
         // A forked sibling may have written to this end since we last did.
@@ -782,7 +950,7 @@ impl TcpConn {
             }
         }
         if wake {
-            doorbell(fd);
+            self.wake(fd);
         }
         if put == 0 && iov_len(iov) > 0 {
             return Err(EAGAIN);
@@ -826,9 +994,217 @@ impl TcpConn {
         matches!(self.ring_bytes(), Some(Ok(n)) if n > 0)
     }
 
-    /// Whether writes go over TCP still (the connector before the claim).
+    /// Whether writes go over TCP (the connector before the claim; after a handback).
     pub fn tx_on_tcp(&self) -> bool {
-        !lock(&self.tx).switched && !self.claimed()
+        let tx = lock(&self.tx);
+        tx.plain_tcp || tx.push.is_some() || (!tx.switched && !self.claimed())
+    }
+
+    /// Whether a handback is under way here (ring bytes still to be pushed over TCP): waits
+    /// are kept short so that the push goes on even if the program only reads.
+    pub fn in_handback(&self) -> bool {
+        self.push_pending.load(Ordering::Relaxed)
+    }
+
+    /// The writing half of a handback. `None`: none under way, write as usual. `Some(Ok)`:
+    /// writes go to the kernel as they are. `Some(Err(EAGAIN))`: ring bytes the peer did not
+    /// read are still being sent over TCP ahead of anything new.
+    fn tx_handback(&self, tx: &mut Tx, fd: c_int) -> Option<R<()>> {
+        if tx.plain_tcp {
+            return Some(Ok(()));
+        }
+        let region = self.region();
+        if tx.push.is_none() {
+            // The peer stopped reading our ring (it handed the connection back): stop
+            // writing it; what it did not read goes over TCP before anything else.
+            let stop = tcp::rx_stop(region, self.peer()).ok().flatten()?;
+            if let Ok(c) = tx.w.ctrl(region) {
+                let _ = tx.w.state().adopt_published_tail(&c);
+            }
+            let tail = tx.w.state().tail();
+            let _ = tcp::store_tx_stop(region, self.me(), tail);
+            // Our wakeup bytes (frozen by the peer) leave before the pushed bytes: one
+            // another thread counted may still be on its way out.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+            while tcp::wakes_sent(region, self.me()).unwrap_or(0)
+                < tcp::wakes(region, self.me()).map_or(0, |w| w.0)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::yield_now();
+            }
+            count(&COUNTERS.handbacks, 1);
+            crate::decision!(
+                "the peer handed the connection back to TCP: following ({} ring bytes to send over TCP)",
+                tail.saturating_sub(stop)
+            );
+            tx.push = Some(stop);
+            self.push_pending.store(true, Ordering::Relaxed);
+        }
+        Some(self.push(tx, fd))
+    }
+
+    /// Sends the ring bytes the peer did not read over TCP (without waiting).
+    fn push(&self, tx: &mut Tx, fd: c_int) -> R<()> {
+        let region = self.region();
+        let mut buf = [0u8; 16 * 1024];
+        while let Some(from) = tx.push {
+            let n = tx.w.copy_published(region, from, &mut buf).map_err(|e| self.violated(e))?;
+            if n == 0 {
+                tx.push = None;
+                tx.plain_tcp = true;
+                self.push_pending.store(false, Ordering::Relaxed);
+                self.tx_handed.store(true, Ordering::Release);
+                return Ok(());
+            }
+            // SAFETY: sending from a local buffer.
+            let r = unsafe {
+                crate::real::send(fd, buf.as_ptr().cast(), n, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if r < 0 {
+                let e = errno();
+                if e != EAGAIN && e != libc::EINTR {
+                    self.set_error(e);
+                    self.push_pending.store(false, Ordering::Relaxed);
+                }
+                return Err(if e == libc::EINTR { EAGAIN } else { e });
+            }
+            tx.push = Some(from + r as u64);
+        }
+        Ok(())
+    }
+
+    /// Moves a handback along where the program does not write (reads, readiness): pushes
+    /// what can be pushed.
+    fn progress(&self, fd: c_int) {
+        if self.push_pending.load(Ordering::Relaxed)
+            || (!self.tx_handed.load(Ordering::Relaxed)
+                && tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some())
+        {
+            let mut tx = lock(&self.tx);
+            let _ = self.tx_handback(&mut tx, fd);
+        }
+    }
+
+    /// Both halves of a handback are done: the connection is plain TCP from here on, with
+    /// the program's own `TCP_NODELAY`/`TCP_CORK`.
+    pub fn finish_handback(&self, fd: c_int) {
+        if self.is_plain()
+            || !self.rx_handed.load(Ordering::Acquire)
+            || !self.tx_handed.load(Ordering::Acquire)
+        {
+            return;
+        }
+        for (i, name) in [(0, libc::TCP_NODELAY), (1, libc::TCP_CORK)] {
+            let v = self.tcp_opts[i].load(Ordering::Relaxed);
+            // SAFETY: setting an int option from a local.
+            unsafe {
+                crate::real::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    name,
+                    std::ptr::addr_of!(v).cast(),
+                    std::mem::size_of::<c_int>() as libc::socklen_t,
+                )
+            };
+        }
+        if !self.plain.swap(true, Ordering::AcqRel) {
+            *lock(&self.registration) = None;
+            crate::decision!("handback complete: the connection is plain TCP");
+        }
+    }
+
+    /// Hands the connection back to the kernel's TCP connection beside it, in both
+    /// directions, for `why` (logged): from here on this process's reads and writes go to the
+    /// kernel as they are, and so will the peer's once it follows. What we wrote into the ring
+    /// the peer reads from the ring before our TCP data; what the peer wrote that we did not
+    /// read it sends over TCP; the wakeup bytes each side sent are counted, so they are taken
+    /// off TCP exactly. `now`: this process is about to stop serving the connection (an exec
+    /// of an image without the library, or the descriptor leaves for another process): the
+    /// peer's wakeup bytes are taken off here before it returns (at most `WAIT` in all), so
+    /// that whatever reads the socket next finds only data. Returns false where that cannot
+    /// be done (the listener's side has not read the connecting side's first TCP bytes yet
+    /// and wakeup bytes already follow them); the connection is then left as it was.
+    pub fn hand_back(&self, fd: c_int, why: &str, now: bool) -> bool {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+        if self.is_plain() {
+            return true;
+        }
+        let mut rx = lock(&self.rx);
+        let mut tx = lock(&self.tx);
+        let region = self.region();
+        let (me, peer) = (self.me(), self.peer());
+        if tcp::rx_stop(region, me).ok().flatten().is_some() {
+            return true; // already under way
+        }
+        // Data bytes of the connecting side still to read over TCP before its wakeups.
+        let unread_first = match (self.side, rx.peer_switch) {
+            (Side::Acceptor, Some(n)) => n.saturating_sub(rx.tcp_read),
+            (Side::Acceptor, None) => {
+                tcp::switch_offset(region).ok().flatten().map_or(0, |n| n.saturating_sub(rx.tcp_read))
+            }
+            _ => 0,
+        };
+        if now && unread_first > 0 && self.wakes_ahead() > 0 {
+            crate::decision!(
+                "cannot hand the connection back to TCP ({why}): wakeup bytes follow data not read yet"
+            );
+            return false;
+        }
+        // Writing: stop at our tail; the peer reads the ring up to it, then our TCP bytes.
+        if self.side == Side::Connector && !tx.switched && self.claim_seen.load(Ordering::Acquire) {
+            self.switch_now(&mut tx);
+        }
+        if let Ok(c) = tx.w.ctrl(region) {
+            let _ = tx.w.state().adopt_published_tail(&c);
+        }
+        let tail = if tx.switched { tx.w.state().tail() } else { 0 };
+        let _ = tcp::store_tx_stop(region, me, tail);
+        if tx.switched {
+            // Wake the peer so that it sees the handback if it sleeps on this connection.
+            self.wake(fd);
+        }
+        let _ = tcp::freeze_wakes(region, me);
+        tx.plain_tcp = true;
+        self.tx_handed.store(true, Ordering::Release);
+        // Reading: stop at our head; the peer sends what we did not read over TCP, after
+        // its wakeup bytes, whose count is final from here.
+        if let Ok(c) = rx.r.ctrl(region) {
+            let _ = rx.r.state().adopt_published_head(&c);
+        }
+        let head = rx.r.state().head();
+        let _ = tcp::freeze_wakes(region, peer);
+        let _ = tcp::store_rx_stop(region, me, head);
+        count(&COUNTERS.handbacks, 1);
+        crate::decision!("connection handed back to TCP: {why}");
+        if now && unread_first == 0 {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let ahead = self.wakes_ahead();
+                if ahead == 0 {
+                    break;
+                }
+                if self.take_wakes(fd, ahead) > 0 {
+                    continue;
+                }
+                if self.eof.load(Ordering::Acquire) || self.has_error() {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    crate::decision!("handback: {ahead} wakeup byte(s) of the peer did not arrive");
+                    break;
+                }
+                let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+                // SAFETY: a local pollfd array of length 1.
+                unsafe { crate::real::poll(p.as_mut_ptr(), 1, left.as_millis().clamp(1, 100) as c_int) };
+            }
+            rx.plain_tcp = true;
+            self.rx_handed.store(true, Ordering::Release);
+        }
+        drop(tx);
+        drop(rx);
+        self.finish_handback(fd);
+        true
     }
 
     /// Takes note of what the kernel reported on the TCP socket (after `poll`/`epoll`).
@@ -857,12 +1233,24 @@ impl TcpConn {
                     Err(e) => self.set_error(e.raw_os_error()),
                 }
             }
-            Err(_) => {}
+            Ok(RxMode::Skip(n)) => {
+                self.take_wakes(fd, n);
+            }
+            Ok(RxMode::Plain) | Err(_) => {}
         }
+        drop(rx);
+        self.progress(fd);
+    }
+
+    /// Whether the kernel has something to read on `fd` (data, EOF or an error).
+    fn kernel_readable(fd: c_int) -> bool {
+        let mut p = [libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 }];
+        // SAFETY: a local pollfd array of length 1.
+        unsafe { crate::real::poll(p.as_mut_ptr(), 1, 0) == 1 }
     }
 
     /// Readable as the program would see it: data, EOF or an error is there.
-    pub fn readable(&self) -> bool {
+    pub fn readable(&self, fd: c_int) -> bool {
         if self.eof.load(Ordering::Acquire)
             || self.error.load(Ordering::Relaxed) != 0
             || self.shut_rd.load(Ordering::Relaxed)
@@ -878,6 +1266,12 @@ impl TcpConn {
                 rx.r.available(self.region()).map(|n| n > 0).unwrap_or(true)
             }
             Ok(RxMode::Tcp { .. }) => rx.tcp_data,
+            Ok(RxMode::Skip(n)) => {
+                // Readable once the wakeup bytes are off and data (or EOF) follows them.
+                self.take_wakes(fd, n);
+                self.wakes_ahead() == 0 && Self::kernel_readable(fd)
+            }
+            Ok(RxMode::Plain) => Self::kernel_readable(fd),
             Err(_) => true,
         }
     }
@@ -903,8 +1297,9 @@ impl TcpConn {
 
     /// Readiness as the program would see it from TCP, for the directions it asks about.
     pub fn readiness(&self, fd: c_int, want_in: bool, want_out: bool) -> Readiness {
+        self.progress(fd);
         Readiness {
-            readable: want_in && self.readable(),
+            readable: want_in && self.readable(fd),
             writable: want_out && self.writable(|| crate::wait::kernel_writable(fd)),
             peer_closed: self.peer_closed(),
             hangup: self.peer_closed() && self.write_shut(),
@@ -1070,6 +1465,13 @@ impl TcpConn {
                 unsafe { crate::real::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(n).cast()) };
                 let n = n.max(0) as u64;
                 limit.map_or(n, |l| n.min(l)) as usize
+            }
+            Ok(RxMode::Skip(_)) => 0,
+            Ok(RxMode::Plain) => {
+                let mut n: c_int = 0;
+                // SAFETY: FIONREAD writes one int.
+                unsafe { crate::real::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(n).cast()) };
+                n.max(0) as usize
             }
             Err(_) => 0,
         }

@@ -114,9 +114,9 @@ pub fn closing_own(fd: c_int) {
 
 /// Makes `fd` one of the library's own descriptors: moved to a number at or above the soft
 /// `RLIMIT_NOFILE` when the hard limit leaves room (the soft limit is raised for the one
-/// `F_DUPFD_CLOEXEC` and put back: three system calls), else into the top of the program's
-/// range ([`top_window`]: the program, which gets the lowest free numbers, reaches those
-/// last), and recorded. Close-on-exec either way.
+/// `F_DUPFD_CLOEXEC` and put back: three system calls), else into the top quarter of the
+/// program's range (at most 4096 numbers; the program, which gets the lowest free numbers,
+/// reaches those last), and recorded. Close-on-exec either way.
 pub fn lift(fd: OwnedFd) -> OwnedFd {
     let fd = match soft_limit() {
         Some(s) if fd.as_raw_fd() as u64 >= s || fd.as_raw_fd() as u64 >= top_window(s) => fd,

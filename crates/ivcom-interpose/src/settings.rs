@@ -162,6 +162,9 @@ pub struct Counters {
     /// Of those, sleeps cut short by the safety cap (several waiters, or waiting for space
     /// after the peer's FIN) that found nothing.
     pub capped: AtomicU64,
+    /// Accelerated connections this process handed back to the kernel's TCP connection
+    /// (each with its reason in the log), or followed the peer's handback of.
+    pub handbacks: AtomicU64,
 }
 
 /// The counters.
@@ -173,6 +176,7 @@ pub static COUNTERS: Counters = Counters {
     doorbells: AtomicU64::new(0),
     sleeps: AtomicU64::new(0),
     capped: AtomicU64::new(0),
+    handbacks: AtomicU64::new(0),
 };
 
 /// Adds `n` to a counter.
@@ -189,13 +193,14 @@ pub fn log_counters() {
         return;
     }
     decision!(
-        "exit: accelerated={} fallbacks={} ring_tx={} ring_rx={} doorbells={} sleeps={} capped={}",
+        "exit: accelerated={} fallbacks={} ring_tx={} ring_rx={} doorbells={} sleeps={} capped={} handbacks={}",
         g(&c.accelerated),
         g(&c.fallbacks),
         g(&c.ring_tx),
         g(&c.ring_rx),
         g(&c.doorbells),
         g(&c.sleeps),
-        g(&c.capped)
+        g(&c.capped),
+        g(&c.handbacks)
     );
 }

@@ -89,7 +89,7 @@ impl<'a> Armed<'a> {
                 }
                 if c.arm(read) {
                     a.list.push((c, read));
-                    a.short |= c.crowded() || (!read && c.peer_closed());
+                    a.short |= c.crowded() || (!read && c.peer_closed()) || c.in_handback();
                 } else {
                     a.ready = true;
                 }

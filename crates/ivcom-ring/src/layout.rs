@@ -87,12 +87,32 @@ pub mod off {
     /// registers: its address (16 bytes, IPv6 or IPv4-mapped), port (u16), then the
     /// destination's address and port. 36 bytes.
     pub const TCP_TUPLE: usize = 2048 + super::LINE + 16;
+    /// TCP handoff: `u32` written by the connecting side when it creates the region: the
+    /// handoff protocol version ([`super::tcp::HANDOFF_VERSION`]).
+    pub const TCP_VERSION: usize = 2048 + 4;
+    /// TCP handback: one line per side (`+ LINE * side`, side 0 = connecting, 1 =
+    /// listener's), fields below.
+    pub const TCP_HANDBACK: usize = 2048 + 2 * super::LINE;
+    /// Within a handback line: `u64`, wakeup bytes this side has reserved to send over TCP,
+    /// times two, plus bit 0 once frozen (by either side): no more are sent.
+    pub const HB_WAKES: usize = 0;
+    /// Within a handback line: `u64`, wakeup bytes this side has finished sending.
+    pub const HB_SENT: usize = 8;
+    /// Within a handback line: `u64`, wakeup bytes this side has taken off TCP (the peer's).
+    pub const HB_TAKEN: usize = 16;
+    /// Within a handback line: `u64`, `0` or `h + 1`: this side stopped reading the peer's
+    /// ring at index `h`; the peer sends what follows over TCP.
+    pub const HB_RX_STOP: usize = 24;
+    /// Within a handback line: `u64`, `0` or `t + 1`: this side stopped writing its ring at
+    /// index `t`; what it sends next goes over TCP.
+    pub const HB_TX_STOP: usize = 32;
 }
 
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= HEADER_SIZE);
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= off::TCP_CLAIM);
 const _: () = assert!(off::TCP_SWITCH + LINE <= HEADER_SIZE);
 const _: () = assert!(off::TCP_TUPLE + 36 <= off::TCP_SWITCH + LINE);
+const _: () = assert!(off::TCP_HANDBACK + 2 * LINE <= HEADER_SIZE);
 
 /// The two handoff words of a channel that shadows a TCP connection (see
 /// `docs/region-layout.md`, "TCP handoff"). Each has one writer; the other side only loads.
@@ -166,6 +186,96 @@ pub mod tcp {
     pub fn switch_offset(region: &ShmRegion) -> Result<Option<u64>, OutOfBounds> {
         let v = region.load_u64(off::TCP_SWITCH, Ordering::Acquire)?;
         Ok(v.checked_sub(1))
+    }
+
+    /// The handoff protocol this build speaks: counted wakeup bytes and the handback lines.
+    pub const HANDOFF_VERSION: u32 = 2;
+
+    /// Connecting side, at creation: records [`HANDOFF_VERSION`].
+    pub fn set_version(region: &ShmRegion) -> Result<(), OutOfBounds> {
+        region.store_u32(off::TCP_VERSION, HANDOFF_VERSION, Ordering::Release)
+    }
+
+    /// The handoff protocol version the connecting side recorded.
+    pub fn version(region: &ShmRegion) -> Result<u32, OutOfBounds> {
+        region.load_u32(off::TCP_VERSION, Ordering::Acquire)
+    }
+
+    /// The handback line of `side` (0: connecting side, 1: listener's side).
+    fn hb(region: &ShmRegion, side: usize) -> Result<crate::shm::Block<'_, { super::LINE }>, OutOfBounds> {
+        region.block::<{ super::LINE }>(off::TCP_HANDBACK + super::LINE * side.min(1))
+    }
+
+    /// `side` is about to send one wakeup byte: counts it, unless its wakeups are frozen
+    /// (then it must not send). Every wakeup byte is counted before it is sent.
+    pub fn reserve_wake(region: &ShmRegion, side: usize) -> Result<bool, OutOfBounds> {
+        let w = hb(region, side)?.u64(off::HB_WAKES);
+        let mut v = w.load(Ordering::Acquire);
+        loop {
+            if v & 1 != 0 {
+                return Ok(false);
+            }
+            match w.compare_exchange_weak(v, v.wrapping_add(2), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(true),
+                Err(x) => v = x,
+            }
+        }
+    }
+
+    /// `side` finished sending a wakeup byte it reserved.
+    pub fn wake_sent(region: &ShmRegion, side: usize) -> Result<(), OutOfBounds> {
+        hb(region, side)?.u64(off::HB_SENT).fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Freezes `side`'s wakeups (either side may) and returns how many it reserved: the
+    /// final count.
+    pub fn freeze_wakes(region: &ShmRegion, side: usize) -> Result<u64, OutOfBounds> {
+        Ok(hb(region, side)?.u64(off::HB_WAKES).fetch_or(1, Ordering::AcqRel) >> 1)
+    }
+
+    /// `side`'s wakeup count and whether it is frozen (final).
+    pub fn wakes(region: &ShmRegion, side: usize) -> Result<(u64, bool), OutOfBounds> {
+        let v = hb(region, side)?.u64(off::HB_WAKES).load(Ordering::Acquire);
+        Ok((v >> 1, v & 1 != 0))
+    }
+
+    /// How many of its wakeup bytes `side` has finished sending.
+    pub fn wakes_sent(region: &ShmRegion, side: usize) -> Result<u64, OutOfBounds> {
+        Ok(hb(region, side)?.u64(off::HB_SENT).load(Ordering::Acquire))
+    }
+
+    /// Wakeup bytes `side` has taken off TCP.
+    pub fn taken(region: &ShmRegion, side: usize) -> Result<u64, OutOfBounds> {
+        Ok(hb(region, side)?.u64(off::HB_TAKEN).load(Ordering::Acquire))
+    }
+
+    /// Records the wakeup bytes `side` has taken off TCP.
+    pub fn store_taken(region: &ShmRegion, side: usize, n: u64) -> Result<(), OutOfBounds> {
+        hb(region, side)?.u64(off::HB_TAKEN).store(n, Ordering::Release);
+        Ok(())
+    }
+
+    /// Where `side` stopped reading its peer's ring, if it did.
+    pub fn rx_stop(region: &ShmRegion, side: usize) -> Result<Option<u64>, OutOfBounds> {
+        Ok(hb(region, side)?.u64(off::HB_RX_STOP).load(Ordering::Acquire).checked_sub(1))
+    }
+
+    /// `side` stops reading its peer's ring at index `head`.
+    pub fn store_rx_stop(region: &ShmRegion, side: usize, head: u64) -> Result<(), OutOfBounds> {
+        hb(region, side)?.u64(off::HB_RX_STOP).store(head.saturating_add(1), Ordering::Release);
+        Ok(())
+    }
+
+    /// Where `side` stopped writing its ring, if it did.
+    pub fn tx_stop(region: &ShmRegion, side: usize) -> Result<Option<u64>, OutOfBounds> {
+        Ok(hb(region, side)?.u64(off::HB_TX_STOP).load(Ordering::Acquire).checked_sub(1))
+    }
+
+    /// `side` stops writing its ring at index `tail`.
+    pub fn store_tx_stop(region: &ShmRegion, side: usize, tail: u64) -> Result<(), OutOfBounds> {
+        hb(region, side)?.u64(off::HB_TX_STOP).store(tail.saturating_add(1), Ordering::Release);
+        Ok(())
     }
 }
 const _: () = assert!(cfg!(target_endian = "little"), "the region layout is little-endian");

@@ -523,6 +523,28 @@ impl StreamWriter {
     }
 }
 
+impl StreamWriter {
+    /// Copies bytes this writer published, from stream index `from` on, into `buf` (for
+    /// handing unread bytes over to another transport after the reader stopped at `from`).
+    /// `from` comes from the peer: it must lie within the last capacity's worth of published
+    /// bytes (`tail - capacity ..= tail`), which the writer has not overwritten since the
+    /// reader's index never passed it. Returns how many bytes were copied (0 at the tail).
+    pub fn copy_published(&self, shm: &ShmRegion, from: u64, buf: &mut [u8]) -> Result<usize, RingError> {
+        let tail = self.st.tail;
+        if from > tail || tail - from > self.g.capacity {
+            return Err(RingError::Corrupt {
+                what: "stop index outside the ring's published bytes",
+                value: from,
+                lo: tail.saturating_sub(self.g.capacity),
+                hi: tail,
+            });
+        }
+        let n = buf.len().min((tail - from) as usize);
+        ring_copy_out(shm, &self.g, from, &mut buf[..n])?;
+        Ok(n)
+    }
+}
+
 /// Reading end of a ring in byte-stream mode.
 #[derive(Debug, Clone)]
 pub struct StreamReader {
