@@ -118,6 +118,31 @@ fn descriptor_budget_and_message_vectors() {
 }
 
 #[test]
+fn handback_to_tcp_when_the_library_cannot_follow() {
+    same_over_shared_memory("t_handback", &[]);
+    let scene = Scene::new("t_handback-counters");
+    let prog = c_bin("t_handback");
+    let o = output_within(scene.ivcom(&[], &prog, &[]), Duration::from_secs(120));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = scene.log_text();
+    for why in [
+        "exec of an image without the library",
+        "stdio on the connection (fdopen)",
+        "the descriptor is sent to another process (SCM_RIGHTS)",
+    ] {
+        assert!(
+            log.contains(&format!("connection handed back to TCP: {why}")),
+            "no handback for {why}:\n{log}"
+        );
+    }
+    assert!(log.contains("the peer handed the connection back to TCP: following"), "{log}");
+    // Counted by the processes that exit through `exit` (the server: its stdio and SCM_RIGHTS
+    // handbacks); the forked client and the exec'd handler end with `_exit`/exec.
+    assert!(scene.counters().get("handbacks").copied().unwrap_or(0) >= 2, "{log}");
+    scene.assert_clean();
+}
+
+#[test]
 fn switched_off_everything_stays_tcp() {
     let prog = c_bin("t_stream");
     let scene = Scene::new("off");

@@ -1015,6 +1015,14 @@ impl TcpConn {
         }
         let region = self.region();
         if tx.push.is_none() {
+            if tcp::tx_stop(region, self.me()).ok().flatten().is_some() {
+                // Another process of this side (a fork, a spawned image) handed the
+                // connection back: our writes go to TCP too.
+                tx.plain_tcp = true;
+                self.tx_handed.store(true, Ordering::Release);
+                crate::decision!("another process on this end handed the connection back to TCP: following");
+                return Some(Ok(()));
+            }
             // The peer stopped reading our ring (it handed the connection back): stop
             // writing it; what it did not read goes over TCP before anything else.
             let stop = tcp::rx_stop(region, self.peer()).ok().flatten()?;
@@ -1078,7 +1086,8 @@ impl TcpConn {
     fn progress(&self, fd: c_int) {
         if self.push_pending.load(Ordering::Relaxed)
             || (!self.tx_handed.load(Ordering::Relaxed)
-                && tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some())
+                && (tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some()
+                    || tcp::tx_stop(self.region(), self.me()).ok().flatten().is_some()))
         {
             let mut tx = lock(&self.tx);
             let _ = self.tx_handback(&mut tx, fd);

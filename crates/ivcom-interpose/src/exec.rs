@@ -505,13 +505,14 @@ impl Plan {
                 crate::decision!("exec: passing {} accelerated connection(s) to the new image", groups.len());
             }
             Some(why) => {
-                // Its sockets stay as the program left them (a child that only holds one keeps
-                // the connection open, as over TCP); their memory does not cross (the memfds
-                // are close-on-exec).
+                // Its sockets stay as the program left them; their memory does not cross (the
+                // memfds are close-on-exec): each connection goes back to plain TCP first, so
+                // that the new image reads and writes the connection itself.
                 crate::decision!(
-                    "exec: the new image does not continue under ivcom ({why}); it keeps the socket(s) of {} accelerated connection(s) but not their channel",
+                    "exec: the new image does not continue under ivcom ({why}); {} accelerated connection(s) it keeps go back to TCP",
                     groups.len()
                 );
+                hand_back_all(&groups, &format!("exec of an image without the library ({why})"));
             }
         }
         let value = (!entries.is_empty()).then(|| encode(&entries));
@@ -930,6 +931,7 @@ pub unsafe fn posix_spawn(
         // File actions we did not see being made: the child gets what they give it, and no
         // channel memory (the memfds are close-on-exec).
         crate::decision!("posix_spawn: file actions not recorded; no channel passed to the child");
+        hand_back_all(&survivors(), "posix_spawn with file actions the library did not see");
         let envv = with_inherit(&env, None);
         let ptrs = env_ptrs(&envv);
         return call(fa, ptrs.as_ptr().cast());
@@ -943,6 +945,11 @@ pub unsafe fn posix_spawn(
     }
     let mut entries = Vec::new();
     let why = if child.is_empty() { None } else { not_continuing(&env, &target) };
+    if let Some(w) = &why {
+        let leaving: Vec<(Arc<TcpConn>, Vec<RawFd>)> =
+            groups.iter().filter(|(g, _)| child.iter().any(|(c, _, _)| Arc::ptr_eq(g, c))).cloned().collect();
+        hand_back_all(&leaving, &format!("posix_spawn of an image without the library ({w})"));
+    }
     for (c, fds, memfd_open) in &child {
         if why.is_none() && *memfd_open {
             let m = c.region_fd().as_raw_fd();
@@ -988,11 +995,22 @@ pub fn around_shell<T>(what: &str, f: impl FnOnce() -> T) -> T {
     let groups = survivors();
     if !groups.is_empty() {
         crate::decision!(
-            "{what}: the shell keeps the socket(s) of {} accelerated connection(s) but not their channel",
+            "{what}: the shell keeps the socket(s) of {} accelerated connection(s); they go back to TCP",
             groups.len()
         );
+        hand_back_all(&groups, &format!("{what} runs a shell without the library"));
     }
     f()
+}
+
+/// Hands each connection back to TCP (`TcpConn::hand_back`, now), through one of its
+/// descriptors in this process.
+fn hand_back_all(groups: &[(Arc<TcpConn>, Vec<RawFd>)], why: &str) {
+    for (c, fds) in groups {
+        if let Some(&fd) = fds.first() {
+            c.hand_back(fd, why, true);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1110,8 +1128,13 @@ pub fn at_start() {
                 }
             }
         };
-        if table::set(e.fd, Entry::Conn(conn)) {
+        if table::set(e.fd, Entry::Conn(conn.clone())) {
             crate::decision!("exec: took over accelerated connection fd {}", e.fd);
+            if e.fd <= 2 {
+                // On standard input, output or error the program may use stdio, which reads
+                // and writes through the C library's internals, past the library.
+                conn.hand_back(e.fd, "the connection is a standard stream of the new image (stdio)", true);
+            }
         }
     }
     for m in ours {

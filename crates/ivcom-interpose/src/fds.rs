@@ -262,6 +262,40 @@ pub fn closefrom(first: c_int) {
     }
 }
 
+/// The descriptors a message passes (`SCM_RIGHTS`), from the program's header for
+/// `sendmsg`. Looks only when the header has control data.
+///
+/// # Safety
+/// `msg` is null or the program's valid message header.
+pub unsafe fn rights_in(msg: *const libc::msghdr) -> Vec<c_int> {
+    let mut out = Vec::new();
+    if msg.is_null() {
+        return out;
+    }
+    // SAFETY: the caller's header.
+    let m = unsafe { &*msg };
+    if m.msg_control.is_null() || m.msg_controllen < std::mem::size_of::<libc::cmsghdr>() as _ {
+        return out;
+    }
+    // SAFETY: walking the program's control buffer with the C library's macros, within
+    // msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<c_int>();
+                let n = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<c_int>();
+                for i in 0..n {
+                    out.push(data.add(i).read_unaligned());
+                }
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    out
+}
+
 /// `recvmsg` passed descriptors in (`SCM_RIGHTS`): they are new numbers.
 ///
 /// # Safety

@@ -422,8 +422,21 @@ fn advance(iov: &[iovec], mut skip: usize) -> Vec<iovec> {
     out
 }
 
+/// Hands connection `fd` back to TCP (now) before a call the library does not follow
+/// (`why`); afterwards `table::conn(fd)` is `None` and the call goes to the kernel.
+fn hand_back(fd: c_int, why: &str) {
+    if let Some(c) = if table::tracked(fd) { table::conn(fd) } else { None } {
+        let e = errno();
+        c.hand_back(fd, why, true);
+        set_errno(e);
+    }
+}
+
 /// Reads from a connection into `iov` as `recvmsg` would. `None`: not ours.
 fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
+    if flags & libc::MSG_OOB != 0 {
+        hand_back(fd, "urgent data (MSG_OOB)");
+    }
     let c = table::conn(fd)?;
     Some(match recv_inner(&c, fd, iov, flags) {
         Ok(n) => n as ssize_t,
@@ -485,6 +498,9 @@ fn unsafe_zeroed_msghdr() -> msghdr {
 
 /// Writes `iov` to a connection as `sendmsg` would. `None`: not ours.
 fn send_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
+    if flags & libc::MSG_OOB != 0 {
+        hand_back(fd, "urgent data (MSG_OOB)");
+    }
     let c = table::conn(fd)?;
     Some(match send_inner(&c, fd, iov, flags) {
         Ok(n) => n as ssize_t,
@@ -717,6 +733,12 @@ pub unsafe fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
             }
         }
     }
+    // Our connections leaving for another process go back to TCP first: the receiver
+    // reads and writes the socket itself.
+    // SAFETY: the program's message header.
+    for passed in unsafe { crate::fds::rights_in(msg) } {
+        hand_back(passed, "the descriptor is sent to another process (SCM_RIGHTS)");
+    }
     // SAFETY: passed on unchanged.
     unsafe { real::sendmsg(fd, msg, flags) }
 }
@@ -901,6 +923,10 @@ pub unsafe fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
             unsafe { *arg.cast::<c_int>() = n };
             return 0;
         }
+    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX].contains(&req) && table::tracked(fd) {
+        // A request whose answer depends on the kernel's view of the stream (SIOCOUTQ,
+        // SIOCATMARK, ...): that view must be the whole truth first.
+        hand_back(fd, &format!("ioctl {req:#x}"));
     }
     // SAFETY: passed on unchanged.
     unsafe { real::ioctl(fd, req, arg) }
@@ -1123,6 +1149,32 @@ pub unsafe fn epoll_pwait2(
         // SAFETY: passed on unchanged.
         None => unsafe { real::epoll_pwait2(epfd, ev, max, t, mask) },
     }
+}
+
+/// `fdopen`: stdio reads and writes through the C library's internals, past the library, so
+/// a connection gets a stream only after it went back to TCP.
+///
+/// # Safety
+/// The C contract of `fdopen`.
+pub unsafe fn fdopen(fd: c_int, mode: *const libc::c_char) -> *mut libc::FILE {
+    hand_back(fd, "stdio on the connection (fdopen)");
+    // SAFETY: passed on unchanged.
+    unsafe { real::fdopen(fd, mode) }
+}
+
+/// `syscall`: `io_uring_setup` first hands every connection back to TCP (a ring's I/O
+/// reaches sockets past the library); everything else is passed on.
+///
+/// # Safety
+/// The C contract of `syscall` with `n`'s arguments.
+pub unsafe fn syscall(n: libc::c_long, a: [libc::c_long; 6]) -> libc::c_long {
+    if n == libc::SYS_io_uring_setup {
+        for (fd, c) in table::conns() {
+            c.hand_back(fd, "io_uring_setup (a ring's I/O goes past the library)", true);
+        }
+    }
+    // SAFETY: passed on unchanged.
+    unsafe { real::syscall(n, a[0], a[1], a[2], a[3], a[4], a[5]) }
 }
 
 /// `sendfile`: into a connection, bytes are read from the file and written to the ring.

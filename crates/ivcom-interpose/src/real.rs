@@ -87,6 +87,8 @@ real! {
     sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t;
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t;
     fork() -> libc::pid_t;
+    fdopen(fd: c_int, mode: *const c_char) -> *mut FILE;
+    syscall(n: libc::c_long, a0: libc::c_long, a1: libc::c_long, a2: libc::c_long, a3: libc::c_long, a4: libc::c_long, a5: libc::c_long) -> libc::c_long;
     vdprintf(fd: c_int, fmt: *const c_char, ap: *mut c_void) -> c_int;
     epoll_pwait2(epfd: c_int, ev: *mut epoll_event, max: c_int, t: *const timespec, mask: *const sigset_t) -> c_int;
     clone(f: Option<CloneFn>, stack: *mut c_void, flags: c_int, arg: *mut c_void, ptid: *mut pid_t, tls: *mut c_void, ctid: *mut pid_t) -> c_int;

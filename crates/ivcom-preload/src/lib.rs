@@ -62,6 +62,7 @@ shims! {
     splice(inp: c_int, ioff: *mut loff_t, out: c_int, ooff: *mut loff_t, n: size_t, flags: c_uint) -> ssize_t => ops::splice(inp, ioff, out, ooff, n, flags);
     fork() -> pid_t => ops::fork();
     vfork() -> pid_t => ops::vfork();
+    fdopen(fd: c_int, mode: *const c_char) -> *mut FILE => ops::fdopen(fd, mode);
     vdprintf(fd: c_int, fmt: *const c_char, ap: *mut c_void) -> c_int => ops::vdprintf(fd, fmt, ap);
     clone(f: Option<real::CloneFn>, stack: *mut c_void, flags: c_int, arg: *mut c_void, ptid: *mut pid_t, tls: *mut c_void, ctid: *mut pid_t) -> c_int => ops::clone(f, stack, flags, arg, ptid, tls, ctid);
     recvmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int, t: *mut timespec) -> c_int => ops::recvmmsg(fd, v, n, flags, t);
@@ -234,6 +235,24 @@ pub unsafe extern "C" fn dprintf() {
 #[no_mangle]
 pub unsafe extern "C" fn dprintf() {
     core::arch::naked_asm!("b {f}", f = sym ivcom_dprintf)
+}
+
+/// `syscall` is variadic; on x86-64 and AArch64 its (at most six) integer arguments arrive
+/// as fixed ones do, so the shim reads six (see `exec_list!` on reading unfilled slots).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[no_mangle]
+pub unsafe extern "C" fn syscall(
+    n: libc::c_long,
+    a0: libc::c_long,
+    a1: libc::c_long,
+    a2: libc::c_long,
+    a3: libc::c_long,
+    a4: libc::c_long,
+    a5: libc::c_long,
+) -> libc::c_long {
+    let _in = fds::entered();
+    // SAFETY: the program's call, with `syscall`'s contract.
+    unsafe { ops::syscall(n, [a0, a1, a2, a3, a4, a5]) }
 }
 
 extern "C" fn at_exit() {

@@ -1,0 +1,200 @@
+/* Connections handed back to TCP, with nothing lost, duplicated or reordered, when a program
+ * does what the library cannot follow: an inetd-style server execs a handler without the
+ * library on the connection (stdin/stdout, stdio), with the client's request already sent
+ * into shared memory before the exec; stdio on a connection (fdopen); a connection sent to
+ * another process over SCM_RIGHTS; and the handler of the exec'd image answering with a
+ * large transfer each way. The client side stays under the library throughout.
+ *
+ *   t_handback            the test (server and client)
+ *   t_handback handler    the exec'd handler: a line on stdin, answer on stdout, then a
+ *                         1 MiB block whose checksum it sends back, then 1 MiB of its own */
+#include "common.h"
+#include <sys/socket.h>
+#include <sys/un.h>
+
+extern char **environ;
+
+#define BIG (1 << 20)
+
+static void handler(void) {
+    char line[128];
+    if (!fgets(line, sizeof line, stdin)) _exit(3);
+    printf("handler got: %s", line);
+    fflush(stdout);
+    unsigned char *b = malloc(BIG);
+    if (fread(b, 1, BIG, stdin) != BIG) _exit(4);
+    printf("checksum %016llx\n", (unsigned long long)fnv(b, BIG, 0));
+    fill(b, BIG, 7);
+    fwrite(b, 1, BIG, stdout);
+    fflush(stdout);
+    free(b);
+    _exit(0);
+}
+
+/* The environment without LD_PRELOAD: the handler runs without the library. */
+static char **without_preload(void) {
+    size_t n = 0;
+    while (environ[n]) n++;
+    char **e = calloc(n + 1, sizeof *e);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], "LD_PRELOAD=", 11) != 0) e[k++] = environ[i];
+    return e;
+}
+
+static char self_path[4096];
+
+/* One line (without its newline) read a byte at a time through read(). */
+static void read_line(int s, char *line, size_t n) {
+    size_t k = 0;
+    while (k + 1 < n) {
+        read_exact(s, line + k, 1);
+        if (line[k] == '\n') break;
+        k++;
+    }
+    line[k] = 0;
+}
+
+static void client(int port) {
+    unsigned char *b = malloc(BIG);
+    char line[128];
+    /* (a) inetd style: the request goes out (through shared memory: the server answered
+     * once first) before the server's handler exists. */
+    int s = connect_to(0, port, 0);
+    write_all(s, "hi", 2);
+    read_exact(s, line, 2);
+    write_all(s, "request one\n", 12);
+    read_line(s, line, sizeof line);
+    say("client: %s", line);
+    fill(b, BIG, 3);
+    write_all(s, b, BIG);
+    read_line(s, line, sizeof line);
+    unsigned long long want = (unsigned long long)fnv(b, BIG, 0);
+    unsigned long long got = strtoull(line + 9, NULL, 16);
+    say("client: handler's checksum of our 1 MiB matches: %d", got == want);
+    read_exact(s, b, BIG);
+    unsigned char *w = malloc(BIG);
+    fill(w, BIG, 7);
+    say("client: handler's 1 MiB intact: %d", memcmp(b, w, BIG) == 0);
+    free(w);
+    close(s);
+
+    /* (b) stdio on the server's end; our end stays with the library. */
+    s = connect_to(0, port, 0);
+    write_all(s, "via stdio\n", 10);
+    read_exact(s, line, 9);
+    say("client: stdio answer: %.9s", line);
+    close(s);
+
+    /* (c) the server passes its end to another process over SCM_RIGHTS. */
+    s = connect_to(0, port, 0);
+    write_all(s, "before pass", 11);
+    read_exact(s, line, 8);
+    say("client: answer from the receiving process: %.8s", line);
+    write_all(s, "after", 5);
+    read_exact(s, line, 5);
+    say("client: echo of what we sent after the pass: %.5s", line);
+    close(s);
+    free(b);
+}
+
+static void send_fd(int sock, int fd) {
+    char c = 'F';
+    struct iovec iov = {&c, 1};
+    char ctl[CMSG_SPACE(sizeof(int))];
+    memset(ctl, 0, sizeof ctl);
+    struct msghdr m = {0};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = ctl;
+    m.msg_controllen = sizeof ctl;
+    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(h), &fd, sizeof fd);
+    CHECK(sendmsg(sock, &m, 0) == 1, "sendmsg SCM_RIGHTS");
+}
+
+static int recv_fd(int sock) {
+    char c;
+    struct iovec iov = {&c, 1};
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct msghdr m = {0};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = ctl;
+    m.msg_controllen = sizeof ctl;
+    CHECK(recvmsg(sock, &m, 0) == 1, "recvmsg SCM_RIGHTS");
+    int fd;
+    memcpy(&fd, CMSG_DATA(CMSG_FIRSTHDR(&m)), sizeof fd);
+    return fd;
+}
+
+static void server(int l) {
+    /* A process that will receive a connection over SCM_RIGHTS, started beforehand. */
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
+    fflush(stdout);
+    pid_t recv_pid = fork();
+    if (recv_pid == 0) {
+        close(sv[0]);
+        close(l);
+        int c = recv_fd(sv[1]);
+        char b[16];
+        read_exact(c, b, 11);
+        write_all(c, b[0] == 'b' ? "received" : "wrongdat", 8);
+        read_exact(c, b, 5);
+        write_all(c, b, 5);
+        close(c);
+        _exit(0);
+    }
+    close(sv[1]);
+
+    /* (a) inetd style: wait until the request is in, then exec the handler on it. */
+    int c = accept_one(l);
+    char hi[2];
+    read_exact(c, hi, 2);
+    write_all(c, "ok", 2);
+    msleep(200);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(c, 0);
+        dup2(c, 1);
+        close(c);
+        char *argv[] = {self_path, "handler", NULL};
+        execve(self_path, argv, without_preload());
+        _exit(127);
+    }
+    close(c);
+    int st;
+    waitpid(pid, &st, 0);
+    say("server: handler exited %d", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+
+    /* (b) stdio on an accelerated connection. */
+    c = accept_one(l);
+    FILE *f = fdopen(c, "r+");
+    char line[64];
+    CHECK(fgets(line, sizeof line, f) != NULL, "fgets");
+    fprintf(f, "got %.5s", line);
+    fflush(f);
+    fclose(f);
+
+    /* (c) hand the connection to the other process. */
+    c = accept_one(l);
+    msleep(100);
+    send_fd(sv[0], c);
+    close(c);
+    waitpid(recv_pid, &st, 0);
+    say("server: receiving process exited %d", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    close(sv[0]);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "handler") == 0) handler();
+    CHECK(realpath("/proc/self/exe", self_path) != NULL, "realpath");
+    signal(SIGPIPE, SIG_IGN);
+    pair(0, server, client);
+    return 0;
+}
