@@ -172,6 +172,8 @@ pub struct TcpConn {
     tx_handed: AtomicBool,
     /// Handback: ring bytes the peer did not read still wait to go over TCP.
     push_pending: AtomicBool,
+    /// Whether a closed peer was probed for a reset ([`TcpConn::closed_with_our_data_unread`]).
+    probed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -313,6 +315,7 @@ impl TcpConn {
             rx_handed: AtomicBool::new(false),
             tx_handed: AtomicBool::new(false),
             push_pending: AtomicBool::new(false),
+            probed: AtomicBool::new(false),
         }
     }
 
@@ -822,6 +825,9 @@ impl TcpConn {
                         return Err(e);
                     }
                     if self.eof.load(Ordering::Acquire) {
+                        if self.closed_with_our_data_unread(fd) {
+                            return Err(libc::ECONNRESET);
+                        }
                         return Ok(0);
                     }
                     return Err(EAGAIN);
@@ -987,6 +993,35 @@ impl TcpConn {
                 self.note_sock_error(fd);
             }
         }
+    }
+
+    /// At the peer's FIN, with bytes we wrote still unread in our ring: did the peer close
+    /// its socket (or die) without reading them? Over TCP its kernel would then have reset the
+    /// connection, and our reads end with `ECONNRESET` rather than EOF; but the unread bytes
+    /// were in our ring, not in its socket. Asked once per connection: one probe byte (a
+    /// counted wakeup), which a closed socket answers with a reset (a half-closed one that
+    /// still reads takes it as a wakeup), then up to 20 ms for the reset to arrive.
+    fn closed_with_our_data_unread(&self, fd: c_int) -> bool {
+        if self.probed.swap(true, Ordering::Relaxed) {
+            return self.has_error();
+        }
+        let unread = {
+            let mut tx = lock(&self.tx);
+            let region = self.region();
+            match tx.w.ctrl(region) {
+                Ok(c) => tx.w.state().refresh_head(&c).is_ok() && tx.w.state().unconsumed() > 0,
+                Err(_) => false,
+            }
+        };
+        if !unread || self.send_wake(fd, libc::MSG_NOSIGNAL).is_none_or(|r| r < 0) {
+            return self.has_error();
+        }
+        let mut p = [libc::pollfd { fd, events: 0, revents: 0 }];
+        // SAFETY: a local pollfd array of length 1; POLLERR is always reported.
+        if unsafe { crate::real::poll(p.as_mut_ptr(), 1, 20) } == 1 && p[0].revents & libc::POLLERR != 0 {
+            self.note_sock_error(fd);
+        }
+        self.has_error()
     }
 
     /// Whether data the peer sent is still unread here.

@@ -1,5 +1,6 @@
 /* A peer killed with SIGKILL: everything it wrote before dying arrives, then EOF; a writer
- * whose reader was killed gets EPIPE or ECONNRESET instead of blocking. */
+ * whose reader was killed gets EPIPE or ECONNRESET instead of blocking; a peer killed with
+ * our data unread resets the connection (ECONNRESET, not EOF), as its kernel would. */
 #include "common.h"
 
 #define SENT (2u << 20)
@@ -69,6 +70,34 @@ int main(void) {
     int st;
     waitpid(pid, &st, 0);
     say("client killed %d", WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+
+    /* A reader killed with our data unread. */
+    l = listen_any(0, &port);
+    int go[2];
+    CHECK(pipe(go) == 0, "pipe");
+    fflush(stdout);
+    pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        int c = accept_one(l);
+        char x;
+        write_all(c, "!", 1);
+        read_exact(go[0], &x, 1); /* our peer wrote: die without reading it */
+        raise(SIGKILL);
+    }
+    int s = connect_to(0, port, 0); /* while this process holds the listener it announced */
+    close(l);
+    char ch;
+    read_exact(s, &ch, 1);
+    static char unread[1000];
+    write_all(s, unread, sizeof unread);
+    write_all(go[1], "x", 1);
+    waitpid(pid, &st, 0);
+    msleep(50);
+    errno = 0;
+    ssize_t r = read(s, &ch, 1);
+    say("reader killed with our data unread: read %zd ECONNRESET %d", r, errno == ECONNRESET);
+    close(s);
     say("done");
     return 0;
 }
