@@ -1194,22 +1194,47 @@ impl TcpConn {
             );
             return false;
         }
-        // Writing: stop at our tail; the peer reads the ring up to it, then our TCP bytes.
-        if self.side == Side::Connector && !tx.switched && self.claim_seen.load(Ordering::Acquire) {
-            self.switch_now(&mut tx);
+        if let Some(t) = tcp::tx_stop(region, peer).ok().flatten() {
+            let head = rx.r.state().head();
+            if t > head {
+                // Both ends leave at once: the peer stopped writing its ring before we read it.
+                crate::decision!(
+                    "handback ({why}): {} byte(s) the peer wrote into shared memory before it handed back are still unread; only the library's own reads get them",
+                    t - head
+                );
+            }
         }
-        if let Ok(c) = tx.w.ctrl(region) {
-            let _ = tx.w.state().adopt_published_tail(&c);
+        let deadline = std::time::Instant::now() + WAIT;
+        if tx.push.is_some() || tcp::rx_stop(region, peer).ok().flatten().is_some() {
+            // The peer stopped reading first: what it did not read goes over TCP first.
+            while let Some(Err(e)) = self.tx_handback(&mut tx, fd) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if e != EAGAIN || !now || left.is_zero() {
+                    break;
+                }
+                let mut p = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
+                // SAFETY: a local pollfd array of length 1.
+                unsafe { crate::real::poll(p.as_mut_ptr(), 1, left.as_millis().clamp(1, 100) as c_int) };
+            }
         }
-        let tail = if tx.switched { tx.w.state().tail() } else { 0 };
-        let _ = tcp::store_tx_stop(region, me, tail);
-        if tx.switched {
-            // Wake the peer so that it sees the handback if it sleeps on this connection.
-            self.wake(fd);
+        if !tx.plain_tcp && tx.push.is_none() {
+            // Writing: stop at our tail; the peer reads the ring up to it, then our TCP bytes.
+            if self.side == Side::Connector && !tx.switched && self.claim_seen.load(Ordering::Acquire) {
+                self.switch_now(&mut tx);
+            }
+            if let Ok(c) = tx.w.ctrl(region) {
+                let _ = tx.w.state().adopt_published_tail(&c);
+            }
+            let tail = if tx.switched { tx.w.state().tail() } else { 0 };
+            let _ = tcp::store_tx_stop(region, me, tail);
+            if tx.switched {
+                // Wake the peer so that it sees the handback if it sleeps on this connection.
+                self.wake(fd);
+            }
+            tx.plain_tcp = true;
+            self.tx_handed.store(true, Ordering::Release);
         }
         let _ = tcp::freeze_wakes(region, me);
-        tx.plain_tcp = true;
-        self.tx_handed.store(true, Ordering::Release);
         // Reading: stop at our head; the peer sends what we did not read over TCP, after
         // its wakeup bytes, whose count is final from here.
         if let Ok(c) = rx.r.ctrl(region) {
@@ -1221,7 +1246,6 @@ impl TcpConn {
         count(&COUNTERS.handbacks, 1);
         crate::decision!("connection handed back to TCP: {why}");
         if now && unread_first == 0 {
-            let deadline = std::time::Instant::now() + WAIT;
             loop {
                 let ahead = self.wakes_ahead();
                 if ahead == 0 {
