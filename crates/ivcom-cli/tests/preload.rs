@@ -143,6 +143,11 @@ fn handback_to_tcp_when_the_library_cannot_follow() {
 }
 
 #[test]
+fn two_processes_writing_one_connection_at_once() {
+    same_over_shared_memory("t_twowriters", &[]);
+}
+
+#[test]
 fn switched_off_everything_stays_tcp() {
     let prog = c_bin("t_stream");
     let scene = Scene::new("off");

@@ -187,6 +187,43 @@ fn borrow(fd: c_int) -> BorrowedFd<'static> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
+/// This process's pid, for the side locks ([`note_pid`] after `fork`).
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// Records this process's pid (at start, and in the child after `fork`).
+pub fn note_pid() {
+    PID.store(rustix::process::getpid().as_raw_nonzero().get() as u32, Ordering::Relaxed);
+}
+
+fn pid() -> u32 {
+    let p = PID.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    note_pid();
+    PID.load(Ordering::Relaxed)
+}
+
+/// Whether process `pid` exists (a lock holder that died leaves its pid in the word).
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// One of this side's cross-process locks, held by this process (see [`TcpConn::side_lock`]).
+struct SideLock<'a> {
+    region: &'a ShmRegion,
+    side: usize,
+    which: tcp::Lock,
+    pid: u32,
+}
+
+impl Drop for SideLock<'_> {
+    fn drop(&mut self) {
+        let _ = tcp::unlock(self.region, self.side, self.which, self.pid);
+    }
+}
+
 fn errno() -> Errno {
     io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
@@ -453,6 +490,44 @@ impl TcpConn {
 
     fn region(&self) -> &ShmRegion {
         self.map.region()
+    }
+
+    /// While several processes hold the connection (after `fork`, or an image that took it
+    /// over), each ring operation of this side takes the side's lock for writing (or
+    /// reading), so that two processes writing (or reading) at the same instant do not both
+    /// use the same ring positions: each call's bytes stay whole, as the kernel keeps them for
+    /// TCP. A holder that died is replaced; one that holds it for a second (a peer that
+    /// forged the word, which only this side's own operations use) is waited out no longer.
+    fn side_lock(&self, which: tcp::Lock) -> Option<SideLock<'_>> {
+        if !self.shared() {
+            return None;
+        }
+        let region = self.region();
+        let (side, pid) = (self.me(), pid());
+        let start = std::time::Instant::now();
+        let mut i = 0u32;
+        loop {
+            if tcp::try_lock(region, side, which, pid).unwrap_or(false) {
+                return Some(SideLock { region, side, which, pid });
+            }
+            i = i.wrapping_add(1);
+            if i.is_multiple_of(64) {
+                let h = tcp::lock_holder(region, side, which).unwrap_or(0);
+                if h != 0 && !alive(h) {
+                    let _ = tcp::steal_lock(region, side, which, h, pid);
+                    continue;
+                }
+                if start.elapsed() > std::time::Duration::from_secs(1) {
+                    crate::decision!(
+                        "the connection's {which:?} lock was held by pid {h} for 1 s; going on without it"
+                    );
+                    return None;
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
     }
 
     /// This side's index in the handback lines (0: connecting side, 1: listener's).
@@ -722,6 +797,7 @@ impl TcpConn {
         }
         self.progress(fd);
         let mut rx = lock(&self.rx);
+        let _side = self.side_lock(tcp::Lock::Rx);
         for _ in 0..8 {
             match self.rx_mode(&mut rx)? {
                 RxMode::Skip(n) => {
@@ -901,6 +977,7 @@ impl TcpConn {
     /// not, as the program asked); in the ring it never blocks (`Err(EAGAIN)` when full).
     pub fn try_send(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
         let mut tx = lock(&self.tx);
+        let _side = self.side_lock(tcp::Lock::Tx);
         if let Some(r) = self.tx_handback(&mut tx, fd) {
             r?;
             drop(tx);
@@ -1125,6 +1202,7 @@ impl TcpConn {
                     || tcp::tx_stop(self.region(), self.me()).ok().flatten().is_some()))
         {
             let mut tx = lock(&self.tx);
+            let _side = self.side_lock(tcp::Lock::Tx);
             let _ = self.tx_handback(&mut tx, fd);
         }
     }
@@ -1175,6 +1253,8 @@ impl TcpConn {
         }
         let mut rx = lock(&self.rx);
         let mut tx = lock(&self.tx);
+        let side_rx = self.side_lock(tcp::Lock::Rx);
+        let side_tx = self.side_lock(tcp::Lock::Tx);
         let region = self.region();
         let (me, peer) = (self.me(), self.peer());
         if tcp::rx_stop(region, me).ok().flatten().is_some() {
@@ -1269,6 +1349,7 @@ impl TcpConn {
             rx.plain_tcp = true;
             self.rx_handed.store(true, Ordering::Release);
         }
+        drop((side_tx, side_rx));
         drop(tx);
         drop(rx);
         self.finish_handback(fd);
@@ -1279,6 +1360,7 @@ impl TcpConn {
     pub fn absorb(&self, fd: c_int) {
         self.events.fetch_add(1, Ordering::Relaxed);
         let mut rx = lock(&self.rx);
+        let side = self.side_lock(tcp::Lock::Rx);
         match self.rx_mode(&mut rx) {
             Ok(RxMode::Ring) => self.drain(&rx, fd),
             Ok(RxMode::Tcp { .. }) => {
@@ -1306,6 +1388,7 @@ impl TcpConn {
             }
             Ok(RxMode::Plain) | Err(_) => {}
         }
+        drop(side);
         drop(rx);
         self.progress(fd);
     }

@@ -1332,6 +1332,8 @@ pub unsafe fn fork() -> libc::pid_t {
         let e = errno();
         crate::exec::after_fork();
         if r == 0 {
+            crate::conn::note_pid();
+            settings::reset_counters();
             table::after_fork_in_child();
             crate::exec::after_fork_in_child();
         }

@@ -179,6 +179,23 @@ pub static COUNTERS: Counters = Counters {
     handbacks: AtomicU64::new(0),
 };
 
+/// Zeroes the counters (in a child after `fork`: it logs its own, not its parent's).
+pub fn reset_counters() {
+    let c = &COUNTERS;
+    for a in [
+        &c.accelerated,
+        &c.fallbacks,
+        &c.ring_tx,
+        &c.ring_rx,
+        &c.doorbells,
+        &c.sleeps,
+        &c.capped,
+        &c.handbacks,
+    ] {
+        a.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Adds `n` to a counter.
 #[inline]
 pub fn count(c: &AtomicU64, n: u64) {

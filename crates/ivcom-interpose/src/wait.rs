@@ -17,6 +17,10 @@ use crate::table;
 /// waiting for ring space after the peer's FIN (the kernel then reports TCP readable forever).
 pub const SHORT_SLEEP: Duration = Duration::from_millis(2);
 
+/// Longest sleep on a connection another process may hold too (after `fork`): each process
+/// announces its sleeps in the same ring words, so one may take a wakeup meant for another.
+pub const SHARED_SLEEP: Duration = Duration::from_millis(10);
+
 /// Remaining time until `deadline`, in the kernel's terms (`None`: forever).
 pub fn remaining(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|d| d.saturating_duration_since(Instant::now()))
@@ -76,12 +80,13 @@ pub struct Armed<'a> {
     list: Vec<(&'a TcpConn, bool)>,
     ready: bool,
     short: bool,
+    shared: bool,
 }
 
 impl<'a> Armed<'a> {
     /// Announces sleep on each connection for reading and for writing, as asked.
     pub fn new(wants: impl IntoIterator<Item = (&'a TcpConn, bool, bool)>) -> Self {
-        let mut a = Armed { list: Vec::new(), ready: false, short: false };
+        let mut a = Armed { list: Vec::new(), ready: false, short: false, shared: false };
         for (c, r, w) in wants {
             for (read, on) in [(true, r), (false, w)] {
                 if !on {
@@ -90,6 +95,7 @@ impl<'a> Armed<'a> {
                 if c.arm(read) {
                     a.list.push((c, read));
                     a.short |= c.crowded() || (!read && c.peer_closed()) || c.in_handback();
+                    a.shared |= c.shared();
                 } else {
                     a.ready = true;
                 }
@@ -107,17 +113,25 @@ impl<'a> Armed<'a> {
     /// waits on one of the connections, or a writer waits for space after the peer's FIN.
     pub fn timeout(&self, deadline: Option<Instant>) -> Option<Duration> {
         let t = remaining(deadline);
-        if self.short {
-            Some(t.map_or(SHORT_SLEEP, |t| t.min(SHORT_SLEEP)))
+        let cap = if self.short {
+            SHORT_SLEEP
+        } else if self.shared {
+            SHARED_SLEEP
         } else {
-            t
-        }
+            return t;
+        };
+        Some(t.map_or(cap, |t| t.min(cap)))
+    }
+
+    /// Whether the sleep has a cap ([`Armed::timeout`] is never `None` then).
+    pub fn capped(&self) -> bool {
+        self.short || self.shared
     }
 
     /// Counts a sleep that woke with `events` kernel events.
     pub fn slept(&self, events: c_int) {
         count(&COUNTERS.sleeps, 1);
-        if events == 0 && self.short {
+        if events == 0 && self.capped() {
             count(&COUNTERS.capped, 1);
         }
     }
@@ -207,7 +221,8 @@ pub fn restart_after_signal() -> bool {
 /// `recv(MSG_PEEK)` of one byte on the socket (a peer's wakeup byte, FIN or RST ends it),
 /// which the kernel itself restarts after a handler with `SA_RESTART` and ends with `EINTR`
 /// after one without, and ends at `SO_RCVTIMEO`. Where it cannot (a write with
-/// `SO_SNDTIMEO`, several threads on one connection, a write still going over TCP), the
+/// `SO_SNDTIMEO`, several threads or processes on one connection, a write still going over
+/// TCP), the
 /// sleep is a `poll`, and an interrupted one ends the call with `EINTR` unless
 /// [`restart_after_signal`].
 pub fn wait_fd(
@@ -233,7 +248,7 @@ pub fn wait_fd(
     }
     let closed = conn.peer_closed();
     let tx_tcp = !read && conn.tx_on_tcp();
-    let (r, err) = if !armed.short && !tx_tcp && (read || deadline.is_none()) {
+    let (r, err) = if !armed.capped() && !tx_tcp && (read || deadline.is_none()) {
         let mut b = [0u8; 1];
         // SAFETY: a blocking one-byte peek into a local buffer on our own duplicate.
         let r = unsafe { crate::real::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };

@@ -106,6 +106,11 @@ pub mod off {
     /// Within a handback line: `u64`, `0` or `t + 1`: this side stopped writing its ring at
     /// index `t`; what it sends next goes over TCP.
     pub const HB_TX_STOP: usize = 32;
+    /// Within a handback line: `u32`, pid of the process of this side that writes its ring
+    /// now, 0 if none (taken only while several processes hold the connection).
+    pub const HB_TX_LOCK: usize = 40;
+    /// Within a handback line: `u32`, as [`HB_TX_LOCK`] for reading the peer's ring.
+    pub const HB_RX_LOCK: usize = 44;
 }
 
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= HEADER_SIZE);
@@ -270,6 +275,60 @@ pub mod tcp {
     /// Where `side` stopped writing its ring, if it did.
     pub fn tx_stop(region: &ShmRegion, side: usize) -> Result<Option<u64>, OutOfBounds> {
         Ok(hb(region, side)?.u64(off::HB_TX_STOP).load(Ordering::Acquire).checked_sub(1))
+    }
+
+    /// Which of a side's two locks ([`off::HB_TX_LOCK`], [`off::HB_RX_LOCK`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Lock {
+        /// Writing the side's ring.
+        Tx,
+        /// Reading the peer's ring.
+        Rx,
+    }
+
+    fn lock_word(
+        region: &ShmRegion,
+        side: usize,
+        which: Lock,
+    ) -> Result<&std::sync::atomic::AtomicU32, OutOfBounds> {
+        let off = match which {
+            Lock::Tx => off::HB_TX_LOCK,
+            Lock::Rx => off::HB_RX_LOCK,
+        };
+        Ok(hb(region, side)?.u32(off))
+    }
+
+    /// Takes `side`'s lock `which` for process `pid` if it is free (or `pid` holds it).
+    pub fn try_lock(region: &ShmRegion, side: usize, which: Lock, pid: u32) -> Result<bool, OutOfBounds> {
+        let w = lock_word(region, side, which)?;
+        Ok(match w.compare_exchange(0, pid, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => true,
+            Err(h) => h == pid,
+        })
+    }
+
+    /// The pid holding `side`'s lock `which` (0: free).
+    pub fn lock_holder(region: &ShmRegion, side: usize, which: Lock) -> Result<u32, OutOfBounds> {
+        Ok(lock_word(region, side, which)?.load(Ordering::Relaxed))
+    }
+
+    /// Takes the lock from `dead` (a holder that no longer exists) for `pid`.
+    pub fn steal_lock(
+        region: &ShmRegion,
+        side: usize,
+        which: Lock,
+        dead: u32,
+        pid: u32,
+    ) -> Result<bool, OutOfBounds> {
+        let w = lock_word(region, side, which)?;
+        Ok(w.compare_exchange(dead, pid, Ordering::Acquire, Ordering::Relaxed).is_ok())
+    }
+
+    /// Releases `side`'s lock `which` held by `pid`.
+    pub fn unlock(region: &ShmRegion, side: usize, which: Lock, pid: u32) -> Result<(), OutOfBounds> {
+        let _ =
+            lock_word(region, side, which)?.compare_exchange(pid, 0, Ordering::Release, Ordering::Relaxed);
+        Ok(())
     }
 
     /// `side` stops writing its ring at index `tail`.

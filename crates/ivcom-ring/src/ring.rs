@@ -251,7 +251,9 @@ impl ProducerState {
             lo,
             hi,
         };
-        if t.wrapping_sub(self.tail) > self.cap {
+        // A sibling may have written any amount since we last did (it read the consumer's
+        // index as it went): what bounds the value is the consumer's index now, below.
+        if t.wrapping_sub(self.tail) > BACKWARDS {
             return Err(bad(self.tail, self.tail.wrapping_add(self.cap)));
         }
         let old = self.tail;
@@ -387,7 +389,9 @@ impl ConsumerState {
             lo,
             hi,
         };
-        if h.wrapping_sub(self.head) > self.cap {
+        // A sibling may have read any amount since we last did: what bounds the value is the
+        // producer's index now, below.
+        if h.wrapping_sub(self.head) > BACKWARDS {
             return Err(bad(self.head, self.head.wrapping_add(self.cap)));
         }
         let old = self.head;
@@ -399,6 +403,10 @@ impl ConsumerState {
         if let Err(e) = self.refresh_tail(c) {
             self.head = old;
             return Err(e);
+        }
+        if self.tail_cache.wrapping_sub(h) > self.cap {
+            self.head = old;
+            return Err(bad(old, self.tail_cache));
         }
         Ok(())
     }
@@ -544,6 +552,10 @@ impl StreamWriter {
         Ok(n)
     }
 }
+
+/// A published index that moved by more than this is taken as having gone backwards (indices
+/// are free-running u64s; no ring moves 2^62 bytes).
+const BACKWARDS: u64 = 1 << 62;
 
 /// Reading end of a ring in byte-stream mode.
 #[derive(Debug, Clone)]
