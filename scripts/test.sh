@@ -5,60 +5,91 @@
 # the VM harness (two QEMU guests; scripts/vm-test.sh, docs/vm-harness.md).
 # First it installs what the tests need from Debian when missing (scripts/deps.sh; without root
 # it names what is missing and stops). At its end it checks that no process it started is
-# still running (it fails, listing them, and ends them, if so).
+# still running (it fails, listing them, and ends them, if so). Needs python3 (for prctl).
 #
 #   scripts/test.sh                  everything
 #   FUZZ_SECONDS=0 scripts/test.sh   skip the live fuzz run
 #   VM_TEST=0 scripts/test.sh        skip the VM harness
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 
 step() { printf '\n==> %s\n' "$*"; }
 
 run_vm=0
 if [ "${VM_TEST:-1}" != 0 ] && [ "$(id -u)" = 0 ]; then run_vm=1; fi
-step "what the tests need from the system"
-if [ "$run_vm" = 1 ]; then scripts/deps.sh tests vm; else scripts/deps.sh tests; fi
 
-# Every process this run starts inherits IVCOM_TEST_RUN=<an id of this run only> (the tests
-# that start programs with a cleared environment pass it on explicitly); at the end, a process
-# whose environment holds it is one this run started and left behind. Installing packages
-# (above) comes before it on purpose: a service a package started is not the tests' doing.
-IVCOM_TEST_RUN="$(date +%s%N).$$.$RANDOM$RANDOM"
-export IVCOM_TEST_RUN
+# The leftover check at the end: this shell becomes a child subreaper (prctl
+# PR_SET_CHILD_SUBREAPER, kept across exec), so that every process the tests start stays its
+# descendant — a daemon that forks and lets its parent exit is re-parented to this shell, not
+# to init — and what is still running below it at the end is what the tests left behind.
+# Nothing else can be below it. Installing packages comes first: a service a package's
+# scripts start is not the tests' doing (and deps.sh stops packages from starting any).
+if [ "${IVCOM_TEST_SUBREAPER:-}" != "$$" ]; then
+    step "what the tests need from the system"
+    if [ "$run_vm" = 1 ]; then scripts/deps.sh tests vm; else scripts/deps.sh tests; fi
+    export IVCOM_TEST_SUBREAPER=$$
+    exec python3 -c '
+import ctypes, os, sys
+PR_SET_CHILD_SUBREAPER = 36
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    sys.exit("test.sh: prctl(PR_SET_CHILD_SUBREAPER): " + os.strerror(ctypes.get_errno()))
+os.execv("/bin/bash", ["bash"] + sys.argv[1:])
+' "$root/scripts/test.sh" "$@"
+fi
 
-# Lists (pid and command line) the processes still running whose environment holds this run's
-# id, after a grace of 2 s for processes that were killed and are still exiting; ends them
-# (SIGKILL, by pid) and makes the run fail.
-check_leftovers() {
-    local rc=$? id=$IVCOM_TEST_RUN
-    # The check's own commands must not carry the id.
-    export -n IVCOM_TEST_RUN
-    unset IVCOM_TEST_RUN
-    local left=() tries=0 d
-    while :; do
-        left=()
-        for d in /proc/[0-9]*; do
-            # The environment a process was started with (fixed at exec; a zombie has none).
-            if grep -qzxF "IVCOM_TEST_RUN=$id" "$d/environ" 2>/dev/null; then
-                left+=("${d#/proc/}")
+# Sets `left` to the processes (not zombies) below this shell. Only shell builtins run here:
+# a command it started would be below the shell too.
+find_leftovers() {
+    local -A parent=()
+    local d pid stat rest state p
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        { read -r stat <"$d/stat"; } 2>/dev/null || continue
+        # pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        rest=${stat##*) }
+        state=${rest%% *}
+        rest=${rest#* }
+        [ "$state" = Z ] && continue
+        parent[$pid]=${rest%% *}
+    done
+    left=()
+    for pid in "${!parent[@]}"; do
+        p=$pid
+        while [ -n "${parent[$p]:-}" ]; do
+            p=${parent[$p]}
+            if [ "$p" = "$$" ]; then
+                left+=("$pid")
+                break
             fi
         done
+    done
+}
+
+# Lists (pid and command line) the processes still running below this shell, after a grace of
+# 2 s for processes that were killed and are still exiting; ends them (SIGKILL, by pid) and
+# makes the run fail.
+check_leftovers() {
+    local rc=$? tries=0 p
+    local -a left=()
+    while :; do
+        find_leftovers
         [ ${#left[@]} -eq 0 ] && break
         tries=$((tries + 1))
         [ "$tries" -gt 10 ] && break
         sleep 0.2
     done
     if [ ${#left[@]} -gt 0 ]; then
-        echo
-        echo "error: ${#left[@]} process(es) started by the tests still running after they ended:"
-        local p
+        local -a lines=()
         for p in "${left[@]}"; do
-            printf '  pid %s: %s\n' "$p" "$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)"
+            lines+=("  pid $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)")
         done
         for p in "${left[@]}"; do
             kill -KILL "$p" 2>/dev/null || true
         done
+        echo
+        echo "error: ${#left[@]} process(es) started by the tests still running after they ended:"
+        printf '%s\n' "${lines[@]}"
         echo "(ended them; the run fails)"
         exit 1
     fi

@@ -33,7 +33,7 @@ fn vm_group() -> u32 {
 }
 
 /// `program` run as `user` with supplementary `groups`, an environment holding only PATH,
-/// HOME, TMPDIR and IVCOM_LOG (and the suite's run mark).
+/// HOME, TMPDIR and IVCOM_LOG.
 fn as_user(user: &User, groups: &[u32], program: &str) -> Command {
     let mut c = Command::new("setpriv");
     c.env_clear()
@@ -49,7 +49,6 @@ fn as_user(user: &User, groups: &[u32], program: &str) -> Command {
         c.arg(format!("--groups={}", groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
     }
     c.arg("--").arg(program).stdin(Stdio::null());
-    ivcom_testkit::keep_run_mark(&mut c);
     c
 }
 

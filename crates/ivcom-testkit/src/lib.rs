@@ -38,20 +38,6 @@ fn lookup(name: &str) -> Option<User> {
     Some(User { name: name.to_owned(), uid: f.get(2)?.parse().ok()?, gid: f.get(3)?.parse().ok()? })
 }
 
-/// The variable `scripts/test.sh` puts in the environment of everything one run of the suite
-/// starts (a value unique to the run); its check at the end finds the processes the tests left
-/// running by it. A command started with a cleared environment passes it on with
-/// [`keep_run_mark`].
-pub const RUN_MARK: &str = "IVCOM_TEST_RUN";
-
-/// Passes this run's [`RUN_MARK`] (if any) on to `c`, whose environment was cleared.
-pub fn keep_run_mark(c: &mut Command) -> &mut Command {
-    if let Some(v) = std::env::var_os(RUN_MARK) {
-        c.env(RUN_MARK, v);
-    }
-    c
-}
-
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -99,8 +85,7 @@ fn ensure_user(name: &str) -> User {
 
 impl User {
     /// A command that runs `program` as this user (no supplementary groups), with an
-    /// environment holding only `PATH`, `HOME=/` and `TMPDIR=/tmp` (and the suite's
-    /// [`RUN_MARK`]).
+    /// environment holding only `PATH`, `HOME=/` and `TMPDIR=/tmp`.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
         c.env_clear()
@@ -109,7 +94,6 @@ impl User {
             .env("TMPDIR", "/tmp")
             .uid(self.uid)
             .gid(self.gid);
-        keep_run_mark(&mut c);
         c
     }
 }
