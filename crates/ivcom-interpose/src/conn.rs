@@ -1615,7 +1615,13 @@ impl TcpConn {
                 // SAFETY: FIONREAD writes one int.
                 unsafe { crate::real::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(n).cast()) };
                 let n = n.max(0) as u64;
-                limit.map_or(n, |l| n.min(l)) as usize
+                match limit {
+                    // Every byte before the switch point is here: what the ring holds follows
+                    // them (over TCP it would all be in the socket).
+                    Some(l) if n >= l => (l + rx.r.available(self.region()).unwrap_or(0)) as usize,
+                    Some(l) => n.min(l) as usize,
+                    None => n as usize,
+                }
             }
             Ok(RxMode::Skip(_)) => 0,
             Ok(RxMode::Plain) => {
