@@ -262,8 +262,8 @@ pub fn closefrom(first: c_int) {
     }
 }
 
-/// The descriptors a message passes (`SCM_RIGHTS`), from the program's header for
-/// `sendmsg`. Looks only when the header has control data.
+/// The descriptors a message passes (`SCM_RIGHTS`): in the program's header for `sendmsg`,
+/// or the one the kernel just filled for `recvmsg`. Looks only when it has control data.
 ///
 /// # Safety
 /// `msg` is null or the program's valid message header.
@@ -301,27 +301,8 @@ pub unsafe fn rights_in(msg: *const libc::msghdr) -> Vec<c_int> {
 /// # Safety
 /// `msg` is the program's message header, just filled in by a successful `recvmsg`.
 pub unsafe fn fresh_rights(msg: *const libc::msghdr) {
-    if msg.is_null() {
-        return;
-    }
-    // SAFETY: the caller's header.
-    let m = unsafe { &*msg };
-    if m.msg_control.is_null() || m.msg_controllen < std::mem::size_of::<libc::cmsghdr>() as _ {
-        return;
-    }
-    // SAFETY: walking the control buffer the kernel just filled, with the C library's macros.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(m);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<c_int>();
-                let n = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<c_int>();
-                for i in 0..n {
-                    fresh(data.add(i).read_unaligned());
-                }
-            }
-            c = libc::CMSG_NXTHDR(m, c);
-        }
+    // SAFETY: the caller's header, as `rights_in` requires.
+    for fd in unsafe { rights_in(msg) } {
+        fresh(fd);
     }
 }
