@@ -174,6 +174,8 @@ pub struct TcpConn {
     push_pending: AtomicBool,
     /// Whether a closed peer was probed for a reset ([`TcpConn::closed_with_our_data_unread`]).
     probed: AtomicBool,
+    /// The claim word is set but its message went to another process: hand back.
+    unverified_claim: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -353,6 +355,7 @@ impl TcpConn {
             tx_handed: AtomicBool::new(false),
             push_pending: AtomicBool::new(false),
             probed: AtomicBool::new(false),
+            unverified_claim: AtomicBool::new(false),
         }
     }
 
@@ -684,7 +687,19 @@ impl TcpConn {
                 return true;
             }
         };
+        *reg = None;
         drop(reg);
+        if tcp::claimed(self.region()).unwrap_or(false) {
+            // The listener's side did claim, but the message proving it went to another
+            // process of ours (a fork that read it first, then closed the connection): the
+            // claim cannot be checked here, so the connection goes back to TCP (the peer
+            // follows), which needs no trust in it.
+            self.unverified_claim.store(true, Ordering::Release);
+            crate::decision!(
+                "connect: the claim was read by another process of ours ({why}); handing back to TCP"
+            );
+            return false;
+        }
         self.become_plain(&why);
         false
     }
@@ -710,6 +725,10 @@ impl TcpConn {
         let (me, peer) = (self.me(), self.peer());
         match m {
             RxMode::Ring => {}
+            // We handed back before the claim was seen here: the listener's side sends its
+            // ring's bytes over TCP after its wakeup bytes.
+            RxMode::Tcp { limit: None }
+                if self.side == Side::Connector && tcp::rx_stop(region, me).ok().flatten().is_some() => {}
             // The connecting side handed back before it ever switched: all of its TCP
             // stream is data.
             RxMode::Tcp { limit: None }
@@ -897,6 +916,11 @@ impl TcpConn {
                         return Ok(got);
                     }
                     let e = self.error.load(Ordering::Relaxed);
+                    if e == libc::EPIPE {
+                        // A reset after the peer's FIN that a byte of ours provoked (a
+                        // wakeup TCP would not have sent): a read sees the EOF.
+                        return Ok(0);
+                    }
                     if e != 0 {
                         return Err(e);
                     }
@@ -921,20 +945,31 @@ impl TcpConn {
         }
         let mut got = 0usize;
         let mut wake = false;
+        if peek {
+            // A peek fills every buffer in turn, as a read would, without consuming.
+            let mut tmp = vec![0u8; iov_len(iov).min(1 << 20)];
+            let n = rx.r.try_peek(self.region(), &mut tmp).map_err(|e| self.violated(e))?;
+            for v in iov {
+                // SAFETY: the program's buffer for this call.
+                let b = unsafe { buf_mut(v) };
+                let k = b.len().min(n - got);
+                b[..k].copy_from_slice(&tmp[got..got + k]);
+                got += k;
+                if got == n {
+                    break;
+                }
+            }
+            return Ok(got);
+        }
         for v in iov {
             // SAFETY: the program's buffer for this call.
             let b = unsafe { buf_mut(v) };
             if b.is_empty() {
                 continue;
             }
-            let n = if peek {
-                rx.r.try_peek(self.region(), b)
-            } else {
-                rx.r.try_read(self.region(), b, &mut || wake = true)
-            }
-            .map_err(|e| self.violated(e))?;
+            let n = rx.r.try_read(self.region(), b, &mut || wake = true).map_err(|e| self.violated(e))?;
             got += n;
-            if n < b.len() || peek {
+            if n < b.len() {
                 break;
             }
         }
@@ -1196,6 +1231,9 @@ impl TcpConn {
     /// Moves a handback along where the program does not write (reads, readiness): pushes
     /// what can be pushed.
     fn progress(&self, fd: c_int) {
+        if self.unverified_claim.swap(false, Ordering::AcqRel) {
+            self.hand_back(fd, "the claim was read by another process of this end", false);
+        }
         if self.push_pending.load(Ordering::Relaxed)
             || (!self.tx_handed.load(Ordering::Relaxed)
                 && (tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some()
@@ -1232,6 +1270,49 @@ impl TcpConn {
         if !self.plain.swap(true, Ordering::AcqRel) {
             *lock(&self.registration) = None;
             crate::decision!("handback complete: the connection is plain TCP");
+        }
+    }
+
+    /// After our own handback: waits (at most `wait`) until the peer has read our ring up to
+    /// where we stopped, or has stopped reading it itself (then we push the rest over TCP).
+    fn settle_ring_remainder(&self, tx: &mut Tx, fd: c_int, wait: std::time::Duration) {
+        let region = self.region();
+        let Some(stop) = tcp::tx_stop(region, self.me()).ok().flatten() else { return };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let head = match tx.w.ctrl(region) {
+                Ok(c) => {
+                    if tx.w.state().refresh_head(&c).is_err() {
+                        return;
+                    }
+                    tx.w.state().tail().wrapping_sub(tx.w.state().unconsumed())
+                }
+                Err(_) => return,
+            };
+            if head >= stop {
+                return;
+            }
+            if let Some(h) = tcp::rx_stop(region, self.peer()).ok().flatten() {
+                // The peer leaves too: the bytes it did not read go over TCP now.
+                tx.push = Some(h);
+                tx.plain_tcp = false;
+                self.push_pending.store(true, Ordering::Relaxed);
+                while let Err(e) = self.push(tx, fd) {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if e != EAGAIN || left.is_zero() {
+                        break;
+                    }
+                    let mut p = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
+                    // SAFETY: a local pollfd array of length 1.
+                    unsafe { crate::real::poll(p.as_mut_ptr(), 1, left.as_millis().clamp(1, 100) as c_int) };
+                }
+                tx.plain_tcp = true;
+                return;
+            }
+            if std::time::Instant::now() >= deadline || self.peer_closed() || self.has_error() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(500));
         }
     }
 
@@ -1285,6 +1366,7 @@ impl TcpConn {
             }
         }
         let deadline = std::time::Instant::now() + WAIT;
+        let mut final_wake = false;
         if tx.push.is_some() || tcp::rx_stop(region, peer).ok().flatten().is_some() {
             // The peer stopped reading first: what it did not read goes over TCP first.
             while let Some(Err(e)) = self.tx_handback(&mut tx, fd) {
@@ -1305,12 +1387,14 @@ impl TcpConn {
             if let Ok(c) = tx.w.ctrl(region) {
                 let _ = tx.w.state().adopt_published_tail(&c);
             }
-            let tail = if tx.switched { tx.w.state().tail() } else { 0 };
+            // Another process of ours (a fork) may have switched and written the ring.
+            let switched = tx.switched || tcp::switch_offset(region).ok().flatten().is_some();
+            let tail = if switched { tx.w.state().tail() } else { 0 };
             let _ = tcp::store_tx_stop(region, me, tail);
-            if tx.switched {
-                // Wake the peer so that it sees the handback if it sleeps on this connection.
-                self.wake(fd);
-            }
+            // One last wakeup so that a peer sleeping on this connection looks: counted
+            // now, sent once everything below is published (a peer woken earlier could go
+            // back to sleep before our stop indices are there).
+            final_wake = switched && tcp::reserve_wake(region, me).unwrap_or(false);
             tx.plain_tcp = true;
             self.tx_handed.store(true, Ordering::Release);
         }
@@ -1323,6 +1407,20 @@ impl TcpConn {
         let head = rx.r.state().head();
         let _ = tcp::freeze_wakes(region, peer);
         let _ = tcp::store_rx_stop(region, me, head);
+        if final_wake {
+            // SAFETY: sending one byte from a local.
+            let r = unsafe {
+                crate::real::send(fd, [0u8].as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if r == 1 {
+                count(&COUNTERS.doorbells, 1);
+            }
+            let _ = tcp::wake_sent(region, me);
+            // What we wrote into the ring and the peer has not read yet: give it a moment to
+            // read it, or to stop reading too (it hands back as well), in which case we send
+            // it over TCP ourselves, before anything the program writes from now on.
+            self.settle_ring_remainder(&mut tx, fd, if now { WAIT / 10 } else { WAIT / 2 });
+        }
         count(&COUNTERS.handbacks, 1);
         crate::decision!("connection handed back to TCP: {why}");
         if now && unread_first == 0 {

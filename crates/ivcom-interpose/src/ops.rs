@@ -438,10 +438,46 @@ fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
         hand_back(fd, "urgent data (MSG_OOB)");
     }
     let c = table::conn(fd)?;
+    if flags & libc::MSG_TRUNC != 0 && flags & libc::MSG_PEEK == 0 {
+        // TCP discards the bytes and says how many (the buffer may be null).
+        let mut scratch = vec![0u8; iov_len(iov).min(1 << 20)];
+        let one = [iovec { iov_base: scratch.as_mut_ptr().cast(), iov_len: scratch.len() }];
+        return Some(match recv_inner(&c, fd, &one, flags & !libc::MSG_TRUNC) {
+            Ok(n) => n as ssize_t,
+            Err(e) => fail(e),
+        });
+    }
+    if flags & (libc::MSG_PEEK | libc::MSG_WAITALL) == libc::MSG_PEEK | libc::MSG_WAITALL {
+        return Some(match peek_all(&c, fd, iov, flags) {
+            Ok(n) => n as ssize_t,
+            Err(e) => fail(e),
+        });
+    }
     Some(match recv_inner(&c, fd, iov, flags) {
         Ok(n) => n as ssize_t,
         Err(e) => fail(e),
     })
+}
+
+/// `MSG_PEEK | MSG_WAITALL`: as TCP, waits until the whole length can be seen (or EOF, an
+/// error, a signal, the receive timeout), without consuming. Polls every millisecond while
+/// part of it is there.
+fn peek_all(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+    let total = iov_len(iov);
+    let deadline = sock_timeout(fd, libc::SO_RCVTIMEO);
+    loop {
+        let n = recv_inner(c, fd, iov, flags & !libc::MSG_WAITALL)?;
+        if n >= total || n == 0 || c.peer_closed() || c.has_error() || c.is_plain() {
+            return Ok(n);
+        }
+        if flags & libc::MSG_DONTWAIT != 0 || nonblocking(fd) {
+            return Ok(n);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(n);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn recv_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
@@ -1242,8 +1278,8 @@ pub unsafe fn splice(
     let mut buf = vec![0u8; n.min(64 * 1024)];
     if let Some(c) = from {
         // Peek, hand to the pipe, then consume exactly what the pipe took.
-        let nb = flags & libc::SPLICE_F_NONBLOCK != 0;
-        let f = libc::MSG_PEEK | if nb { libc::MSG_DONTWAIT } else { 0 };
+        // SPLICE_F_NONBLOCK is about the pipe; the socket blocks as its own flags say.
+        let f = libc::MSG_PEEK;
         let got = match recv_inner(&c, inp, &one(buf.as_mut_ptr().cast(), buf.len()), f) {
             Ok(g) => g,
             Err(e) => return fail(e),

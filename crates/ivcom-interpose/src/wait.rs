@@ -95,7 +95,9 @@ impl<'a> Armed<'a> {
                 if c.arm(read) {
                     a.list.push((c, read));
                     a.short |= c.crowded() || (!read && c.peer_closed()) || c.in_handback();
-                    a.shared |= c.shared();
+                    // Writers of a shared connection (two processes waiting for space share
+                    // one announcement word); readers keep the kernel's own restart rule.
+                    a.shared |= !read && c.shared();
                 } else {
                     a.ready = true;
                 }
