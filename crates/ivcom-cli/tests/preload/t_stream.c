@@ -110,14 +110,25 @@ static void server(int l) {
     /* Nothing more yet: MSG_DONTWAIT says so. */
     /* (the big transfer may already be arriving, so only check the call works) */
     unsigned char *big = malloc(BIG);
-    size_t got = 0;
+    unsigned char *want = malloc(BIG);
+    fill(want, BIG, 7);
+    /* A peek that waits for its whole length, one that fills two buffers, then 10 bytes
+     * discarded with MSG_TRUNC (no buffer): the stream goes on after them. */
+    CHECK(recv(c, big, 1000, MSG_PEEK | MSG_WAITALL) == 1000, "peek waitall");
+    say("server: MSG_PEEK|MSG_WAITALL saw 1000 bytes intact %d", memcmp(big, want, 1000) == 0);
+    struct iovec pv[2] = {{big, 100}, {big + 100, 300}};
+    memset(&m, 0, sizeof m);
+    m.msg_iov = pv;
+    m.msg_iovlen = 2;
+    ssize_t pk = recvmsg(c, &m, MSG_PEEK);
+    say("server: recvmsg MSG_PEEK into two buffers: %zd intact %d", pk, memcmp(big, want, 400) == 0);
+    CHECK(recv(c, NULL, 10, MSG_TRUNC) == 10, "MSG_TRUNC");
+    size_t got = 10;
     while (got < BIG) {
         ssize_t n = read(c, big + got, BIG - got < 100000 ? BIG - got : 100000);
         CHECK(n > 0, "read big");
         got += (size_t)n;
     }
-    unsigned char *want = malloc(BIG);
-    fill(want, BIG, 7);
     say("server: %u bytes intact %d", BIG, memcmp(big, want, BIG) == 0);
     write_all(c, big, BIG);
     /* Wait for the client's half-close. */
