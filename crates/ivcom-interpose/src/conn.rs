@@ -858,8 +858,19 @@ impl TcpConn {
                     let n = n as usize;
                     match self.side {
                         Side::Connector => {
-                            if self.claimed() {
-                                // Sent after the claim: wakeups, not data.
+                            let claim_word = n > 0 && tcp::claimed(self.region()).unwrap_or(false);
+                            if self.claimed() || claim_word {
+                                // Sent after the claim: wakeups, not data (counted as taken).
+                                // A claim whose proof another process of ours read: hand
+                                // back at the next call.
+                                if !peek {
+                                    let t = tcp::taken(self.region(), self.me()).unwrap_or(0);
+                                    let _ = tcp::store_taken(self.region(), self.me(), t + n as u64);
+                                }
+                                if !self.claim_seen.load(Ordering::Acquire) {
+                                    self.unverified_claim.store(true, Ordering::Release);
+                                    return Err(EAGAIN);
+                                }
                                 continue;
                             }
                             if n == 0 {
@@ -1451,6 +1462,17 @@ impl TcpConn {
         drop(tx);
         drop(rx);
         self.finish_handback(fd);
+        // The other end in this very process (a program that talks to itself): it follows
+        // now, as it may not touch the connection before this end waits on it.
+        let me_ino = rustix::fs::fstat(&self.region_fd).map(|st| st.st_ino).ok();
+        for (pfd, pc) in crate::table::conns() {
+            if !std::ptr::eq(&*pc, self)
+                && pc.side != self.side
+                && rustix::fs::fstat(&pc.region_fd).map(|st| st.st_ino).ok() == me_ino
+            {
+                pc.progress(pfd);
+            }
+        }
         true
     }
 
@@ -1471,8 +1493,13 @@ impl TcpConn {
                             self.drain(&rx, fd);
                         } else {
                             if self.side == Side::Connector {
-                                // The claim is queued before any byte the claiming side sends.
-                                self.become_plain("the listener sent data without claiming the channel");
+                                if tcp::claimed(self.region()).unwrap_or(false) {
+                                    // Claimed, but the proof went to another process of ours.
+                                    self.unverified_claim.store(true, Ordering::Release);
+                                } else {
+                                    // The claim is queued before any byte the claiming side sends.
+                                    self.become_plain("the listener sent data without claiming the channel");
+                                }
                             }
                             rx.tcp_data = true;
                         }

@@ -19,11 +19,17 @@ const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
 /// What we register in the kernel for a connection whose program registration asks for
 /// `want`: input (the peer's wakeup bytes, FIN, RST) and hang-up, edge-triggered; output
 /// only if the program asks for it (writability of the TCP socket matters only while writes
-/// still go over TCP). An instance must not look ready to `poll` or to an outer instance
+/// still go over TCP); `EPOLLEXCLUSIVE` as the program asked, so that the kernel applies its
+/// rules to the registration (one waiter woken; `EPOLL_CTL_MOD` refused). An instance must not look ready to `poll` or to an outer instance
 /// for an event its program did not ask for.
 pub fn kernel_event(fd: c_int, want: u32) -> epoll_event {
     let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-    events |= want & libc::EPOLLOUT as u32;
+    events |= want & (libc::EPOLLOUT | libc::EPOLLEXCLUSIVE) as u32;
+    if want & libc::EPOLLEXCLUSIVE as u32 != 0 {
+        // The kernel takes EPOLLEXCLUSIVE only with IN, OUT, ET and WAKEUP; a FIN still
+        // makes the socket readable.
+        events &= !(libc::EPOLLRDHUP as u32);
+    }
     epoll_event { events, u64: TAG | fd as u32 as u64 }
 }
 

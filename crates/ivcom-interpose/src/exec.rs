@@ -945,6 +945,16 @@ pub unsafe fn posix_spawn(
     }
     let mut entries = Vec::new();
     let why = if child.is_empty() { None } else { not_continuing(&env, &target) };
+    if why.is_none() {
+        // Connections whose memory the program's own actions close in the child (a
+        // `closefrom` below the memfd): the child reads the socket itself.
+        let cut: Vec<(Arc<TcpConn>, Vec<RawFd>)> = groups
+            .iter()
+            .filter(|(g, _)| child.iter().any(|(c, _, open)| !*open && Arc::ptr_eq(g, c)))
+            .cloned()
+            .collect();
+        hand_back_all(&cut, "posix_spawn: the child's file actions close the channel's memory");
+    }
     if let Some(w) = &why {
         let leaving: Vec<(Arc<TcpConn>, Vec<RawFd>)> =
             groups.iter().filter(|(g, _)| child.iter().any(|(c, _, _)| Arc::ptr_eq(g, c))).cloned().collect();

@@ -438,8 +438,9 @@ fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
         hand_back(fd, "urgent data (MSG_OOB)");
     }
     let c = table::conn(fd)?;
-    if flags & libc::MSG_TRUNC != 0 && flags & libc::MSG_PEEK == 0 {
-        // TCP discards the bytes and says how many (the buffer may be null).
+    if flags & libc::MSG_TRUNC != 0 {
+        // TCP discards the bytes (or, with MSG_PEEK, only looks) and says how many; the
+        // buffer may be null.
         let mut scratch = vec![0u8; iov_len(iov).min(1 << 20)];
         let one = [iovec { iov_base: scratch.as_mut_ptr().cast(), iov_len: scratch.len() }];
         return Some(match recv_inner(&c, fd, &one, flags & !libc::MSG_TRUNC) {
