@@ -148,6 +148,11 @@ fn two_processes_writing_one_connection_at_once() {
 }
 
 #[test]
+fn connection_first_used_by_a_forked_child() {
+    same_over_shared_memory("t_forkfirst", &[]);
+}
+
+#[test]
 fn switched_off_everything_stays_tcp() {
     let prog = c_bin("t_stream");
     let scene = Scene::new("off");

@@ -1022,6 +1022,9 @@ impl TcpConn {
     /// One write attempt from `iov`. Before the switch it is the kernel's own (blocking or
     /// not, as the program asked); in the ring it never blocks (`Err(EAGAIN)` when full).
     pub fn try_send(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+        if self.unverified_claim.load(Ordering::Acquire) {
+            self.progress(fd);
+        }
         let mut tx = lock(&self.tx);
         let _side = self.side_lock(tcp::Lock::Tx);
         if let Some(r) = self.tx_handback(&mut tx, fd) {
@@ -1036,6 +1039,9 @@ impl TcpConn {
         if !tx.switched {
             if self.claimed() && !self.is_plain() {
                 self.switch_now(&mut tx);
+            } else if self.unverified_claim.load(Ordering::Acquire) {
+                // Not over TCP yet: the handback (next call) says where TCP data starts.
+                return Err(EAGAIN);
             } else {
                 let m = msghdr_of(iov);
                 // SAFETY: `m` describes the program's own buffers for this call.
