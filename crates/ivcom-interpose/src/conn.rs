@@ -73,6 +73,8 @@ pub struct Private {
     pub shared: bool,
     /// A socket error seen (errno), 0 if none.
     pub error: c_int,
+    /// `error` was reported to the program already.
+    pub error_reported: bool,
     /// The program's `TCP_NODELAY` and `TCP_CORK`.
     pub tcp_opts: [c_int; 2],
 }
@@ -131,7 +133,7 @@ pub struct Readiness {
     pub peer_closed: bool,
     /// Both directions are shut (`POLLHUP`).
     pub hangup: bool,
-    /// A reset or other socket error (`POLLERR`, with `POLLHUP`).
+    /// A socket error not yet reported to the program (`POLLERR`, with `POLLHUP`).
     pub error: bool,
 }
 
@@ -151,10 +153,18 @@ pub struct TcpConn {
     tx: Mutex<Tx>,
     rx: Mutex<Rx>,
     eof: AtomicBool,
+    /// The connection's error (a reset): sticky, the connection is dead once set.
     error: AtomicI32,
+    /// `error` was reported to the program (by a read, a write or `SO_ERROR`): as with the
+    /// kernel's `sk_err`, it is reported once; afterwards reads see EOF, writes `EPIPE`, and
+    /// poll no longer shows `POLLERR`.
+    error_reported: AtomicBool,
     shut_rd: AtomicBool,
     shut_wr: AtomicBool,
     sleepers: AtomicU32,
+    /// How many descriptor numbers of this process refer to the connection in the library's
+    /// table (`dup`, `dup2`): an epoll registration lives while any of them is open.
+    fd_refs: AtomicU32,
     /// Another process may hold the socket too (this one forked since, or inherited it):
     /// closing here is then not necessarily the socket's last close.
     shared: AtomicBool,
@@ -343,9 +353,11 @@ impl TcpConn {
             }),
             eof: AtomicBool::new(false),
             error: AtomicI32::new(0),
+            error_reported: AtomicBool::new(false),
             shut_rd: AtomicBool::new(false),
             shut_wr: AtomicBool::new(false),
             sleepers: AtomicU32::new(0),
+            fd_refs: AtomicU32::new(0),
             shared: AtomicBool::new(false),
             last_close_check: AtomicU64::new(0),
             tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
@@ -418,6 +430,7 @@ impl TcpConn {
         c.eof.store(p.eof, Ordering::Relaxed);
         c.shared.store(p.shared, Ordering::Relaxed);
         c.error.store(p.error, Ordering::Relaxed);
+        c.error_reported.store(p.error_reported, Ordering::Relaxed);
         c.tcp_opts[0].store(p.tcp_opts[0], Ordering::Relaxed);
         c.tcp_opts[1].store(p.tcp_opts[1], Ordering::Relaxed);
         *lock(&c.registration) = registration.map(crate::fds::lift);
@@ -449,6 +462,7 @@ impl TcpConn {
             eof: self.eof.load(Ordering::Acquire),
             shared: self.shared.load(Ordering::Relaxed),
             error: self.error.load(Ordering::Relaxed),
+            error_reported: self.error_reported.load(Ordering::Relaxed),
             tcp_opts: [self.tcp_opts[0].load(Ordering::Relaxed), self.tcp_opts[1].load(Ordering::Relaxed)],
         }
     }
@@ -712,6 +726,36 @@ impl TcpConn {
         }
     }
 
+    /// `SO_ERROR`: the connection's error not yet reported, after asking the kernel whether
+    /// the peer closed and, if it closed with our bytes unread, reset (as its kernel would have
+    /// at once over TCP).
+    pub fn socket_error(&self, fd: c_int) -> Option<Errno> {
+        if !self.has_error() && !self.is_plain() {
+            self.note_hangup(fd);
+            if self.eof.load(Ordering::Acquire) && !self.has_error() {
+                self.closed_with_our_data_unread(fd);
+            }
+        }
+        self.report_error()
+    }
+
+    /// One more descriptor number refers to the connection (see `fd_refs`).
+    pub fn fd_added(&self) {
+        self.fd_refs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One descriptor number less refers to the connection; true if it was the last.
+    pub fn fd_removed(&self) -> bool {
+        self.fd_refs.fetch_sub(1, Ordering::Relaxed) <= 1
+    }
+
+    /// The connection's error, if it was not reported to the program yet; reporting it now
+    /// (the kernel's `sock_error`: `SO_ERROR`, or the first read or write after a reset).
+    pub fn report_error(&self) -> Option<Errno> {
+        let e = self.error.load(Ordering::Relaxed);
+        (e != 0 && !self.error_reported.swap(true, Ordering::Relaxed)).then_some(e)
+    }
+
     fn set_error(&self, e: Errno) {
         let _ = self.error.compare_exchange(0, e, Ordering::Relaxed, Ordering::Relaxed);
     }
@@ -824,8 +868,10 @@ impl TcpConn {
                         if self.eof.load(Ordering::Acquire) {
                             return Ok(0);
                         }
-                        let e = self.error.load(Ordering::Relaxed);
-                        return Err(if e != 0 { e } else { EAGAIN });
+                        if self.has_error() {
+                            return self.report_error().map_or(Ok(0), Err);
+                        }
+                        return Err(EAGAIN);
                     }
                     continue;
                 }
@@ -933,11 +979,11 @@ impl TcpConn {
                         return Ok(0);
                     }
                     if e != 0 {
-                        return Err(e);
+                        return self.report_error().map_or(Ok(0), Err);
                     }
                     if self.eof.load(Ordering::Acquire) {
                         if self.closed_with_our_data_unread(fd) {
-                            return Err(libc::ECONNRESET);
+                            return self.report_error().map_or(Ok(0), Err);
                         }
                         return Ok(0);
                     }
@@ -1056,6 +1102,13 @@ impl TcpConn {
         }
         self.notice_close(fd);
         let e = self.error.load(Ordering::Relaxed);
+        if e != 0 {
+            // The first call after a reset reports it (the kernel's `sock_error`); later
+            // writes get the kernel's EPIPE below.
+            if let Some(e) = self.report_error() {
+                return Err(e);
+            }
+        }
         if self.shut_wr.load(Ordering::Relaxed) || e != 0 || self.eof.load(Ordering::Acquire) {
             // Let the kernel answer as TCP would: EPIPE (and SIGPIPE unless MSG_NOSIGNAL)
             // after our shutdown or the peer's reset; a write to a peer that closed provokes
@@ -1148,7 +1201,10 @@ impl TcpConn {
         let mut p = [libc::pollfd { fd, events: 0, revents: 0 }];
         // SAFETY: a local pollfd array of length 1; POLLERR is always reported.
         if unsafe { crate::real::poll(p.as_mut_ptr(), 1, 20) } == 1 && p[0].revents & libc::POLLERR != 0 {
-            self.note_sock_error(fd);
+            // The kernel calls a reset after the peer's FIN `EPIPE`; over TCP the peer's
+            // close with our bytes unread would have been a reset without a FIN.
+            let _ = sock_error(fd);
+            let _ = self.error.compare_exchange(0, libc::ECONNRESET, Ordering::Relaxed, Ordering::Relaxed);
         }
         self.has_error()
     }
@@ -1482,8 +1538,9 @@ impl TcpConn {
         true
     }
 
-    /// Takes note of what the kernel reported on the TCP socket (after `poll`/`epoll`).
-    pub fn absorb(&self, fd: c_int) {
+    /// Takes note of what the kernel reported on the TCP socket (after `poll`/`epoll`);
+    /// `hangup`: it reported a FIN, hang-up or error.
+    pub fn absorb(&self, fd: c_int, hangup: bool) {
         self.events.fetch_add(1, Ordering::Relaxed);
         let mut rx = lock(&self.rx);
         let side = self.side_lock(tcp::Lock::Rx);
@@ -1521,6 +1578,11 @@ impl TcpConn {
         }
         drop(side);
         drop(rx);
+        if hangup {
+            // The FIN or reset may sit behind the wakeup bytes just taken; an edge-triggered
+            // registration reports it only this once.
+            self.note_hangup(fd);
+        }
         self.progress(fd);
     }
 
@@ -1584,8 +1646,8 @@ impl TcpConn {
             readable: want_in && self.readable(fd),
             writable: want_out && self.writable(|| crate::wait::kernel_writable(fd)),
             peer_closed: self.peer_closed(),
-            hangup: self.peer_closed() && self.write_shut(),
-            error: self.has_error(),
+            hangup: (self.peer_closed() && self.write_shut()) || self.has_error(),
+            error: self.has_error() && !self.error_reported.load(Ordering::Relaxed),
         }
     }
 

@@ -36,6 +36,9 @@ pub fn kernel_event(fd: c_int, want: u32) -> epoll_event {
 #[derive(Debug)]
 struct Reg {
     conn: Arc<TcpConn>,
+    /// The descriptor to ask the kernel through: the registered number, or, once that was
+    /// closed while a `dup` of it stays open, the dup (see [`EpollSet::moved`]).
+    io_fd: c_int,
     events: u32,
     data: u64,
     disabled: bool,
@@ -74,7 +77,7 @@ impl EpollSet {
     pub fn put(&self, fd: c_int, conn: Arc<TcpConn>, ev: &epoll_event) {
         self.regs().insert(
             fd,
-            Reg { conn, events: ev.events, data: ev.u64, disabled: false, last_in: None, last_out: None },
+            Reg { conn, io_fd: fd, events: ev.events, data: ev.u64, disabled: false, last_in: None, last_out: None },
         );
     }
 
@@ -92,6 +95,30 @@ impl EpollSet {
         let r = self.regs().remove(&fd);
         let n = self.nested().remove(&fd);
         drop((r, n));
+    }
+
+    /// Descriptor `fd` of connection `conn` was closed while `to` stays open: registrations
+    /// that asked the kernel through `fd` ask through `to`.
+    pub fn moved(&self, fd: c_int, conn: &Arc<TcpConn>, to: c_int) {
+        for r in self.regs().values_mut().filter(|r| r.io_fd == fd && Arc::ptr_eq(&r.conn, conn)) {
+            r.io_fd = to;
+        }
+    }
+
+    /// Forgets connection `conn`, whose last descriptor (`fd`) is closed: its registration
+    /// at `fd` and any it kept at numbers closed before while `fd` stayed open.
+    pub fn forget_conn(&self, fd: c_int, conn: &Arc<TcpConn>) {
+        let mut regs = self.regs();
+        let gone: Vec<Reg> = {
+            let keys: Vec<c_int> = regs
+                .iter()
+                .filter(|(k, r)| **k == fd || Arc::ptr_eq(&r.conn, conn))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter().filter_map(|k| regs.remove(&k)).collect()
+        };
+        drop(regs);
+        drop(gone);
     }
 
     /// Whether no connection is registered, here or in an instance registered here.
@@ -178,9 +205,9 @@ impl EpollSet {
                     }
                     continue;
                 }
-                let c = reg.conn.clone();
+                let (c, io_fd) = (reg.conn.clone(), reg.io_fd);
                 drop(regs);
-                c.absorb(fd);
+                c.absorb(io_fd, ev.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0);
             } else if n < out.len() {
                 out[n] = *ev;
                 n += 1;
@@ -192,7 +219,7 @@ impl EpollSet {
     /// Appends ready connections to `out` from `n`.
     fn collect(&self, out: &mut [epoll_event], mut n: usize) -> usize {
         let mut regs = self.regs();
-        for (&fd, reg) in regs.iter_mut() {
+        for reg in regs.values_mut() {
             if n >= out.len() {
                 break;
             }
@@ -202,7 +229,7 @@ impl EpollSet {
             let c = &reg.conn;
             let want = reg.events;
             let et = want & libc::EPOLLET as u32 != 0;
-            let (mut in_part, mut out_part) = event_parts(c, fd, want);
+            let (mut in_part, mut out_part) = event_parts(c, reg.io_fd, want);
             if et {
                 if in_part != 0 {
                     let sig = c.in_signature();

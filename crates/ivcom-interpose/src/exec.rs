@@ -77,6 +77,7 @@ const F_SHUT_RD: u32 = 4;
 const F_SHUT_WR: u32 = 8;
 const F_EOF: u32 = 16;
 const F_SHARED: u32 = 32;
+const F_ERR_REPORTED: u32 = 64;
 
 /// Encodes entries as the value of [`ENV_INHERIT`].
 pub fn encode(entries: &[Inherit]) -> String {
@@ -88,7 +89,8 @@ pub fn encode(entries: &[Inherit]) -> String {
             | (p.shut_rd as u32 * F_SHUT_RD)
             | (p.shut_wr as u32 * F_SHUT_WR)
             | (p.eof as u32 * F_EOF)
-            | (p.shared as u32 * F_SHARED);
+            | (p.shared as u32 * F_SHARED)
+            | (p.error_reported as u32 * F_ERR_REPORTED);
         if i > 0 {
             s.push(';');
         }
@@ -160,6 +162,7 @@ fn decode_one(item: &str) -> Option<Inherit> {
             shut_wr: flags & F_SHUT_WR != 0,
             eof: flags & F_EOF != 0,
             shared: flags & F_SHARED != 0,
+            error_reported: flags & F_ERR_REPORTED != 0,
             tx_tail: n(f[5])?,
             rx_head: n(f[6])?,
             tcp_sent: n(f[7])?,

@@ -118,12 +118,19 @@ pub fn closing_own(fd: c_int) {
 /// program's range (at most 4096 numbers; the program, which gets the lowest free numbers,
 /// reaches those last), and recorded. Close-on-exec either way.
 pub fn lift(fd: OwnedFd) -> OwnedFd {
-    let fd = match soft_limit() {
-        Some(s) if fd.as_raw_fd() as u64 >= s || fd.as_raw_fd() as u64 >= top_window(s) => fd,
-        Some(s) => above_limit(fd.as_fd())
-            .or_else(|| rustix::io::fcntl_dupfd_cloexec(&fd, top_window(s) as c_int).ok())
-            .unwrap_or(fd),
-        None => fd,
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let fd = match lim.current {
+        Some(soft) if (fd.as_raw_fd() as u64) < soft => {
+            let room_above = lim.maximum.is_none_or(|hard| soft < hard);
+            if room_above {
+                above_limit(fd.as_fd(), &lim).unwrap_or(fd)
+            } else if (fd.as_raw_fd() as u64) < top_window(soft) {
+                rustix::io::fcntl_dupfd_cloexec(&fd, top_window(soft) as c_int).unwrap_or(fd)
+            } else {
+                fd
+            }
+        }
+        _ => fd,
     };
     let raw = fd.as_raw_fd();
     let mut o = own();
@@ -135,10 +142,11 @@ pub fn lift(fd: OwnedFd) -> OwnedFd {
 
 /// A close-on-exec duplicate of `fd` numbered at or above the soft `RLIMIT_NOFILE`.
 pub fn dup_own(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    let d = match above_limit(fd) {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let d = match above_limit(fd, &lim) {
         Some(d) => d,
         None => {
-            let from = soft_limit().map_or(0, top_window).min(c_int::MAX as u64) as c_int;
+            let from = lim.current.map_or(0, top_window).min(c_int::MAX as u64) as c_int;
             rustix::io::fcntl_dupfd_cloexec(fd, from).or_else(|_| rustix::io::fcntl_dupfd_cloexec(fd, 0))?
         }
     };
@@ -152,13 +160,11 @@ fn top_window(soft: u64) -> u64 {
     soft - (soft / 4).min(4096)
 }
 
-fn soft_limit() -> Option<u64> {
-    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
-}
-
-fn above_limit(fd: BorrowedFd<'_>) -> Option<OwnedFd> {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
+/// A close-on-exec duplicate of `fd` at or above the soft limit of `lim` (the current
+/// `RLIMIT_NOFILE`), raising the soft limit for the moment of the `dup`; `None` where the
+/// hard limit leaves no room above.
+fn above_limit(fd: BorrowedFd<'_>, lim: &rustix::process::Rlimit) -> Option<OwnedFd> {
+    use rustix::process::{setrlimit, Resource, Rlimit};
     let soft = lim.current?;
     let hard = lim.maximum.unwrap_or(u64::MAX);
     if soft >= hard || soft > c_int::MAX as u64 {
@@ -167,7 +173,7 @@ fn above_limit(fd: BorrowedFd<'_>) -> Option<OwnedFd> {
     let raised = Rlimit { current: Some(hard.min(soft + (1 << 16))), maximum: lim.maximum };
     setrlimit(Resource::Nofile, raised).ok()?;
     let d = rustix::io::fcntl_dupfd_cloexec(fd, soft as c_int).ok();
-    let _ = setrlimit(Resource::Nofile, lim);
+    let _ = setrlimit(Resource::Nofile, lim.clone());
     d
 }
 

@@ -368,6 +368,21 @@ pub unsafe fn getsockopt(
             return 0;
         }
     }
+    if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR) && !val.is_null() && !len.is_null() {
+        // A reset the library learned of took the kernel's pending error: report it here
+        // once, as the kernel would have.
+        // SAFETY: the program's length word (checked non-null).
+        if unsafe { *len } as usize >= std::mem::size_of::<c_int>() {
+            if let Some(e) = table::conn(fd).and_then(|c| c.socket_error(fd)) {
+                // SAFETY: the program's buffer and length (checked above).
+                unsafe {
+                    val.cast::<c_int>().write_unaligned(e);
+                    *len = std::mem::size_of::<c_int>() as socklen_t;
+                }
+                return 0;
+            }
+        }
+    }
     // SAFETY: passed on unchanged.
     unsafe { real::getsockopt(fd, level, name, val, len) }
 }

@@ -205,9 +205,45 @@ pub fn set(fd: c_int, e: Entry) -> bool {
 }
 
 fn set_with(f: &AtomicU8, fd: c_int, entry: Entry, ident: Ident) {
+    if let Entry::Conn(c) = &entry {
+        c.fd_added();
+    }
     let old = TABLE.write().unwrap_or_else(|e| e.into_inner()).insert(fd, Slot { entry, ident });
     f.store(1, Ordering::Relaxed);
-    drop(old);
+    if let Some(Slot { entry: e @ (Entry::Conn(_) | Entry::Epoll(_)), .. }) = old {
+        forget_registrations(fd, &e);
+    }
+}
+
+/// The program's epoll registrations of `fd`, which no longer refers to `e`: as in the
+/// kernel, a registration lives as long as its open file does, so a connection's lives on
+/// while another descriptor number of it is open (its `dup`), and goes with the last one.
+fn forget_registrations(fd: c_int, e: &Entry) {
+    match e {
+        Entry::Conn(c) => {
+            if c.fd_removed() {
+                for set in epoll_sets() {
+                    set.forget_conn(fd, c);
+                }
+            } else {
+                let other = TABLE.read().unwrap_or_else(|e| e.into_inner()).iter().find_map(|(k, s)| match &s.entry {
+                    Entry::Conn(o) if Arc::ptr_eq(o, c) && *k != fd => Some(*k),
+                    _ => None,
+                });
+                if let Some(to) = other {
+                    for set in epoll_sets() {
+                        set.moved(fd, c, to);
+                    }
+                }
+            }
+        }
+        Entry::Epoll(_) => {
+            for set in epoll_sets() {
+                set.forget(fd);
+            }
+        }
+        Entry::Listener(_) => {}
+    }
 }
 
 /// Forgets `fd` (it was closed). The entry is dropped after the lock is released.
@@ -221,10 +257,8 @@ pub fn remove(fd: c_int) -> Option<Entry> {
         f.store(0, Ordering::Relaxed);
         t.remove(&fd).map(|s| s.entry)
     };
-    if let Some(Entry::Conn(_) | Entry::Epoll(_)) = &e {
-        for set in epoll_sets() {
-            set.forget(fd);
-        }
+    if let Some(e) = &e {
+        forget_registrations(fd, e);
     }
     e
 }

@@ -290,7 +290,7 @@ pub fn wait_fd(
         return Err(libc::EINTR);
     }
     if r > 0 {
-        conn.absorb(fd);
+        conn.absorb(fd, false);
     }
     if deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(libc::EAGAIN);
@@ -453,7 +453,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         }
         for (i, c) in &ours {
             if k[*i].revents != 0 {
-                c.absorb(k[*i].fd);
+                c.absorb(k[*i].fd, k[*i].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0);
             }
         }
         slept = true;
@@ -477,7 +477,7 @@ fn merge(
     }
     for (i, c) in ours {
         if k[*i].revents != 0 {
-            c.absorb(k[*i].fd);
+            c.absorb(k[*i].fd, k[*i].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0);
         }
         app[*i].revents = revents_of(c, k[*i].fd, app[*i].events);
     }
@@ -521,7 +521,12 @@ pub unsafe fn select(
             e |= libc::POLLPRI;
         }
         if e != 0 {
-            any |= table::conn(fd).is_some();
+            // Our connections, and epoll instances watching some (poll arms those).
+            any |= match table::get(fd) {
+                Some(table::Entry::Conn(c)) => !c.is_plain(),
+                Some(table::Entry::Epoll(s)) => !s.is_empty(),
+                _ => false,
+            };
             p.push(pollfd { fd, events: e, revents: 0 });
         }
     }
