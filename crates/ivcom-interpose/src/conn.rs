@@ -1209,6 +1209,19 @@ impl TcpConn {
         self.has_error()
     }
 
+    /// Whether something the program reads comes before the kernel's own stream on `fd`:
+    /// bytes in the ring, or wakeup bytes still to be taken off TCP (taken now if they
+    /// arrived). For `SIOCATMARK`, whose mark is in the kernel's stream.
+    pub fn ahead_of_kernel(&self, fd: c_int) -> bool {
+        if self.has_unread() {
+            return true;
+        }
+        let _rx = lock(&self.rx);
+        let _side = self.side_lock(tcp::Lock::Rx);
+        let ahead = self.wakes_ahead();
+        ahead > 0 && self.take_wakes(fd, ahead) < ahead
+    }
+
     /// Whether data the peer sent is still unread here.
     pub fn has_unread(&self) -> bool {
         matches!(self.ring_bytes(), Some(Ok(n)) if n > 0)

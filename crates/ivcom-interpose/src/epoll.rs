@@ -66,6 +66,10 @@ const MAX_DEPTH: usize = 5;
 pub struct EpollSet {
     regs: Mutex<BTreeMap<c_int, Reg>>,
     nested: Mutex<BTreeMap<c_int, Nested>>,
+    /// Where the next [`EpollSet::collect`] starts: after the last connection it reported,
+    /// so that a wait for fewer events than are ready takes turns, as the kernel's ready
+    /// list does (a reported level-triggered item goes to its end).
+    next: std::sync::atomic::AtomicI32,
 }
 
 impl EpollSet {
@@ -218,13 +222,13 @@ impl EpollSet {
 
     /// Appends ready connections to `out` from `n`.
     fn collect(&self, out: &mut [epoll_event], mut n: usize) -> usize {
+        use std::sync::atomic::Ordering;
         let mut regs = self.regs();
-        for reg in regs.values_mut() {
-            if n >= out.len() {
-                break;
-            }
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last = None;
+        let visit = |reg: &mut Reg| {
             if reg.disabled || reg.conn.is_plain() {
-                continue;
+                return None;
             }
             let c = &reg.conn;
             let want = reg.events;
@@ -249,13 +253,36 @@ impl EpollSet {
                 }
             }
             let ev = in_part | out_part;
-            if ev != 0 {
-                out[n] = epoll_event { events: ev, u64: reg.data };
-                n += 1;
-                if want & libc::EPOLLONESHOT as u32 != 0 {
-                    reg.disabled = true;
-                }
+            if ev == 0 {
+                return None;
             }
+            if want & libc::EPOLLONESHOT as u32 != 0 {
+                reg.disabled = true;
+            }
+            Some(epoll_event { events: ev, u64: reg.data })
+        };
+        for (&fd, reg) in regs.range_mut(start..) {
+            if n >= out.len() {
+                break;
+            }
+            if let Some(e) = visit(reg) {
+                out[n] = e;
+                n += 1;
+                last = Some(fd);
+            }
+        }
+        for (&fd, reg) in regs.range_mut(..start) {
+            if n >= out.len() {
+                break;
+            }
+            if let Some(e) = visit(reg) {
+                out[n] = e;
+                n += 1;
+                last = Some(fd);
+            }
+        }
+        if let Some(fd) = last {
+            self.next.store(fd.saturating_add(1), Ordering::Relaxed);
         }
         drop(regs);
         // Inner epoll instances whose connections are ready in shared memory (unless the

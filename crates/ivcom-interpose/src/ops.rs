@@ -327,6 +327,9 @@ fn tcp_opt_index(level: c_int, name: c_int) -> Option<usize> {
 /// # Safety
 /// The C contract of `setsockopt`.
 pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    if table::tracked(fd) && changes_what_reads_see(level, name, val, len) {
+        hand_back(fd, &format!("socket option {level}/{name}"));
+    }
     if let (Some(i), true) = (tcp_opt_index(level, name), table::tracked(fd)) {
         if let Some(c) = table::conn(fd) {
             if val.is_null() || (len as usize) < std::mem::size_of::<c_int>() {
@@ -340,6 +343,27 @@ pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_voi
     }
     // SAFETY: passed on unchanged.
     unsafe { real::setsockopt(fd, level, name, val, len) }
+}
+
+/// Socket options under which the kernel's reads or readiness differ from what the library
+/// gives from a ring: a low-water mark above one byte, a peek offset, receive timestamps,
+/// `TCP_INQ` (control messages with the queue length).
+fn changes_what_reads_see(level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> bool {
+    let int = || {
+        // SAFETY: the program's option value, read only when it is at least an int.
+        (!val.is_null() && len as usize >= std::mem::size_of::<c_int>())
+            .then(|| unsafe { val.cast::<c_int>().read_unaligned() })
+    };
+    match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_RCVLOWAT) => int().is_some_and(|v| v > 1),
+        (libc::SOL_SOCKET, libc::SO_PEEK_OFF) => int().is_some_and(|v| v >= 0),
+        (
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMP | libc::SO_TIMESTAMPNS | libc::SO_TIMESTAMPING | libc::SO_RXQ_OVFL,
+        ) => int().is_some_and(|v| v != 0),
+        (libc::IPPROTO_TCP, libc::TCP_INQ) => int().is_some_and(|v| v != 0),
+        _ => false,
+    }
 }
 
 /// `getsockopt`: reports the program's own `TCP_NODELAY`/`TCP_CORK` on our connections.
@@ -450,7 +474,9 @@ fn hand_back(fd: c_int, why: &str) {
 /// Reads from a connection into `iov` as `recvmsg` would. `None`: not ours.
 fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
     if flags & libc::MSG_OOB != 0 {
-        hand_back(fd, "urgent data (MSG_OOB)");
+        // The urgent byte is outside the stream and always travels over TCP (a sender
+        // hands back to send it): the kernel has it, whatever the ring holds.
+        return None;
     }
     let c = table::conn(fd)?;
     if flags & libc::MSG_TRUNC != 0 {
@@ -951,6 +977,12 @@ pub unsafe fn dup3(fd: c_int, to: c_int, flags: c_int, three: bool) -> c_int {
 /// # Safety
 /// The C contract of `fcntl`.
 pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    if table::tracked(fd)
+        && ((cmd == libc::F_SETFL && arg as c_int & libc::O_ASYNC != 0) || cmd == F_SETSIG)
+    {
+        // Signal-driven I/O: the kernel signals what arrives on TCP, so everything must.
+        hand_back(fd, "signal-driven I/O (O_ASYNC)");
+    }
     // SAFETY: passed on unchanged.
     let r = unsafe { real::fcntl(fd, cmd, arg) };
     if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
@@ -962,6 +994,12 @@ pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     }
     r
 }
+
+/// `F_SETSIG` (linux/fcntl.h): the signal `O_ASYNC` sends.
+const F_SETSIG: c_int = 10;
+
+/// `SIOCATMARK` (linux/sockios.h): whether the urgent mark is reached.
+const SIOCATMARK: c_ulong = 0x8905;
 
 /// `ioctl`: `FIONREAD` counts what the ring holds.
 ///
@@ -975,7 +1013,13 @@ pub unsafe fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
             unsafe { *arg.cast::<c_int>() = n };
             return 0;
         }
-    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX].contains(&req) && table::tracked(fd) {
+    } else if req == SIOCATMARK && !arg.is_null() && table::conn(fd).is_some_and(|c| c.ahead_of_kernel(fd)) {
+        // Bytes in the ring (or wakeup bytes not yet taken) come before anything in the
+        // kernel's stream, so the urgent mark, which is there, is not reached yet.
+        // SAFETY: SIOCATMARK's argument is an int the program gave us.
+        unsafe { *arg.cast::<c_int>() = 0 };
+        return 0;
+    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, SIOCATMARK].contains(&req) && table::tracked(fd) {
         // A request whose answer depends on the kernel's view of the stream (SIOCOUTQ,
         // SIOCATMARK, ...): that view must be the whole truth first.
         hand_back(fd, &format!("ioctl {req:#x}"));

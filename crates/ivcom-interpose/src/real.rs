@@ -42,7 +42,8 @@ macro_rules! real {
             }
             // SAFETY: `f` is the address glibc gave for this symbol, whose C prototype is the
             // one written here.
-            let f: unsafe extern "C" fn($($t),*) -> $r = unsafe { std::mem::transmute(f) };
+            // "C-unwind": a cancellation point (`pthread_cancel`) unwinds out of it.
+            let f: unsafe extern "C-unwind" fn($($t),*) -> $r = unsafe { std::mem::transmute(f) };
             // SAFETY: the caller upholds the C function's contract.
             unsafe { f($($a),*) }
         }

@@ -366,6 +366,8 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
             if want & (libc::POLLOUT | libc::POLLWRNORM) != 0 && c.tx_on_tcp() {
                 e |= libc::POLLOUT;
             }
+            // Urgent data (`MSG_OOB`) always travels over TCP: the kernel's word on it.
+            e |= want & libc::POLLPRI;
             k[*i].events = e;
             k[*i].revents = 0;
         }
@@ -479,7 +481,13 @@ fn merge(
         if k[*i].revents != 0 {
             c.absorb(k[*i].fd, k[*i].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0);
         }
-        app[*i].revents = revents_of(c, k[*i].fd, app[*i].events);
+        app[*i].revents = if table::tracked(app[*i].fd) {
+            revents_of(c, k[*i].fd, app[*i].events) | (k[*i].revents & app[*i].events & libc::POLLPRI)
+        } else {
+            // Closed by another thread while this call slept (on a duplicate): the kernel
+            // reports such a descriptor as invalid.
+            libc::POLLNVAL
+        };
     }
     app.iter().filter(|p| p.revents != 0).count() as c_int
 }

@@ -2,8 +2,12 @@
 //! forwards to `ivcom_interpose::ops`, which passes everything that is not an accelerated
 //! connection to the C library unchanged. No logic lives here.
 //!
-//! A panic must not unwind into C: `extern "C"` functions abort on one, and the logic is
-//! written not to panic on any input.
+//! The shims are `extern "C-unwind"`: a thread cancelled (`pthread_cancel`) while blocked in
+//! a call the library serves is unwound through the library's frames by the C library's
+//! forced unwind, which runs their destructors (locks, descriptors and sleep counts are
+//! released) on its way to the program's cleanup handlers; with `extern "C"` the process
+//! would abort there. The logic is written not to panic on any input (a panic reaching the
+//! C library's frames, which have no unwind tables for it, aborts).
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -17,7 +21,7 @@ macro_rules! shims {
     ($($name:ident($($a:ident: $t:ty),*) -> $r:ty => $body:expr;)*) => {$(
         #[no_mangle]
         #[allow(unused_unsafe)]
-        pub unsafe extern "C" fn $name($($a: $t),*) -> $r {
+        pub unsafe extern "C-unwind" fn $name($($a: $t),*) -> $r {
             let _in = fds::entered();
             // SAFETY: the program calls this with the C function's contract, which the
             // forwarded-to function requires.
@@ -151,7 +155,7 @@ macro_rules! fa_shims {
     ($($name:ident($($a:ident: $t:ty),*) => $rec:expr;)*) => {$(
         #[no_mangle]
         #[allow(unused_unsafe)]
-        pub unsafe extern "C" fn $name($($a: $t),*) -> c_int {
+        pub unsafe extern "C-unwind" fn $name($($a: $t),*) -> c_int {
             let _in = fds::entered();
             // SAFETY: the program's call, with the C function's contract.
             let r = unsafe { real::$name($($a),*) };
@@ -186,7 +190,7 @@ macro_rules! exec_list {
     ($($name:ident => $kind:expr;)*) => {$(
         #[no_mangle]
         #[allow(clippy::too_many_arguments)]
-        pub unsafe extern "C" fn $name(
+        pub unsafe extern "C-unwind" fn $name(
             path: *const c_char,
             a0: *const c_char, a1: *const c_char, a2: *const c_char, a3: *const c_char,
             a4: *const c_char, a5: *const c_char, a6: *const c_char, a7: *const c_char,
@@ -241,7 +245,7 @@ pub unsafe extern "C" fn dprintf() {
 /// as fixed ones do, so the shim reads six (see `exec_list!` on reading unfilled slots).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[no_mangle]
-pub unsafe extern "C" fn syscall(
+pub unsafe extern "C-unwind" fn syscall(
     n: libc::c_long,
     a0: libc::c_long,
     a1: libc::c_long,
