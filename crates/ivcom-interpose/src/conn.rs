@@ -104,6 +104,8 @@ struct Rx {
     /// The kernel reported TCP data that is not wakeups.
     tcp_data: bool,
     sleepers: u32,
+    /// This process counts itself among its side's sleeping readers (a shared connection).
+    counted_sleep: bool,
     /// Handback done for this direction: what TCP carries is data.
     plain_tcp: bool,
 }
@@ -349,6 +351,7 @@ impl TcpConn {
                 peer_switch: None,
                 tcp_data: false,
                 sleepers: 0,
+                counted_sleep: false,
                 plain_tcp: false,
             }),
             eof: AtomicBool::new(false),
@@ -1728,11 +1731,25 @@ impl TcpConn {
             let region = self.region();
             match rx.r.ctrl(region) {
                 Ok(c) if rx.sleepers == 0 => {
+                    // Several processes reading one connection share one announcement:
+                    // counted, and renewed by each (see `disarm`), under their side lock.
+                    let _side = self.side_lock(tcp::Lock::Rx);
+                    if _side.is_some() {
+                        rx.r.state().renew_sleep(&c, true);
+                    }
                     // Announce even while data still comes over TCP: the peer may switch.
                     if rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
                         rx.sleepers = 1;
+                        if _side.is_some() {
+                            let _ = tcp::rx_sleepers_enter(region, self.me());
+                            rx.counted_sleep = true;
+                        }
                         true
                     } else {
+                        if _side.is_some() && tcp::rx_sleepers(region, self.me()).unwrap_or(0) > 0 {
+                            // Data is there, but the announcement is the others' too.
+                            rx.r.state().renew_sleep(&c, false);
+                        }
                         false
                     }
                 }
@@ -1781,7 +1798,19 @@ impl TcpConn {
             rx.sleepers = rx.sleepers.saturating_sub(1);
             if rx.sleepers == 0 {
                 if let Ok(c) = rx.r.ctrl(region) {
-                    let _ = rx.r.state().end_sleep(&c);
+                    let _side = if rx.counted_sleep { self.side_lock(tcp::Lock::Rx) } else { None };
+                    let others = if std::mem::take(&mut rx.counted_sleep) {
+                        tcp::rx_sleepers_leave(region, self.me()).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    if others > 0 {
+                        // Another process of this side still sleeps, perhaps on a wakeup this
+                        // one took: announce afresh for it rather than withdraw.
+                        rx.r.state().renew_sleep(&c, false);
+                    } else {
+                        let _ = rx.r.state().end_sleep(&c);
+                    }
                 }
             }
         } else {

@@ -95,9 +95,11 @@ impl<'a> Armed<'a> {
                 if c.arm(read) {
                     a.list.push((c, read));
                     a.short |= c.crowded() || (!read && c.peer_closed()) || c.in_handback();
-                    // Writers of a shared connection (two processes waiting for space share
-                    // one announcement word); readers keep the kernel's own restart rule.
-                    a.shared |= !read && c.shared();
+                    // A connection several processes hold: they share one announcement, and a
+                    // wakeup byte one of them takes leaves another asleep unannounced, so
+                    // sleeps there are capped (readers announce afresh for each other too:
+                    // `TcpConn::disarm`).
+                    a.shared |= c.shared();
                 } else {
                     a.ready = true;
                 }

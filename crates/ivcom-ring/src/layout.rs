@@ -111,6 +111,9 @@ pub mod off {
     pub const HB_TX_LOCK: usize = 40;
     /// Within a handback line: `u32`, as [`HB_TX_LOCK`] for reading the peer's ring.
     pub const HB_RX_LOCK: usize = 44;
+    /// Within a handback line: `u32`, how many processes of this side sleep waiting to read
+    /// (counted only while several processes hold the connection, under [`HB_RX_LOCK`]).
+    pub const HB_RX_SLEEPERS: usize = 48;
 }
 
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= HEADER_SIZE);
@@ -243,6 +246,26 @@ pub mod tcp {
     pub fn wakes(region: &ShmRegion, side: usize) -> Result<(u64, bool), OutOfBounds> {
         let v = hb(region, side)?.u64(off::HB_WAKES).load(Ordering::Acquire);
         Ok((v >> 1, v & 1 != 0))
+    }
+
+    /// One more process of `side` sleeps waiting to read; returns how many do now.
+    pub fn rx_sleepers_enter(region: &ShmRegion, side: usize) -> Result<u32, OutOfBounds> {
+        Ok(hb(region, side)?.u32(off::HB_RX_SLEEPERS).fetch_add(1, Ordering::AcqRel).wrapping_add(1))
+    }
+
+    /// How many processes of `side` sleep waiting to read.
+    pub fn rx_sleepers(region: &ShmRegion, side: usize) -> Result<u32, OutOfBounds> {
+        Ok(hb(region, side)?.u32(off::HB_RX_SLEEPERS).load(Ordering::Acquire))
+    }
+
+    /// One process of `side` stopped sleeping to read; returns how many still do (a count
+    /// the peer zeroed stays at zero).
+    pub fn rx_sleepers_leave(region: &ShmRegion, side: usize) -> Result<u32, OutOfBounds> {
+        let w = hb(region, side)?.u32(off::HB_RX_SLEEPERS);
+        let prev = w
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(1)))
+            .unwrap_or(0);
+        Ok(prev.saturating_sub(1))
     }
 
     /// How many of its wakeup bytes `side` has finished sending.

@@ -436,6 +436,19 @@ impl ConsumerState {
         Ok(())
     }
 
+    /// For several processes consuming one ring (after `fork`), which share the one
+    /// announcement: publishes a fresh announcement (a new odd sequence, which the producer
+    /// signals even if it signalled the one before). `stay`: this process sleeps under it;
+    /// otherwise it leaves it to the others still asleep, which a wakeup another process took
+    /// may have left unannounced.
+    pub fn renew_sleep<C: Ctrl>(&mut self, c: &C, stay: bool) {
+        let cur = c.load_consumer_sleep();
+        let fresh = if cur & 1 == 1 { cur.wrapping_add(2) } else { cur.wrapping_add(1) };
+        c.store_consumer_sleep(fresh);
+        c.fence();
+        self.sleep_seq = if stay { fresh } else { fresh.wrapping_add(1) };
+    }
+
     /// Whether a sleep is announced (odd sequence).
     pub fn is_armed(&self) -> bool {
         self.sleep_seq & 1 == 1
