@@ -643,3 +643,39 @@ fn setup_failures_fall_back_to_tcp() {
     assert!(log.contains("not announced"), "{log}");
     assert!(!log.contains("connection accelerated"), "{log}");
 }
+
+#[test]
+fn what_only_the_kernel_knows() {
+    same_over_shared_memory("t_kernelview", &[]);
+    let scene = Scene::new("t_kernelview-log");
+    let o = output_within(scene.ivcom(&[], &c_bin("t_kernelview"), &[]), Duration::from_secs(60));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = scene.log_text();
+    for why in [
+        "urgent data (MSG_OOB)",
+        "socket option SO_RCVLOWAT",
+        "socket option SO_PEEK_OFF",
+        "signal-driven I/O (O_ASYNC)",
+    ] {
+        assert!(
+            log.contains(&format!("connection handed back to TCP: {why}")),
+            "no handback for {why}:\n{log}"
+        );
+    }
+    scene.assert_clean();
+}
+
+#[test]
+fn epoll_registration_lifetime_turns_and_nested_fin() {
+    same_over_shared_memory("t_epollmore", &[]);
+}
+
+#[test]
+fn two_processes_reading_one_connection_at_once() {
+    same_over_shared_memory("t_tworeaders", &[]);
+}
+
+#[test]
+fn cancelled_threads_blocked_in_socket_calls() {
+    same_over_shared_memory("t_cancel", &[]);
+}

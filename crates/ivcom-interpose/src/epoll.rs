@@ -81,7 +81,15 @@ impl EpollSet {
     pub fn put(&self, fd: c_int, conn: Arc<TcpConn>, ev: &epoll_event) {
         self.regs().insert(
             fd,
-            Reg { conn, io_fd: fd, events: ev.events, data: ev.u64, disabled: false, last_in: None, last_out: None },
+            Reg {
+                conn,
+                io_fd: fd,
+                events: ev.events,
+                data: ev.u64,
+                disabled: false,
+                last_in: None,
+                last_out: None,
+            },
         );
     }
 

@@ -327,8 +327,8 @@ fn tcp_opt_index(level: c_int, name: c_int) -> Option<usize> {
 /// # Safety
 /// The C contract of `setsockopt`.
 pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
-    if table::tracked(fd) && changes_what_reads_see(level, name, val, len) {
-        hand_back(fd, &format!("socket option {level}/{name}"));
+    if let Some(what) = changes_what_reads_see(level, name, val, len).filter(|_| table::tracked(fd)) {
+        hand_back(fd, &format!("socket option {what}"));
     }
     if let (Some(i), true) = (tcp_opt_index(level, name), table::tracked(fd)) {
         if let Some(c) = table::conn(fd) {
@@ -348,21 +348,27 @@ pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_voi
 /// Socket options under which the kernel's reads or readiness differ from what the library
 /// gives from a ring: a low-water mark above one byte, a peek offset, receive timestamps,
 /// `TCP_INQ` (control messages with the queue length).
-fn changes_what_reads_see(level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> bool {
+fn changes_what_reads_see(
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> Option<&'static str> {
     let int = || {
         // SAFETY: the program's option value, read only when it is at least an int.
         (!val.is_null() && len as usize >= std::mem::size_of::<c_int>())
             .then(|| unsafe { val.cast::<c_int>().read_unaligned() })
     };
+    let on = |name: &'static str, set: bool| set.then_some(name);
     match (level, name) {
-        (libc::SOL_SOCKET, libc::SO_RCVLOWAT) => int().is_some_and(|v| v > 1),
-        (libc::SOL_SOCKET, libc::SO_PEEK_OFF) => int().is_some_and(|v| v >= 0),
-        (
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMP | libc::SO_TIMESTAMPNS | libc::SO_TIMESTAMPING | libc::SO_RXQ_OVFL,
-        ) => int().is_some_and(|v| v != 0),
-        (libc::IPPROTO_TCP, libc::TCP_INQ) => int().is_some_and(|v| v != 0),
-        _ => false,
+        (libc::SOL_SOCKET, libc::SO_RCVLOWAT) => on("SO_RCVLOWAT", int().is_some_and(|v| v > 1)),
+        (libc::SOL_SOCKET, libc::SO_PEEK_OFF) => on("SO_PEEK_OFF", int().is_some_and(|v| v >= 0)),
+        (libc::SOL_SOCKET, libc::SO_TIMESTAMP | libc::SO_TIMESTAMPNS | libc::SO_TIMESTAMPING) => {
+            on("receive timestamps", int().is_some_and(|v| v != 0))
+        }
+        (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => on("SO_RXQ_OVFL", int().is_some_and(|v| v != 0)),
+        (libc::IPPROTO_TCP, libc::TCP_INQ) => on("TCP_INQ", int().is_some_and(|v| v != 0)),
+        _ => None,
     }
 }
 
@@ -977,8 +983,7 @@ pub unsafe fn dup3(fd: c_int, to: c_int, flags: c_int, three: bool) -> c_int {
 /// # Safety
 /// The C contract of `fcntl`.
 pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    if table::tracked(fd)
-        && ((cmd == libc::F_SETFL && arg as c_int & libc::O_ASYNC != 0) || cmd == F_SETSIG)
+    if table::tracked(fd) && ((cmd == libc::F_SETFL && arg as c_int & libc::O_ASYNC != 0) || cmd == F_SETSIG)
     {
         // Signal-driven I/O: the kernel signals what arrives on TCP, so everything must.
         hand_back(fd, "signal-driven I/O (O_ASYNC)");
@@ -1019,7 +1024,8 @@ pub unsafe fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
         // SAFETY: SIOCATMARK's argument is an int the program gave us.
         unsafe { *arg.cast::<c_int>() = 0 };
         return 0;
-    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, SIOCATMARK].contains(&req) && table::tracked(fd) {
+    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, SIOCATMARK].contains(&req) && table::tracked(fd)
+    {
         // A request whose answer depends on the kernel's view of the stream (SIOCOUTQ,
         // SIOCATMARK, ...): that view must be the whole truth first.
         hand_back(fd, &format!("ioctl {req:#x}"));

@@ -226,10 +226,13 @@ fn forget_registrations(fd: c_int, e: &Entry) {
                     set.forget_conn(fd, c);
                 }
             } else {
-                let other = TABLE.read().unwrap_or_else(|e| e.into_inner()).iter().find_map(|(k, s)| match &s.entry {
-                    Entry::Conn(o) if Arc::ptr_eq(o, c) && *k != fd => Some(*k),
-                    _ => None,
-                });
+                let other =
+                    TABLE.read().unwrap_or_else(|e| e.into_inner()).iter().find_map(|(k, s)| {
+                        match &s.entry {
+                            Entry::Conn(o) if Arc::ptr_eq(o, c) && *k != fd => Some(*k),
+                            _ => None,
+                        }
+                    });
                 if let Some(to) = other {
                     for set in epoll_sets() {
                         set.moved(fd, c, to);

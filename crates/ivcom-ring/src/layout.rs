@@ -262,9 +262,8 @@ pub mod tcp {
     /// the peer zeroed stays at zero).
     pub fn rx_sleepers_leave(region: &ShmRegion, side: usize) -> Result<u32, OutOfBounds> {
         let w = hb(region, side)?.u32(off::HB_RX_SLEEPERS);
-        let prev = w
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(1)))
-            .unwrap_or(0);
+        let prev =
+            w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(1))).unwrap_or(0);
         Ok(prev.saturating_sub(1))
     }
 

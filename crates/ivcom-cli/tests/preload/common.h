@@ -163,3 +163,19 @@ __attribute__((unused)) static int accept_one(int l) {
     CHECK(c >= 0, "accept");
     return c;
 }
+
+/* Both ends of one loopback connection in this process (`*c` connected, `*s` accepted),
+ * with one byte each way already exchanged, so that under `ivcom run` the rings carry what
+ * follows. */
+__attribute__((unused)) static void local_pair(int *c, int *s) {
+    int port;
+    int l = listen_any(0, &port);
+    *c = connect_to(0, port, 0);
+    *s = accept_one(l);
+    close(l);
+    char b;
+    write_all(*c, "h", 1);
+    read_exact(*s, &b, 1);
+    write_all(*s, "h", 1);
+    read_exact(*c, &b, 1);
+}

@@ -87,7 +87,45 @@ static void server(int l) {
     for (int i = 0; i < CONNS; i++) close(cs[i]);
 }
 
+/* Both ends in this process, after lowering the soft limit from a larger one (with a
+ * connection already open): as many connections fit as over TCP, up to EMFILE. */
+static void fill_budget(void) {
+    int c0, s0;
+    local_pair(&c0, &s0);
+    struct rlimit old;
+    getrlimit(RLIMIT_NOFILE, &old);
+    limit64();
+    int port;
+    int l = listen_any(0, &port);
+    int fds[128], n = 0, pairs = 0;
+    for (int i = 0; i < 60; i++) {
+        int c = socket(AF_INET, SOCK_STREAM, 0);
+        if (c < 0) break;
+        fds[n++] = c;
+        struct sockaddr_storage ss;
+        socklen_t len = loopback(0, port, &ss);
+        if (connect(c, (struct sockaddr *)&ss, len) != 0) break;
+        int s = accept(l, NULL, NULL);
+        if (s < 0) break;
+        fds[n++] = s;
+        char b;
+        write_all(c, "p", 1);
+        read_exact(s, &b, 1);
+        write_all(s, "q", 1);
+        read_exact(c, &b, 1);
+        pairs++;
+    }
+    say("budget: %d connection pairs in one process under RLIMIT_NOFILE 64 (EMFILE at the end %d)", pairs,
+        errno == EMFILE);
+    for (int i = 0; i < n; i++) close(fds[i]);
+    close(l);
+    close(c0);
+    close(s0);
+    CHECK(setrlimit(RLIMIT_NOFILE, &old) == 0, "setrlimit");
+}
+
 int main(void) {
     pair(0, server, client);
+    fill_budget();
     return 0;
 }

@@ -1,0 +1,120 @@
+/* What only the kernel's socket knows, seen as over TCP: urgent data (POLLPRI, select's
+ * exception set, SIOCATMARK, recv(MSG_OOB)) among ring bytes; a receive low-water mark;
+ * a peek offset; signal-driven input (O_ASYNC, F_SETSIG). The library hands such
+ * connections back to the kernel (or answers from the kernel) where its ring cannot
+ * follow. */
+#include "common.h"
+#include <sys/select.h>
+
+static volatile sig_atomic_t sigio_fd = -1;
+static void on_sigio(int sig, siginfo_t *si, void *ctx) {
+    (void)sig;
+    (void)ctx;
+    sigio_fd = si->si_fd;
+}
+
+static void urgent(void) {
+    int c, s;
+    local_pair(&c, &s);
+    write_all(c, "abc", 3);
+    CHECK(send(c, "!", 1, MSG_OOB) == 1, "send MSG_OOB");
+    write_all(c, "def", 3);
+    msleep(50);
+    struct pollfd p = {.fd = s, .events = POLLIN | POLLPRI};
+    CHECK(poll(&p, 1, 1000) == 1, "poll");
+    say("urgent: poll IN %d PRI %d", !!(p.revents & POLLIN), !!(p.revents & POLLPRI));
+    fd_set r, x;
+    FD_ZERO(&r);
+    FD_ZERO(&x);
+    FD_SET(s, &r);
+    FD_SET(s, &x);
+    struct timeval tv = {1, 0};
+    int n = select(s + 1, &r, NULL, &x, &tv);
+    say("urgent: select %d readable %d exception %d", n, FD_ISSET(s, &r), FD_ISSET(s, &x));
+    int mark = -1;
+    CHECK(ioctl(s, SIOCATMARK, &mark) == 0, "SIOCATMARK");
+    say("urgent: at the mark before reading %d", mark);
+    char b[16] = {0};
+    ssize_t got = read(s, b, sizeof b);
+    say("urgent: read stops at the mark: %zd '%.*s'", got, (int)(got > 0 ? got : 0), b);
+    CHECK(ioctl(s, SIOCATMARK, &mark) == 0, "SIOCATMARK");
+    say("urgent: at the mark after reading %d", mark);
+    char u = 0;
+    ssize_t o = recv(s, &u, 1, MSG_OOB);
+    say("urgent: recv(MSG_OOB) %zd '%c'", o, u);
+    got = read(s, b, sizeof b);
+    say("urgent: then %zd '%.*s'", got, (int)(got > 0 ? got : 0), b);
+    write_all(s, "back", 4);
+    read_exact(c, b, 4);
+    say("urgent: the other way still works '%.4s'", b);
+    close(c);
+    close(s);
+}
+
+static void low_water(void) {
+    int c, s;
+    local_pair(&c, &s);
+    int lw = 10;
+    CHECK(setsockopt(s, SOL_SOCKET, SO_RCVLOWAT, &lw, sizeof lw) == 0, "SO_RCVLOWAT");
+    write_all(c, "12345", 5);
+    msleep(50);
+    struct pollfd p = {.fd = s, .events = POLLIN};
+    say("low water 10, 5 bytes: poll %d", poll(&p, 1, 100));
+    write_all(c, "67890abc", 8);
+    msleep(50);
+    say("low water 10, 13 bytes: poll %d", poll(&p, 1, 1000));
+    char b[32];
+    say("low water: read %zd", read(s, b, sizeof b));
+    close(c);
+    close(s);
+}
+
+static void peek_offset(void) {
+    int c, s;
+    local_pair(&c, &s);
+    int off = 0;
+    CHECK(setsockopt(s, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off) == 0, "SO_PEEK_OFF");
+    write_all(c, "0123456789", 10);
+    msleep(50);
+    char b[8] = {0};
+    ssize_t a = recv(s, b, 3, MSG_PEEK);
+    say("peek offset: first peek %zd '%.3s'", a, b);
+    a = recv(s, b, 3, MSG_PEEK);
+    say("peek offset: second peek %zd '%.3s'", a, b);
+    socklen_t l = sizeof off;
+    CHECK(getsockopt(s, SOL_SOCKET, SO_PEEK_OFF, &off, &l) == 0, "get SO_PEEK_OFF");
+    say("peek offset: now %d", off);
+    a = read(s, b, 4);
+    say("peek offset: read %zd '%.4s'", a, b);
+    close(c);
+    close(s);
+}
+
+static void signal_driven(void) {
+    int c, s;
+    local_pair(&c, &s);
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_sigio;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGRTMIN + 4, &sa, NULL) == 0, "sigaction");
+    CHECK(fcntl(s, F_SETOWN, getpid()) == 0, "F_SETOWN");
+    CHECK(fcntl(s, F_SETSIG, SIGRTMIN + 4) == 0, "F_SETSIG");
+    CHECK(fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_ASYNC | O_NONBLOCK) == 0, "O_ASYNC");
+    write_all(c, "ping", 4);
+    for (int i = 0; i < 100 && sigio_fd < 0; i++) msleep(10);
+    say("signal-driven: signal for the connection %d", sigio_fd == s);
+    char b[8];
+    say("signal-driven: read %zd", read(s, b, sizeof b));
+    close(c);
+    close(s);
+}
+
+int main(void) {
+    urgent();
+    low_water();
+    peek_offset();
+    signal_driven();
+    say("done");
+    return 0;
+}
