@@ -475,9 +475,21 @@ impl TcpConn {
         self.shared.store(true, Ordering::Relaxed);
     }
 
-    /// Whether another process may hold the socket too.
+    /// Whether another process may hold the socket too: this one forked since (or inherited
+    /// it), and the processes of this side that held it have not all closed it but one. (A
+    /// process that ends without closing still counts: the connection stays shared.)
     pub fn shared(&self) -> bool {
-        self.shared.load(Ordering::Relaxed)
+        self.shared.load(Ordering::Relaxed) && tcp::holders(self.region(), self.me()).map_or(true, |n| n > 0)
+    }
+
+    /// One more process is about to hold the socket (`fork`), or, `add` false, one less
+    /// (this one closed its last descriptor of it, or the `fork` failed).
+    pub fn count_holder(&self, add: bool) {
+        let _ = if add {
+            tcp::holders_add(self.region(), self.me())
+        } else {
+            tcp::holders_release(self.region(), self.me())
+        };
     }
 
     /// The registration connection's descriptor while this (connecting) side still holds it.

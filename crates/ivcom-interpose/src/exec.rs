@@ -963,6 +963,15 @@ pub unsafe fn posix_spawn(
             groups.iter().filter(|(g, _)| child.iter().any(|(c, _, _)| Arc::ptr_eq(g, c))).cloned().collect();
         hand_back_all(&leaving, &format!("posix_spawn of an image without the library ({w})"));
     }
+    // The child holds these sockets too (whether it continues under the library or not).
+    let mut held: Vec<&Arc<TcpConn>> = Vec::new();
+    for (c, _, _) in &child {
+        if !held.iter().any(|h| Arc::ptr_eq(h, c)) {
+            c.mark_shared();
+            c.count_holder(true);
+            held.push(c);
+        }
+    }
     for (c, fds, memfd_open) in &child {
         if why.is_none() && *memfd_open {
             let m = c.region_fd().as_raw_fd();
@@ -998,7 +1007,13 @@ pub unsafe fn posix_spawn(
     }
     let envv = with_inherit(&env, (!entries.is_empty()).then(|| encode(&entries)));
     let ptrs = env_ptrs(&envv);
-    call(own.ptr(), ptrs.as_ptr().cast())
+    let r = call(own.ptr(), ptrs.as_ptr().cast());
+    if r != 0 {
+        for c in held {
+            c.count_holder(false);
+        }
+    }
+    r
 }
 
 /// `system` and `popen` run `/bin/sh` through the C library's internal spawn, which passes

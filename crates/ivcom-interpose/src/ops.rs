@@ -244,12 +244,15 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
     if !table::tracked(fd) || !table::verify(fd) {
         return None;
     }
+    // Whether another process holds the socket, asked before this process's copy is
+    // released below.
+    let shared = table::conn(fd).is_none_or(|c| c.shared());
     let e = table::remove(fd);
     if let Some(Entry::Conn(c)) = &e {
         // Closing with unread data resets a TCP connection; our unread data is in the ring,
         // not in the kernel, so ask for the reset (when this was the process's last copy, and
         // no other process may hold the socket: `SO_LINGER` would then reset its close too).
-        if Arc::strong_count(c) == 1 && !c.is_plain() && !c.shared() && c.has_unread() {
+        if Arc::strong_count(c) == 1 && !c.is_plain() && !shared && c.has_unread() {
             let lg = libc::linger { l_onoff: 1, l_linger: 0 };
             // SAFETY: setting SO_LINGER from a local struct on the program's socket.
             unsafe {
@@ -1428,8 +1431,22 @@ pub unsafe fn clone(
 /// # Safety
 /// The C contract of `fork`.
 pub unsafe fn fork() -> libc::pid_t {
+    // The child holds every connection too (counted before, so that no process of either
+    // takes the connection for unshared in between).
+    let conns = table::conns();
+    for (_, c) in &conns {
+        c.count_holder(true);
+    }
     // SAFETY: passed on unchanged.
     let r = table::around_fork(|| unsafe { real::fork() });
+    if r < 0 {
+        let e = errno();
+        for (_, c) in &conns {
+            c.count_holder(false);
+        }
+        set_errno(e);
+    }
+    drop(conns);
     if r >= 0 {
         let e = errno();
         crate::exec::after_fork();

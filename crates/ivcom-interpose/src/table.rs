@@ -222,6 +222,9 @@ fn forget_registrations(fd: c_int, e: &Entry) {
     match e {
         Entry::Conn(c) => {
             if c.fd_removed() {
+                if c.shared() {
+                    c.count_holder(false);
+                }
                 for set in epoll_sets() {
                     set.forget_conn(fd, c);
                 }

@@ -114,6 +114,9 @@ pub mod off {
     /// Within a handback line: `u32`, how many processes of this side sleep waiting to read
     /// (counted only while several processes hold the connection, under [`HB_RX_LOCK`]).
     pub const HB_RX_SLEEPERS: usize = 48;
+    /// Within a handback line: `u32`, how many processes beyond one hold this side's socket
+    /// (added at `fork`, taken off when a process closes its last descriptor of it).
+    pub const HB_HOLDERS: usize = 52;
 }
 
 const _: () = assert!(off::RING_CTRL + 2 * off::RING_CTRL_SIZE <= HEADER_SIZE);
@@ -251,6 +254,25 @@ pub mod tcp {
     /// One more process of `side` sleeps waiting to read; returns how many do now.
     pub fn rx_sleepers_enter(region: &ShmRegion, side: usize) -> Result<u32, OutOfBounds> {
         Ok(hb(region, side)?.u32(off::HB_RX_SLEEPERS).fetch_add(1, Ordering::AcqRel).wrapping_add(1))
+    }
+
+    /// One more process holds `side`'s socket (before a `fork`).
+    pub fn holders_add(region: &ShmRegion, side: usize) -> Result<(), OutOfBounds> {
+        hb(region, side)?.u32(off::HB_HOLDERS).fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// A process of `side` no longer holds its socket (closed it, or its `fork` failed).
+    pub fn holders_release(region: &ShmRegion, side: usize) -> Result<(), OutOfBounds> {
+        let _ = hb(region, side)?.u32(off::HB_HOLDERS).fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some(v.saturating_sub(1))
+        });
+        Ok(())
+    }
+
+    /// How many processes beyond one hold `side`'s socket.
+    pub fn holders(region: &ShmRegion, side: usize) -> Result<u32, OutOfBounds> {
+        Ok(hb(region, side)?.u32(off::HB_HOLDERS).load(Ordering::Acquire))
     }
 
     /// How many processes of `side` sleep waiting to read.
