@@ -146,7 +146,7 @@ fn decode_one(item: &str) -> Option<Inherit> {
         "a" => Side::Acceptor,
         _ => return None,
     };
-    let flags: u32 = f[4].parse().ok().filter(|v| *v < 64)?;
+    let flags: u32 = f[4].parse().ok().filter(|v| *v < 2 * F_ERR_REPORTED)?;
     let n = |s: &str| s.parse::<u64>().ok();
     let peer_switch = if f[9] == "-" { None } else { Some(n(f[9])?) };
     let i = |s: &str| s.parse::<c_int>().ok();
@@ -1103,6 +1103,7 @@ pub fn at_start() {
     let mut consumed: Vec<RawFd> = Vec::new();
     let mut regs_seen: Vec<RawFd> = Vec::new();
     let mut regs_taken: Vec<RawFd> = Vec::new();
+    let mut stdio: Vec<(RawFd, Arc<TcpConn>)> = Vec::new();
     for e in &entries {
         if e.reg >= 0 && !regs_seen.contains(&e.reg) {
             regs_seen.push(e.reg);
@@ -1159,11 +1160,15 @@ pub fn at_start() {
         if table::set(e.fd, Entry::Conn(conn.clone())) {
             crate::decision!("exec: took over accelerated connection fd {}", e.fd);
             if e.fd <= 2 {
-                // On standard input, output or error the program may use stdio, which reads
-                // and writes through the C library's internals, past the library.
-                conn.hand_back(e.fd, "the connection is a standard stream of the new image (stdio)", true);
+                stdio.push((e.fd, conn.clone()));
             }
         }
+    }
+    // On standard input, output or error the program may use stdio, which reads and writes
+    // through the C library's internals, past the library: hand those back, once every
+    // connection is taken over (the other end may be here too, and then follows at once).
+    for (fd, conn) in stdio {
+        conn.hand_back(fd, "the connection is a standard stream of the new image (stdio)", true);
     }
     for m in ours {
         if !consumed.contains(&m) {
@@ -1202,7 +1207,8 @@ mod tests {
                 shut_wr: true,
                 eof: false,
                 shared: true,
-                error: 0,
+                error: 104,
+                error_reported: true,
                 tcp_opts: [1, 0],
             },
         }

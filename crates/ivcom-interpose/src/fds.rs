@@ -173,7 +173,7 @@ fn above_limit(fd: BorrowedFd<'_>, lim: &rustix::process::Rlimit) -> Option<Owne
     let raised = Rlimit { current: Some(hard.min(soft + (1 << 16))), maximum: lim.maximum };
     setrlimit(Resource::Nofile, raised).ok()?;
     let d = rustix::io::fcntl_dupfd_cloexec(fd, soft as c_int).ok();
-    let _ = setrlimit(Resource::Nofile, lim.clone());
+    let _ = setrlimit(Resource::Nofile, *lim);
     d
 }
 

@@ -264,9 +264,10 @@ pub mod tcp {
 
     /// A process of `side` no longer holds its socket (closed it, or its `fork` failed).
     pub fn holders_release(region: &ShmRegion, side: usize) -> Result<(), OutOfBounds> {
-        let _ = hb(region, side)?.u32(off::HB_HOLDERS).fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-            Some(v.saturating_sub(1))
-        });
+        let _ =
+            hb(region, side)?
+                .u32(off::HB_HOLDERS)
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_sub(1)));
         Ok(())
     }
 

@@ -191,10 +191,38 @@ static void server(int l) {
     close(sv[0]);
 }
 
+/* A process holding both ends: it writes a request, runs a shell on the other end as its
+ * standard input and output, and only waits for the shell to end (it never touches the
+ * connection meanwhile): the shell still gets the request written before its exec. */
+static void shell_on_own_connection(void) {
+    int c, s;
+    local_pair(&c, &s);
+    write_all(c, "request two\n", 12);
+    fflush(stdout);
+    pid_t p = fork();
+    CHECK(p >= 0, "fork");
+    if (p == 0) {
+        CHECK(dup2(s, 0) == 0 && dup2(s, 1) == 1, "dup2");
+        execl("/bin/sh", "sh", "-c", "read l; echo \"sh got: $l\"", (char *)NULL);
+        _exit(127);
+    }
+    alarm(30);
+    int st;
+    CHECK(waitpid(p, &st, 0) == p, "waitpid");
+    alarm(0);
+    say("own connection: shell exited %d", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    char line[64];
+    read_line(c, line, sizeof line);
+    say("own connection: answer: %s", line);
+    close(c);
+    close(s);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "handler") == 0) handler();
     CHECK(realpath("/proc/self/exe", self_path) != NULL, "realpath");
     signal(SIGPIPE, SIG_IGN);
     pair(0, server, client);
+    shell_on_own_connection();
     return 0;
 }
