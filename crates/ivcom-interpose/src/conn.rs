@@ -146,6 +146,8 @@ pub struct TcpConn {
     /// The region's memfd, close-on-exec: only an `exec` that continues under the library
     /// passes it on, for that `exec` alone (`crate::exec`).
     region_fd: OwnedFd,
+    /// The memfd's inode: the region's identity, to find the other end in this process.
+    region_ino: u64,
     side: Side,
     plain: AtomicBool,
     claim_seen: AtomicBool,
@@ -329,9 +331,11 @@ impl TcpConn {
         // arrives without the flag (`F_SETFD` on an open descriptor cannot fail).
         let _ = rustix::io::fcntl_setfd(&region_fd, rustix::io::FdFlags::CLOEXEC);
         let region_fd = crate::fds::lift(region_fd);
+        let region_ino = rustix::fs::fstat(&region_fd).map_or(0, |st| st.st_ino);
         TcpConn {
             map,
             region_fd,
+            region_ino,
             side,
             plain: AtomicBool::new(false),
             claim_seen: AtomicBool::new(acceptor),
@@ -1554,11 +1558,11 @@ impl TcpConn {
         self.finish_handback(fd);
         // The other end in this very process (a program that talks to itself): it follows
         // now, as it may not touch the connection before this end waits on it.
-        let me_ino = rustix::fs::fstat(&self.region_fd).map(|st| st.st_ino).ok();
         for (pfd, pc) in crate::table::conns() {
             if !std::ptr::eq(&*pc, self)
                 && pc.side != self.side
-                && rustix::fs::fstat(&pc.region_fd).map(|st| st.st_ino).ok() == me_ino
+                && self.region_ino != 0
+                && pc.region_ino == self.region_ino
             {
                 pc.progress(pfd);
             }

@@ -882,26 +882,16 @@ pub unsafe fn recvmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int
     }
     let deadline = ts_timeout(t).and_then(|d| Instant::now().checked_add(d));
     let mut f = flags & !libc::MSG_WAITFORONE;
-    let mut done: c_uint = 0;
-    while done < n.min(libc::UIO_MAXIOV as c_uint) {
-        // SAFETY: entry `done` of the program's array of `n`.
-        let e = unsafe { &mut *v.add(done as usize) };
+    let done = each_message(v, n, |e| {
         // SAFETY: the program's message header.
         let r = unsafe { recvmsg(fd, &mut e.msg_hdr, f) };
-        if r < 0 {
-            if done == 0 {
-                return -1;
-            }
-            break;
-        }
-        e.msg_len = r as c_uint;
-        done += 1;
         if flags & libc::MSG_WAITFORONE != 0 {
             f |= libc::MSG_DONTWAIT;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
-        }
+        (r, r >= 0 && deadline.is_some_and(|d| Instant::now() >= d))
+    });
+    if done < 0 {
+        return -1;
     }
     if let Some(d) = deadline {
         if !t.is_null() {
@@ -923,12 +913,28 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int
         // SAFETY: passed on unchanged.
         return unsafe { real::sendmmsg(fd, v, n, flags) };
     }
-    let mut done: c_uint = 0;
-    while done < n.min(libc::UIO_MAXIOV as c_uint) {
-        // SAFETY: entry `done` of the program's array of `n`.
-        let e = unsafe { &mut *v.add(done as usize) };
+    each_message(v, n, |e| {
         // SAFETY: the program's message header.
         let r = unsafe { sendmsg(fd, &e.msg_hdr, flags) };
+        let whole = iov_slice(e.msg_hdr.msg_iov, e.msg_hdr.msg_iovlen as c_int).map_or(0, iov_len);
+        (r, r >= 0 && (r as usize) < whole)
+    })
+}
+
+/// The `mmsg` calls' walk over the program's `n` entries at `v` (at most `UIO_MAXIOV`):
+/// `one` handles an entry and says how many bytes it moved (negative: failed) and whether to
+/// stop after it; the length is stored in the entry. Returns how many entries were done, or
+/// -1 when the first one failed (errno set by it), as the kernel does.
+fn each_message(
+    v: *mut libc::mmsghdr,
+    n: c_uint,
+    mut one: impl FnMut(&mut libc::mmsghdr) -> (ssize_t, bool),
+) -> c_int {
+    let mut done: c_uint = 0;
+    while done < n.min(libc::UIO_MAXIOV as c_uint) {
+        // SAFETY: entry `done` of the program's array of `n` (non-null, checked by callers).
+        let e = unsafe { &mut *v.add(done as usize) };
+        let (r, stop) = one(e);
         if r < 0 {
             if done == 0 {
                 return -1;
@@ -937,8 +943,7 @@ pub unsafe fn sendmmsg(fd: c_int, v: *mut libc::mmsghdr, n: c_uint, flags: c_int
         }
         e.msg_len = r as c_uint;
         done += 1;
-        let whole = iov_slice(e.msg_hdr.msg_iov, e.msg_hdr.msg_iovlen as c_int).map_or(0, iov_len);
-        if (r as usize) < whole {
+        if stop {
             break;
         }
     }
