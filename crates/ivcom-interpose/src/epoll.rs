@@ -19,16 +19,17 @@ const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
 /// What we register in the kernel for a connection whose program registration asks for
 /// `want`: input (the peer's wakeup bytes, FIN, RST) and hang-up, edge-triggered; output
 /// only if the program asks for it (writability of the TCP socket matters only while writes
-/// still go over TCP); `EPOLLEXCLUSIVE` as the program asked, so that the kernel applies its
-/// rules to the registration (one waiter woken; `EPOLL_CTL_MOD` refused). An instance must not look ready to `poll` or to an outer instance
-/// for an event its program did not ask for.
+/// still go over TCP); urgent data (`EPOLLPRI`) if asked, since it always travels over TCP;
+/// `EPOLLEXCLUSIVE` as the program asked, so that the kernel applies its rules to the
+/// registration (one waiter woken; `EPOLL_CTL_MOD` refused). An instance must not look ready
+/// to `poll` or to an outer instance for an event its program did not ask for.
 pub fn kernel_event(fd: c_int, want: u32) -> epoll_event {
     let mut events = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-    events |= want & (libc::EPOLLOUT | libc::EPOLLEXCLUSIVE) as u32;
+    events |= want & (libc::EPOLLOUT | libc::EPOLLEXCLUSIVE | libc::EPOLLPRI) as u32;
     if want & libc::EPOLLEXCLUSIVE as u32 != 0 {
         // The kernel takes EPOLLEXCLUSIVE only with IN, OUT, ET and WAKEUP; a FIN still
         // makes the socket readable.
-        events &= !(libc::EPOLLRDHUP as u32);
+        events &= !((libc::EPOLLRDHUP | libc::EPOLLPRI) as u32);
     }
     epoll_event { events, u64: TAG | fd as u32 as u64 }
 }
@@ -44,6 +45,9 @@ struct Reg {
     disabled: bool,
     last_in: Option<u64>,
     last_out: Option<u64>,
+    /// The kernel reported urgent data (`EPOLLPRI`, asked by the program) since the last
+    /// report: urgent data travels over TCP only.
+    urgent: bool,
 }
 
 /// An epoll instance registered in this one (epoll inside epoll). The kernel keeps the
@@ -89,6 +93,7 @@ impl EpollSet {
                 disabled: false,
                 last_in: None,
                 last_out: None,
+                urgent: false,
             },
         );
     }
@@ -202,7 +207,7 @@ impl EpollSet {
             if data & TAG_MASK == TAG {
                 let fd = (data & 0xffff_ffff) as u32 as c_int;
                 let mut regs = self.regs();
-                let Some(reg) = regs.get(&fd) else { continue };
+                let Some(reg) = regs.get_mut(&fd) else { continue };
                 if reg.conn.is_plain() {
                     // Went back to plain TCP: hand the registration back to the kernel.
                     let mut back = epoll_event { events: reg.events, u64: reg.data };
@@ -217,6 +222,7 @@ impl EpollSet {
                     }
                     continue;
                 }
+                reg.urgent |= ev.events & reg.events & libc::EPOLLPRI as u32 != 0;
                 let (c, io_fd) = (reg.conn.clone(), reg.io_fd);
                 drop(regs);
                 c.absorb(io_fd, ev.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0);
@@ -260,7 +266,7 @@ impl EpollSet {
                     }
                 }
             }
-            let ev = in_part | out_part;
+            let ev = in_part | out_part | if std::mem::take(&mut reg.urgent) { libc::EPOLLPRI as u32 } else { 0 };
             if ev == 0 {
                 return None;
             }

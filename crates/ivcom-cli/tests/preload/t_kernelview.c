@@ -4,6 +4,7 @@
  * connections back to the kernel (or answers from the kernel) where its ring cannot
  * follow. */
 #include "common.h"
+#include <sys/epoll.h>
 #include <sys/select.h>
 
 static volatile sig_atomic_t sigio_fd = -1;
@@ -31,6 +32,12 @@ static void urgent(void) {
     struct timeval tv = {1, 0};
     int n = select(s + 1, &r, NULL, &x, &tv);
     say("urgent: select %d readable %d exception %d", n, FD_ISSET(s, &r), FD_ISSET(s, &x));
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLPRI, .data.u32 = 9};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0, "epoll_ctl");
+    n = epoll_wait(ep, &ev, 1, 1000);
+    say("urgent: epoll %d IN %d PRI %d", n, !!(ev.events & EPOLLIN), !!(ev.events & EPOLLPRI));
+    close(ep);
     int mark = -1;
     CHECK(ioctl(s, SIOCATMARK, &mark) == 0, "SIOCATMARK");
     say("urgent: at the mark before reading %d", mark);
