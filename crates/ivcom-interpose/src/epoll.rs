@@ -266,7 +266,8 @@ impl EpollSet {
                     }
                 }
             }
-            let ev = in_part | out_part | if std::mem::take(&mut reg.urgent) { libc::EPOLLPRI as u32 } else { 0 };
+            let ev =
+                in_part | out_part | if std::mem::take(&mut reg.urgent) { libc::EPOLLPRI as u32 } else { 0 };
             if ev == 0 {
                 return None;
             }
