@@ -5,7 +5,9 @@
 //! reported with the program's own data.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, epoll_event, sigset_t};
@@ -74,11 +76,91 @@ pub struct EpollSet {
     /// so that a wait for fewer events than are ready takes turns, as the kernel's ready
     /// list does (a reported level-triggered item goes to its end).
     next: std::sync::atomic::AtomicI32,
+    /// Threads in an `epoll_wait` on this instance now (see [`EpollSet::waiting`]).
+    waiters: AtomicU32,
+    /// An eventfd of the library's, registered in the instance once a connection of ours
+    /// is: an `epoll_ctl` adding or changing one while a thread waits rings it, so that the
+    /// waiter looks again and arms the connection (its peer sends wakeups only then).
+    bell: OnceLock<OwnedFd>,
+}
+
+/// The data of the bell's registration (no descriptor number is `u32::MAX`).
+const BELL: u64 = TAG | 0xffff_ffff;
+
+/// A thread waiting on an instance, counted while it lives.
+pub struct Waiting<'a>(&'a EpollSet);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl EpollSet {
     fn regs(&self) -> std::sync::MutexGuard<'_, BTreeMap<c_int, Reg>> {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts the calling thread as waiting on the instance until the guard drops.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        Waiting(self)
+    }
+
+    /// Registers the bell in instance `epfd` (once): before the first connection of ours.
+    pub fn install_bell(&self, epfd: c_int) {
+        if self.bell.get().is_some() {
+            return;
+        }
+        let Ok(fd) = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        ) else {
+            return;
+        };
+        let fd = crate::fds::lift(fd);
+        let mut ev = epoll_event { events: libc::EPOLLIN as u32, u64: BELL };
+        // SAFETY: registering our own eventfd in the program's instance.
+        if unsafe { crate::real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) } == 0 {
+            let _ = self.bell.set(fd);
+        }
+    }
+
+    /// Whether the bell is registered.
+    pub fn has_bell(&self) -> bool {
+        self.bell.get().is_some()
+    }
+
+    /// A registration of ours changed: wake the threads waiting on the instance, if any, so
+    /// that they look again (after the change: the caller made it first).
+    pub fn ring(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            if let Some(b) = self.bell.get() {
+                let _ = rustix::io::write(b, &1u64.to_ne_bytes());
+            }
+        }
+    }
+
+    /// Takes the bell's events out of the kernel's answer `ev[..n]` (resetting it); returns
+    /// how many events are left.
+    pub fn strip_bell(&self, ev: &mut [epoll_event], n: usize) -> usize {
+        let mut k = 0;
+        for i in 0..n {
+            if ev[i].u64 == BELL {
+                self.drain_bell();
+            } else {
+                ev[k] = ev[i];
+                k += 1;
+            }
+        }
+        k
+    }
+
+    fn drain_bell(&self) {
+        if let Some(b) = self.bell.get() {
+            let mut buf = [0u8; 8];
+            let _ = rustix::io::read(b.as_fd(), &mut buf);
+        }
     }
 
     /// Records (or updates) the program's registration of connection `fd`.
@@ -204,7 +286,9 @@ impl EpollSet {
     fn translate(&self, epfd: c_int, kev: &[epoll_event], out: &mut [epoll_event], mut n: usize) -> usize {
         for ev in kev {
             let data = ev.u64;
-            if data & TAG_MASK == TAG {
+            if data == BELL {
+                self.drain_bell();
+            } else if data & TAG_MASK == TAG {
                 let fd = (data & 0xffff_ffff) as u32 as c_int;
                 let mut regs = self.regs();
                 let Some(reg) = regs.get_mut(&fd) else { continue };
@@ -363,6 +447,7 @@ pub unsafe fn wait(
     timeout: Option<Duration>,
     mask: *const sigset_t,
 ) -> c_int {
+    let _waiting = set.waiting();
     let max = max as usize;
     // SAFETY: the caller's array of `max` events.
     let out = unsafe { std::slice::from_raw_parts_mut(events, max) };

@@ -1195,11 +1195,14 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
             }
             // SAFETY: the program's event.
             let app = unsafe { *ev };
+            set.install_bell(epfd);
             let mut k = epoll::kernel_event(fd, app.events);
             // SAFETY: our event for the program's instance.
             let r = unsafe { real::epoll_ctl(epfd, op, fd, &mut k) };
             if r == 0 {
                 set.put(fd, conn, &app);
+                // A thread already waiting on the instance has not armed this connection.
+                set.ring();
             }
             r
         }
@@ -1214,13 +1217,46 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
     }
 }
 
-/// The epoll set of `epfd` when an `epoll_wait`-family call on it must look at shared
-/// memory (some connection of ours is registered there, or in an instance inside it).
-fn epoll_wait_set(epfd: c_int, ev: *mut epoll_event, max: c_int) -> Option<Arc<EpollSet>> {
-    if max <= 0 || ev.is_null() || !table::tracked(epfd) {
-        return None;
+/// An `epoll_wait`-family call on `epfd` with `timeout` (`None`: forever). `kernel` makes
+/// the C library's call with a timeout. While no connection of ours is registered it is the
+/// kernel's wait, counted as a waiter, so that an `epoll_ctl` adding one from another thread
+/// rings the instance's bell; this wait then goes on in shared memory.
+fn epoll_dispatch(
+    epfd: c_int,
+    ev: *mut epoll_event,
+    max: c_int,
+    timeout: Option<Duration>,
+    mask: *const sigset_t,
+    kernel: impl Fn(Option<Duration>) -> c_int,
+) -> c_int {
+    let set = (max > 0 && !ev.is_null() && table::tracked(epfd)).then(|| epoll_set(epfd, false)).flatten();
+    let Some(set) = set else { return kernel(timeout) };
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    loop {
+        // A timeout too long to represent waits forever.
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if !set.is_empty() {
+            // SAFETY: the caller's array of `max` events.
+            return unsafe { epoll::wait(epfd, &set, ev, max, left, mask) };
+        }
+        let waiting = set.waiting();
+        if !set.is_empty() {
+            // Registered meanwhile (before this thread counted as waiting).
+            drop(waiting);
+            continue;
+        }
+        let r = kernel(left);
+        drop(waiting);
+        if r <= 0 || !set.has_bell() {
+            return r;
+        }
+        // SAFETY: the kernel wrote `r` events into the caller's array.
+        let out = unsafe { std::slice::from_raw_parts_mut(ev, r as usize) };
+        let n = set.strip_bell(out, r as usize);
+        if n > 0 || timeout == Some(Duration::ZERO) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return n as c_int;
+        }
     }
-    epoll_set(epfd, false).filter(|s| !s.is_empty())
 }
 
 /// `epoll_wait` and `epoll_pwait`.
@@ -1234,12 +1270,11 @@ pub unsafe fn epoll_pwait(
     timeout: c_int,
     mask: *const sigset_t,
 ) -> c_int {
-    match epoll_wait_set(epfd, ev, max) {
-        // SAFETY: the caller's contract.
-        Some(set) => unsafe { epoll::wait(epfd, &set, ev, max, ms_timeout(timeout), mask) },
-        // SAFETY: passed on unchanged.
-        None => unsafe { real::epoll_pwait(epfd, ev, max, timeout, mask) },
-    }
+    epoll_dispatch(epfd, ev, max, ms_timeout(timeout), mask, |t| {
+        let ms = t.map_or(-1, |t| t.as_micros().div_ceil(1000).min(c_int::MAX as u128) as c_int);
+        // SAFETY: the caller's contract, with the time left.
+        unsafe { real::epoll_pwait(epfd, ev, max, ms, mask) }
+    })
 }
 
 /// `epoll_pwait2` (a `timespec` timeout).
@@ -1253,12 +1288,12 @@ pub unsafe fn epoll_pwait2(
     t: *const timespec,
     mask: *const sigset_t,
 ) -> c_int {
-    match epoll_wait_set(epfd, ev, max) {
-        // SAFETY: the caller's contract.
-        Some(set) => unsafe { epoll::wait(epfd, &set, ev, max, ts_timeout(t), mask) },
-        // SAFETY: passed on unchanged.
-        None => unsafe { real::epoll_pwait2(epfd, ev, max, t, mask) },
-    }
+    epoll_dispatch(epfd, ev, max, ts_timeout(t), mask, |left| {
+        let ts = left.map(|d| timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ });
+        let tp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const timespec);
+        // SAFETY: the caller's contract, with the time left.
+        unsafe { real::epoll_pwait2(epfd, ev, max, tp, mask) }
+    })
 }
 
 /// `fdopen`: stdio reads and writes through the C library's internals, past the library, so

@@ -1,7 +1,8 @@
 /* Readiness, continued: an epoll registration lives as long as its open file (a dup of the
  * registered number keeps it); a wait for fewer events than are ready takes turns; the
  * peer's FIN is reported through three nested instances to an edge-triggered innermost one
- * and to select on the outermost; a descriptor closed while poll sleeps on it is POLLNVAL. */
+ * and to select on the outermost; a descriptor closed while poll sleeps on it is POLLNVAL; a
+ * connection another thread adds or re-arms while one waits wakes the waiter. */
 #include "common.h"
 #include <pthread.h>
 #include <sys/epoll.h>
@@ -134,7 +135,49 @@ static void closed_under_poll(void) {
     close(c);
 }
 
+struct waiter {
+    int ep;
+    int n;
+    uint32_t data;
+};
+
+static void *wait_on(void *arg) {
+    struct waiter *w = arg;
+    struct epoll_event ev;
+    w->n = wait_ms(w->ep, &ev, 1, 3000);
+    w->data = w->n > 0 ? ev.data.u32 : 0;
+    return NULL;
+}
+
+/* Another thread adds (or re-arms) a connection while one waits: the waiter wakes for it. */
+static void added_while_waiting(void) {
+    for (int pending = 0; pending < 3; pending++) {
+        int c, s;
+        local_pair(&c, &s);
+        struct waiter w = {.ep = epoll_create1(0)};
+        struct epoll_event e = {.events = pending == 2 ? 0 : EPOLLIN, .data.u32 = 5};
+        if (pending == 2) CHECK(epoll_ctl(w.ep, EPOLL_CTL_ADD, s, &e) == 0, "add, no events");
+        if (pending) write_all(c, "p", 1);
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, wait_on, &w) == 0, "thread");
+        msleep(150);
+        e.events = EPOLLIN;
+        CHECK(epoll_ctl(w.ep, pending == 2 ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s, &e) == 0, "ctl");
+        if (!pending) {
+            msleep(150);
+            write_all(c, "q", 1);
+        }
+        pthread_join(t, NULL);
+        const char *what[] = {"added, data after", "added with data pending", "re-armed with data pending"};
+        say("while waiting: %s: %d event(s), data %u", what[pending], w.n, w.data);
+        close(c);
+        close(s);
+        close(w.ep);
+    }
+}
+
 int main(void) {
+    added_while_waiting();
     lifetime();
     turns();
     nested_fin();
