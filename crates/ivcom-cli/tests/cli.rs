@@ -110,7 +110,7 @@ fn bad_input_gets_a_clear_error() {
 #[test]
 fn bench_json_has_the_documented_shape() {
     let mut child = Command::new(BIN)
-        .args(["bench", "--json", "--rounds", "1", "--duration-ms", "30", "--only", "rtt+64B,stream+64KiB"])
+        .args(["bench", "--json", "--rounds", "1", "--duration-ms", "200", "--only", "rtt+64B,stream+64KiB"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -874,7 +874,8 @@ impl TcpConn {
     pub fn try_recv(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
         let peek = flags & libc::MSG_PEEK != 0;
         let want = iov_len(iov);
-        if self.shut_rd.load(Ordering::Relaxed) {
+        if self.shut_rd.load(Ordering::Relaxed) && !self.has_unread() {
+            // As the kernel's: what arrived is still read after `SHUT_RD`, then EOF.
             return Ok(0);
         }
         self.progress(fd);
@@ -1087,6 +1088,14 @@ impl TcpConn {
     /// One write attempt from `iov`. Before the switch it is the kernel's own (blocking or
     /// not, as the program asked); in the ring it never blocks (`Err(EAGAIN)` when full).
     pub fn try_send(&self, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
+        if iov_len(iov) == 0 && !self.has_error() {
+            // Nothing to carry: the kernel's answer for an empty write (0, or the error of
+            // our own shutdown) is TCP's.
+            let m = msghdr_of(iov);
+            // SAFETY: `m` describes the program's own (empty) buffers for this call.
+            let n = unsafe { crate::real::sendmsg(fd, &m, flags | libc::MSG_DONTWAIT) };
+            return if n < 0 { Err(errno()) } else { Ok(n as usize) };
+        }
         if self.unverified_claim.load(Ordering::Acquire) {
             self.progress(fd);
         }

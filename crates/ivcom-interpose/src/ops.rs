@@ -89,9 +89,22 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
     }
     let mut local = net::local(fd)?;
     if local.port() == 0 {
-        // Bind now, so the tuple is known before the handshake.
-        let src = net::source_for(dst, domain)?;
+        // Bind now, so the tuple is known before the handshake: to the address the program
+        // bound (with `IP_BIND_ADDRESS_NO_PORT`, which defers the port; cleared for this
+        // bind), else to the one the kernel would pick for `dst`.
+        let src = if local.ip().is_unspecified() { net::source_for(dst, domain)? } else { local.ip() };
         let (st, l) = net::to_c(std::net::SocketAddr::new(src, 0), domain)?;
+        let zero: c_int = 0;
+        // SAFETY: clearing an int option of the program's socket from a local.
+        unsafe {
+            real::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                std::ptr::addr_of!(zero).cast(),
+                std::mem::size_of::<c_int>() as socklen_t,
+            )
+        };
         // SAFETY: binding the program's socket to a local address (bind is not intercepted).
         if unsafe { libc::bind(fd, std::ptr::addr_of!(st).cast(), l) } != 0 {
             crate::decision!(
@@ -370,6 +383,8 @@ fn changes_what_reads_see(
             on("receive timestamps", int().is_some_and(|v| v != 0))
         }
         (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => on("SO_RXQ_OVFL", int().is_some_and(|v| v != 0)),
+        // Completions of MSG_ZEROCOPY sends come on the kernel's error queue.
+        (libc::SOL_SOCKET, libc::SO_ZEROCOPY) => on("SO_ZEROCOPY", int().is_some_and(|v| v != 0)),
         (libc::IPPROTO_TCP, libc::TCP_INQ) => on("TCP_INQ", int().is_some_and(|v| v != 0)),
         _ => None,
     }
@@ -482,9 +497,10 @@ fn hand_back(fd: c_int, why: &str) {
 
 /// Reads from a connection into `iov` as `recvmsg` would. `None`: not ours.
 fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
-    if flags & libc::MSG_OOB != 0 {
+    if flags & (libc::MSG_OOB | libc::MSG_ERRQUEUE) != 0 {
         // The urgent byte is outside the stream and always travels over TCP (a sender
-        // hands back to send it): the kernel has it, whatever the ring holds.
+        // hands back to send it), and the error queue is the kernel's: whatever the ring
+        // holds, the kernel answers.
         return None;
     }
     let c = table::conn(fd)?;
@@ -1011,6 +1027,11 @@ pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 /// `F_SETSIG` (linux/fcntl.h): the signal `O_ASYNC` sends.
 const F_SETSIG: c_int = 10;
 
+/// `SIOCOUTQ` (linux/sockios.h, = `TIOCOUTQ`): bytes sent but not acknowledged.
+const SIOCOUTQ: c_ulong = 0x5411;
+/// `SIOCOUTQNSD` (linux/sockios.h): bytes not sent yet.
+const SIOCOUTQNSD: c_ulong = 0x894B;
+
 /// `SIOCATMARK` (linux/sockios.h): whether the urgent mark is reached.
 const SIOCATMARK: c_ulong = 0x8905;
 
@@ -1026,13 +1047,25 @@ pub unsafe fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
             unsafe { *arg.cast::<c_int>() = n };
             return 0;
         }
+    } else if (req == SIOCOUTQ || req == SIOCOUTQNSD)
+        && !arg.is_null()
+        && table::conn(fd).is_some_and(|c| !c.tx_on_tcp())
+    {
+        // Bytes written into the ring are in memory the peer reads: delivered, as data in
+        // the peer's receive buffer is acknowledged over TCP (the kernel's count would show
+        // our wakeup bytes instead).
+        // SAFETY: the argument is an int the program gave us.
+        unsafe { *arg.cast::<c_int>() = 0 };
+        return 0;
     } else if req == SIOCATMARK && !arg.is_null() && table::conn(fd).is_some_and(|c| c.ahead_of_kernel(fd)) {
         // Bytes in the ring (or wakeup bytes not yet taken) come before anything in the
         // kernel's stream, so the urgent mark, which is there, is not reached yet.
         // SAFETY: SIOCATMARK's argument is an int the program gave us.
         unsafe { *arg.cast::<c_int>() = 0 };
         return 0;
-    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, SIOCATMARK].contains(&req) && table::tracked(fd)
+    } else if ![libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, SIOCATMARK, SIOCOUTQ, SIOCOUTQNSD]
+        .contains(&req)
+        && table::tracked(fd)
     {
         // A request whose answer depends on the kernel's view of the stream (SIOCOUTQ,
         // SIOCATMARK, ...): that view must be the whole truth first.

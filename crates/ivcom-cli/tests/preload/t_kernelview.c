@@ -5,6 +5,7 @@
  * follow. */
 #include "common.h"
 #include <sys/epoll.h>
+#include <linux/sockios.h>
 #include <sys/select.h>
 
 static volatile sig_atomic_t sigio_fd = -1;
@@ -117,7 +118,55 @@ static void signal_driven(void) {
     close(s);
 }
 
+/* Reads after our own SHUT_RD still get what arrived, then EOF; an empty write after the
+ * peer closed is 0; SIOCOUTQ is 0 once everything is read; a source address bound with
+ * IP_BIND_ADDRESS_NO_PORT is the one the server sees; an empty error queue says EAGAIN. */
+static void stream_edges(void) {
+    int c, s;
+    local_pair(&c, &s);
+    write_all(c, "before", 6);
+    msleep(50);
+    CHECK(shutdown(s, SHUT_RD) == 0, "shutdown");
+    char b[16];
+    ssize_t a = read(s, b, sizeof b);
+    say("shut_rd: read %zd then %zd", a, read(s, b, sizeof b));
+    int q = -1;
+    CHECK(ioctl(c, SIOCOUTQ, &q) == 0, "SIOCOUTQ");
+    say("outq after the peer read everything: %d", q);
+    errno = 0;
+    a = recv(s, b, sizeof b, MSG_ERRQUEUE | MSG_DONTWAIT);
+    say("empty error queue: %zd EAGAIN %d", a, errno == EAGAIN);
+    close(c);
+    msleep(50);
+    say("empty write after the peer closed: %zd", write(s, b, 0));
+    close(s);
+
+    int port;
+    int l = listen_any(0, &port);
+    int k = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    CHECK(setsockopt(k, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) == 0, "NO_PORT");
+    struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000004)};
+    CHECK(bind(k, (struct sockaddr *)&src, sizeof src) == 0, "bind 127.0.0.4");
+    struct sockaddr_storage ss;
+    socklen_t len = loopback(0, port, &ss);
+    CHECK(connect(k, (struct sockaddr *)&ss, len) == 0, "connect");
+    struct sockaddr_in peer;
+    socklen_t pl = sizeof peer;
+    int t = accept(l, (struct sockaddr *)&peer, &pl);
+    CHECK(t >= 0, "accept");
+    char ip[32];
+    inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof ip);
+    write_all(k, "hi", 2);
+    read_exact(t, b, 2);
+    say("bound source address seen by the server: %s", ip);
+    close(k);
+    close(t);
+    close(l);
+}
+
 int main(void) {
+    stream_edges();
     urgent();
     low_water();
     peek_offset();
