@@ -1250,6 +1250,26 @@ impl TcpConn {
         ahead > 0 && self.take_wakes(fd, ahead) < ahead
     }
 
+    /// Before the last close: takes the peer's wakeup bytes that arrived off the socket, so
+    /// that the kernel does not answer the close with a reset for unread bytes the program
+    /// never saw (only while the ring carries the data: TCP bytes are the program's).
+    pub fn take_wakes_before_close(&self, fd: c_int) {
+        let mut rx = lock(&self.rx);
+        let _side = self.side_lock(tcp::Lock::Rx);
+        match self.rx_mode(&mut rx) {
+            Ok(RxMode::Ring) => {
+                let ahead = self.wakes_ahead();
+                if ahead > 0 {
+                    self.take_wakes(fd, ahead);
+                }
+            }
+            Ok(RxMode::Skip(n)) => {
+                self.take_wakes(fd, n);
+            }
+            _ => {}
+        }
+    }
+
     /// Whether data the peer sent is still unread here.
     pub fn has_unread(&self) -> bool {
         matches!(self.ring_bytes(), Some(Ok(n)) if n > 0)

@@ -36,8 +36,9 @@ pub fn kernel_event(fd: c_int, want: u32) -> epoll_event {
     epoll_event { events, u64: TAG | fd as u32 as u64 }
 }
 
+/// The program's registration of one of our connections in an instance.
 #[derive(Debug)]
-struct Reg {
+pub struct Reg {
     conn: Arc<TcpConn>,
     /// The descriptor to ask the kernel through: the registered number, or, once that was
     /// closed while a `dup` of it stays open, the dup (see [`EpollSet::moved`]).
@@ -164,7 +165,10 @@ impl EpollSet {
     }
 
     /// Records (or updates) the program's registration of connection `fd`.
-    pub fn put(&self, fd: c_int, conn: Arc<TcpConn>, ev: &epoll_event) {
+    /// Returns the registration it replaced, for [`EpollSet::restore`]: the caller records
+    /// before it registers in the kernel, whose first event may reach a waiting thread at
+    /// once (an edge-triggered one would be lost if it found no record).
+    pub fn put(&self, fd: c_int, conn: Arc<TcpConn>, ev: &epoll_event) -> Option<Reg> {
         self.regs().insert(
             fd,
             Reg {
@@ -177,7 +181,16 @@ impl EpollSet {
                 last_out: None,
                 urgent: false,
             },
-        );
+        )
+    }
+
+    /// Puts back what [`EpollSet::put`] replaced (the kernel refused the registration).
+    pub fn restore(&self, fd: c_int, old: Option<Reg>) {
+        let gone = match old {
+            Some(r) => self.regs().insert(fd, r),
+            None => self.regs().remove(&fd),
+        };
+        drop(gone);
     }
 
     fn nested(&self) -> std::sync::MutexGuard<'_, BTreeMap<c_int, Nested>> {

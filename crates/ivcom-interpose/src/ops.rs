@@ -265,7 +265,9 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
         // Closing with unread data resets a TCP connection; our unread data is in the ring,
         // not in the kernel, so ask for the reset (when this was the process's last copy, and
         // no other process may hold the socket: `SO_LINGER` would then reset its close too).
-        if Arc::strong_count(c) == 1 && !c.is_plain() && !shared && c.has_unread() {
+        if Arc::strong_count(c) == 1 && !c.is_plain() && !shared && !c.has_unread() {
+            c.take_wakes_before_close(fd);
+        } else if Arc::strong_count(c) == 1 && !c.is_plain() && !shared && c.has_unread() {
             let lg = libc::linger { l_onoff: 1, l_linger: 0 };
             // SAFETY: setting SO_LINGER from a local struct on the program's socket.
             unsafe {
@@ -1230,12 +1232,16 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
             let app = unsafe { *ev };
             set.install_bell(epfd);
             let mut k = epoll::kernel_event(fd, app.events);
+            let old = set.put(fd, conn, &app);
             // SAFETY: our event for the program's instance.
             let r = unsafe { real::epoll_ctl(epfd, op, fd, &mut k) };
             if r == 0 {
-                set.put(fd, conn, &app);
                 // A thread already waiting on the instance has not armed this connection.
                 set.ring();
+            } else {
+                let e = errno();
+                set.restore(fd, old);
+                set_errno(e);
             }
             r
         }

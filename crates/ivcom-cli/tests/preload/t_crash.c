@@ -131,6 +131,33 @@ int main(void) {
         say("killed reader %d: then write %zd EPIPE %d", first_so_error, w, errno == EPIPE);
         close(s);
     }
+    /* A server woken by the peer's byte reads it and closes: the peer sees EOF (no reset for
+     * a wakeup byte the server never saw). */
+    {
+        int c, s;
+        local_pair(&c, &s);
+        fflush(stdout);
+        pid_t k = fork();
+        CHECK(k >= 0, "fork");
+        if (k == 0) {
+            close(s);
+            msleep(100);
+            write_all(c, "q", 1);
+            char x;
+            errno = 0;
+            ssize_t r = read(c, &x, 1);
+            say("client after the server read and closed: read %zd ECONNRESET %d", r, errno == ECONNRESET);
+            _exit(0);
+        }
+        close(c);
+        struct pollfd p = {.fd = s, .events = POLLIN};
+        CHECK(poll(&p, 1, 5000) == 1, "poll");
+        char x;
+        CHECK(read(s, &x, 1) == 1, "read");
+        close(s);
+        int st;
+        waitpid(k, &st, 0);
+    }
     say("done");
     return 0;
 }
