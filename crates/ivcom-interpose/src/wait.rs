@@ -20,6 +20,8 @@ pub const SHORT_SLEEP: Duration = Duration::from_millis(2);
 /// Longest sleep on a connection another process may hold too (after `fork`): each process
 /// announces its sleeps in the same ring words, so one may take a wakeup meant for another.
 pub const SHARED_SLEEP: Duration = Duration::from_millis(10);
+/// The longest a writer waiting for ring space sleeps before it looks again (`wait_fd`).
+pub const WRITER_SLEEP: Duration = Duration::from_millis(100);
 
 /// Remaining time until `deadline`, in the kernel's terms (`None`: forever).
 pub fn remaining(deadline: Option<Instant>) -> Option<Duration> {
@@ -252,7 +254,7 @@ pub fn wait_fd(
     }
     let closed = conn.peer_closed();
     let tx_tcp = !read && conn.tx_on_tcp();
-    let (r, err) = if !armed.capped() && !tx_tcp && (read || deadline.is_none()) {
+    let (r, err) = if !armed.capped() && read {
         let mut b = [0u8; 1];
         // SAFETY: a blocking one-byte peek into a local buffer on our own duplicate.
         let r = unsafe { crate::real::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };
@@ -275,7 +277,12 @@ pub fn wait_fd(
             events |= libc::POLLOUT;
         }
         let mut p = [pollfd { fd, events, revents: 0 }];
-        let r = kernel_poll(&mut p, armed.timeout(deadline), std::ptr::null());
+        // A writer waiting for ring space looks again at least every WRITER_SLEEP: nothing
+        // in the kernel wakes it when another thread shuts the connection down for writing
+        // (the kernel's own blocked write returns then).
+        let t = armed.timeout(deadline);
+        let t = if read { t } else { Some(t.map_or(WRITER_SLEEP, |t| t.min(WRITER_SLEEP))) };
+        let r = kernel_poll(&mut p, t, std::ptr::null());
         let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let replaced = held.as_ref().is_some_and(Held::replaced);
         if r < 0 && e == libc::EINTR && (replaced || !restart_after_signal()) {

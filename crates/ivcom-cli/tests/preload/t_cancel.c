@@ -1,6 +1,8 @@
 /* pthread_cancel of a thread blocked in a read, a poll, a MSG_WAITALL receive or a write to
  * a full connection: the thread ends (its cleanup handler runs), the process goes on, and
- * the connection still carries data both ways. */
+ * the connection still carries data both ways. Also: a write blocked on a full connection
+ * returns when another thread shuts the connection down for writing, and the peer reads
+ * exactly the bytes it reported. */
 #include "common.h"
 #include <pthread.h>
 
@@ -32,7 +34,47 @@ static void *blocked(void *arg) {
     return NULL;
 }
 
+struct big_write {
+    int fd;
+    ssize_t total;
+    int err;
+};
+
+static void *write_until_stopped(void *arg) {
+    struct big_write *w = arg;
+    static char buf[1 << 16];
+    for (;;) {
+        ssize_t r = write(w->fd, buf, sizeof buf);
+        if (r < 0) {
+            w->err = errno;
+            return NULL;
+        }
+        w->total += r;
+    }
+}
+
+static void shutdown_unblocks_writer(void) {
+    int c, s;
+    local_pair(&c, &s);
+    signal(SIGPIPE, SIG_IGN);
+    struct big_write w = {.fd = c};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, write_until_stopped, &w) == 0, "thread");
+    msleep(300);
+    CHECK(shutdown(c, SHUT_WR) == 0, "shutdown");
+    pthread_join(t, NULL);
+    static char sink[1 << 16];
+    long got = 0;
+    ssize_t r;
+    while ((r = read(s, sink, sizeof sink)) > 0) got += r;
+    say("writer stopped by shutdown: EPIPE %d, peer read exactly what was written %d, then EOF %d",
+        w.err == EPIPE, got == w.total, r == 0);
+    close(c);
+    close(s);
+}
+
 int main(void) {
+    shutdown_unblocks_writer();
     const char *what[] = {"read", "poll", "recv(MSG_WAITALL)", "write to a full connection"};
     for (int mode = 0; mode < 4; mode++) {
         int c, s;
