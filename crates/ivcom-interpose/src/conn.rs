@@ -479,6 +479,32 @@ impl TcpConn {
         self.shared.store(true, Ordering::Relaxed);
     }
 
+    /// Before the last close of a connecting socket whose registration no listener claimed:
+    /// the registration message, which carries a duplicate of the socket, may still wait
+    /// unread at the announcing process (one that never accepts, such as a socket-activation
+    /// manager whose service accepts), and that duplicate would keep the close from sending
+    /// FIN. Shut the socket down for both directions first, unless unread bytes make the
+    /// kernel's close a reset, the program set `SO_LINGER`, or another process may hold it.
+    pub fn end_unclaimed(&self, fd: c_int) {
+        if self.side != Side::Connector
+            || self.claim_seen.load(Ordering::Acquire)
+            || self.shared.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        if rustix::net::sockopt::socket_linger(borrow(fd)).is_ok_and(|l| l.is_some()) {
+            // The program asked for a lingering or resetting close: the kernel's own.
+            return;
+        }
+        let mut unread: c_int = 0;
+        // SAFETY: FIONREAD into a local int.
+        if unsafe { crate::real::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(unread).cast()) } == 0
+            && unread == 0
+        {
+            let _ = rustix::net::shutdown(borrow(fd), rustix::net::Shutdown::Both);
+        }
+    }
+
     /// Whether another process may hold the socket too: this one forked since (or inherited
     /// it), and the processes of this side that held it have not all closed it but one. (A
     /// process that ends without closing still counts: the connection stays shared.)
@@ -1268,6 +1294,35 @@ impl TcpConn {
             }
             _ => {}
         }
+    }
+
+    /// For `TCP_INFO`: bytes of ours the peer has consumed from the ring, bytes we consumed
+    /// from the peer's ring, and the wakeup bytes we sent and took off TCP (which the kernel
+    /// counts as data).
+    pub fn ring_totals(&self) -> (u64, u64, u64, u64) {
+        let region = self.region();
+        let tx_done = {
+            let mut tx = lock(&self.tx);
+            match tx.w.ctrl(region) {
+                Ok(c) => {
+                    // Another process of this side may have written since.
+                    let _ = tx.w.state().adopt_published_tail(&c);
+                    let _ = tx.w.state().refresh_head(&c);
+                    tx.w.state().tail().saturating_sub(tx.w.state().unconsumed())
+                }
+                Err(_) => 0,
+            }
+        };
+        let rx_done = {
+            let mut rx = lock(&self.rx);
+            if let Ok(c) = rx.r.ctrl(region) {
+                let _ = rx.r.state().adopt_published_head(&c);
+            }
+            rx.r.state().head()
+        };
+        let sent = tcp::wakes_sent(region, self.me()).unwrap_or(0);
+        let taken = tcp::taken(region, self.me()).unwrap_or(0);
+        (tx_done, rx_done, sent, taken)
     }
 
     /// Whether data the peer sent is still unread here.

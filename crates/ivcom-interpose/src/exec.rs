@@ -556,7 +556,7 @@ pub unsafe fn exec_with(
 
 /// After `fork`, in both processes: every connection's socket is now held by two.
 pub fn after_fork() {
-    for (_, c) in table::conns() {
+    for c in table::all_conns() {
         c.mark_shared();
     }
 }

@@ -35,7 +35,26 @@ fn eligible(fd: c_int) -> bool {
 /// # Safety
 /// The C contract of `connect`.
 pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    if !eligible(fd) || table::tracked(fd) {
+    if table::tracked(fd) {
+        // SAFETY: passed on unchanged.
+        let r = unsafe { real::connect(fd, addr, len) };
+        // SAFETY: the family field of the caller's address, when it has one.
+        let unspec = !addr.is_null()
+            && len as usize >= 2
+            && unsafe { (*addr).sa_family } == libc::AF_UNSPEC as libc::sa_family_t;
+        if r == 0 && unspec && matches!(table::get(fd), Some(Entry::Conn(_))) {
+            // The kernel dissolved the connection (and reset it): so is its channel; a
+            // next `connect` on this socket is a new connection.
+            let e = errno();
+            crate::decision!(
+                "connect fd {fd} with AF_UNSPEC: connection dissolved; its channel is forgotten"
+            );
+            drop(table::remove(fd));
+            set_errno(e);
+        }
+        return r;
+    }
+    if !eligible(fd) {
         // SAFETY: passed on unchanged.
         return unsafe { real::connect(fd, addr, len) };
     }
@@ -262,6 +281,9 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
     let shared = table::conn(fd).is_none_or(|c| c.shared());
     let e = table::remove(fd);
     if let Some(Entry::Conn(c)) = &e {
+        if Arc::strong_count(c) == 1 {
+            c.end_unclaimed(fd);
+        }
         // Closing with unread data resets a TCP connection; our unread data is in the ring,
         // not in the kernel, so ask for the reset (when this was the process's last copy, and
         // no other process may hold the socket: `SO_LINGER` would then reset its close too).
@@ -418,6 +440,18 @@ pub unsafe fn getsockopt(
             return 0;
         }
     }
+    if (level, name) == (libc::IPPROTO_TCP, libc::TCP_INFO) && !val.is_null() && !len.is_null() {
+        if let Some(c) = table::conn(fd) {
+            // SAFETY: passed on; the kernel writes at most `*len` bytes.
+            let r = unsafe { real::getsockopt(fd, level, name, val, len) };
+            if r == 0 {
+                // SAFETY: the kernel wrote `*len` bytes of a `tcp_info` into the program's
+                // buffer; only fields inside them are touched.
+                unsafe { add_ring_bytes(&c, val, *len as usize) };
+            }
+            return r;
+        }
+    }
     if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR) && !val.is_null() && !len.is_null() {
         // A reset the library learned of took the kernel's pending error: report it here
         // once, as the kernel would have.
@@ -435,6 +469,26 @@ pub unsafe fn getsockopt(
     }
     // SAFETY: passed on unchanged.
     unsafe { real::getsockopt(fd, level, name, val, len) }
+}
+
+/// `TCP_INFO`'s byte counters as over TCP: what the rings carried added, the wakeup bytes
+/// taken out (`tcpi_bytes_acked`, `tcpi_bytes_received`, when `len` covers them).
+///
+/// # Safety
+/// `val` holds `len` bytes of a `tcp_info` the kernel wrote.
+unsafe fn add_ring_bytes(c: &crate::conn::TcpConn, val: *mut c_void, len: usize) {
+    let (tx, rx, sent, taken) = c.ring_totals();
+    let fix = |off: usize, ring: u64, wakes: u64| {
+        if off + 8 <= len {
+            // SAFETY: inside the `len` bytes the kernel wrote (checked), unaligned access.
+            unsafe {
+                let p = val.cast::<u8>().add(off).cast::<u64>();
+                p.write_unaligned(p.read_unaligned().saturating_sub(wakes).saturating_add(ring));
+            }
+        }
+    };
+    fix(std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked), tx, sent);
+    fix(std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received), rx, taken);
 }
 
 /// `shutdown`.

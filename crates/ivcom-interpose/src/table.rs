@@ -167,6 +167,22 @@ pub fn forget_from(first: c_int) {
     drop(dropped);
 }
 
+/// Every connection entry, plain ones included (after `fork`, all are shared).
+pub fn all_conns() -> Vec<Arc<TcpConn>> {
+    if foreign() {
+        return Vec::new();
+    }
+    TABLE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter_map(|s| match &s.entry {
+            Entry::Conn(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Every accelerated connection (not plain) with its descriptors, for `exec`.
 pub fn conns() -> Vec<(c_int, Arc<TcpConn>)> {
     if foreign() {

@@ -285,11 +285,16 @@ pub fn wait_fd(
         let r = kernel_poll(&mut p, t, std::ptr::null());
         let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let replaced = held.as_ref().is_some_and(Held::replaced);
-        if r < 0 && e == libc::EINTR && (replaced || !restart_after_signal()) {
-            armed.slept(r);
-            return Err(libc::EINTR);
+        if r < 0 && e == libc::EINTR {
+            if replaced || !restart_after_signal() {
+                armed.slept(r);
+                return Err(libc::EINTR);
+            }
+            // Every handler asked for restarting: go on as after a wakeup.
+            (0, 0)
+        } else {
+            (r, e)
         }
-        (r, e)
     };
     armed.slept(r);
     drop(armed);

@@ -218,11 +218,57 @@ static void shell_on_own_connection(void) {
     close(s);
 }
 
+/* Socket activation: a manager listens, never accepts, and runs the service (this program
+ * again, exec'd under the library) with the listener on fd 3; clients write and close; the
+ * service reads each connection to its EOF. */
+#define ACTIVATED 3
+static void service(void) {
+    for (int i = 0; i < ACTIVATED; i++) {
+        int c = accept(3, NULL, NULL);
+        if (c < 0) _exit(5);
+        char b[64];
+        ssize_t r, n = 0;
+        while ((r = read(c, b, sizeof b)) > 0) n += r;
+        say("service: connection %d: %zd bytes, then EOF %d", i, n, r == 0);
+        close(c);
+    }
+    _exit(0);
+}
+
+static void activation(void) {
+    int port;
+    int l = listen_any(0, &port);
+    fflush(stdout);
+    pid_t svc = fork();
+    CHECK(svc >= 0, "fork");
+    if (svc == 0) {
+        CHECK(dup2(l, 3) == 3, "dup2");
+        char *argv[] = {self_path, "service", NULL};
+        execv(self_path, argv);
+        _exit(127);
+    }
+    for (int i = 0; i < ACTIVATED; i++) {
+        int c = connect_to(0, port, 0);
+        write_all(c, "12345", 5);
+        close(c);
+    }
+    int st = -1;
+    for (int i = 0; i < 300 && waitpid(svc, &st, WNOHANG) == 0; i++) msleep(100);
+    if (!WIFEXITED(st)) {
+        kill(svc, SIGKILL);
+        waitpid(svc, &st, 0);
+    }
+    say("activation: service exited %d", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    close(l);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "handler") == 0) handler();
+    if (argc > 1 && strcmp(argv[1], "service") == 0) service();
     CHECK(realpath("/proc/self/exe", self_path) != NULL, "realpath");
     signal(SIGPIPE, SIG_IGN);
     pair(0, server, client);
     shell_on_own_connection();
+    activation();
     return 0;
 }

@@ -165,7 +165,73 @@ static void stream_edges(void) {
     close(l);
 }
 
+/* TCP_INFO's byte counters (tcpi_bytes_acked at byte 120, tcpi_bytes_received at 128 of
+ * the kernel's struct tcp_info, newer than glibc's header) count what the connection
+ * carried. */
+static uint64_t tcp_counter(int fd, size_t off) {
+    unsigned char info[256] = {0};
+    socklen_t l = sizeof info;
+    CHECK(getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &l) == 0 && l >= off + 8, "TCP_INFO");
+    uint64_t v;
+    memcpy(&v, info + off, sizeof v);
+    return v;
+}
+
+static void tcp_counters(void) {
+    int c, s;
+    local_pair(&c, &s);
+    uint64_t acked0 = tcp_counter(c, 120), received0 = tcp_counter(s, 128);
+    static char buf[1 << 20];
+    fflush(stdout);
+    pid_t k = fork();
+    CHECK(k >= 0, "fork");
+    if (k == 0) {
+        write_all(c, buf, sizeof buf);
+        _exit(0);
+    }
+    read_exact(s, buf, sizeof buf);
+    int st;
+    waitpid(k, &st, 0);
+    msleep(50);
+    uint64_t acked = tcp_counter(c, 120) - acked0, received = tcp_counter(s, 128) - received0;
+    say("tcp_info: sender's bytes_acked grew by 1 MiB or more %d, receiver's bytes_received %d",
+        acked >= sizeof buf, received >= sizeof buf);
+    close(c);
+    close(s);
+}
+
+/* connect(AF_UNSPEC) dissolves a connection; a next connect on the socket is a new one. */
+static void dissolve(void) {
+    int port;
+    int l = listen_any(0, &port);
+    int c = connect_to(0, port, 0);
+    int s1 = accept_one(l);
+    char b[4] = {0};
+    write_all(c, "one", 3);
+    read_exact(s1, b, 3);
+    write_all(s1, "ack", 3);
+    read_exact(c, b, 3);
+    struct sockaddr sa = {.sa_family = AF_UNSPEC};
+    CHECK(connect(c, &sa, sizeof sa) == 0, "connect AF_UNSPEC");
+    struct sockaddr_storage ss;
+    socklen_t len = loopback(0, port, &ss);
+    CHECK(connect(c, (struct sockaddr *)&ss, len) == 0, "reconnect");
+    int s2 = accept_one(l);
+    write_all(c, "two", 3);
+    read_exact(s2, b, 3);
+    say("dissolved and reconnected: the new peer got '%.3s'", b);
+    errno = 0;
+    ssize_t r = read(s1, b, 3);
+    say("dissolved: the old peer reads %zd ECONNRESET %d", r, errno == ECONNRESET);
+    close(c);
+    close(s1);
+    close(s2);
+    close(l);
+}
+
 int main(void) {
+    dissolve();
+    tcp_counters();
     stream_edges();
     urgent();
     low_water();

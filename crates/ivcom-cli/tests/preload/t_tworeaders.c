@@ -1,9 +1,16 @@
 /* Two processes (pre-fork workers) blocked in read on one connection at the same time:
  * every byte the peer sends reaches exactly one of them, none is lost or read twice, and
- * the parent then reads only what was sent after. */
+ * the parent then reads only what was sent after. A read on a connection a forked child
+ * holds too is restarted after a handler with SA_RESTART, as the kernel restarts it. */
 #include "common.h"
 
 #define BYTES 30
+
+static volatile sig_atomic_t alarms;
+static void on_alarm(int sig) {
+    (void)sig;
+    alarms++;
+}
 
 int main(void) {
     int c, s;
@@ -51,6 +58,25 @@ int main(void) {
     write_all(c, "!", 1);
     char r[8];
     say("parent then reads %zd", read(s, r, sizeof r));
+    struct sigaction sa = {0};
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGALRM, &sa, NULL) == 0, "sigaction");
+    fflush(stdout);
+    pid_t w = fork();
+    CHECK(w >= 0, "fork");
+    if (w == 0) {
+        msleep(300);
+        write_all(c, "late", 4);
+        _exit(0);
+    }
+    alarm(1);
+    ualarm(100000, 0);
+    ssize_t got = read(s, r, 4);
+    say("read across SA_RESTART handler: %zd '%.4s', handler ran %d", got, got > 0 ? r : "", alarms);
+    alarm(0);
+    waitpid(w, NULL, 0);
     close(c);
     close(s);
     return 0;
