@@ -373,26 +373,20 @@ impl EpollSet {
             }
             Some(epoll_event { events: ev, u64: reg.data })
         };
-        for (&fd, reg) in regs.range_mut(start..) {
-            if n >= out.len() {
-                break;
+        let mut walk = |part: &mut dyn Iterator<Item = (&c_int, &mut Reg)>| {
+            for (&fd, reg) in part {
+                if n >= out.len() {
+                    break;
+                }
+                if let Some(e) = visit(reg) {
+                    out[n] = e;
+                    n += 1;
+                    last = Some(fd);
+                }
             }
-            if let Some(e) = visit(reg) {
-                out[n] = e;
-                n += 1;
-                last = Some(fd);
-            }
-        }
-        for (&fd, reg) in regs.range_mut(..start) {
-            if n >= out.len() {
-                break;
-            }
-            if let Some(e) = visit(reg) {
-                out[n] = e;
-                n += 1;
-                last = Some(fd);
-            }
-        }
+        };
+        walk(&mut regs.range_mut(start..));
+        walk(&mut regs.range_mut(..start));
         if let Some(fd) = last {
             self.next.store(fd.saturating_add(1), Ordering::Relaxed);
         }

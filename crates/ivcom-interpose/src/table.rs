@@ -169,22 +169,15 @@ pub fn forget_from(first: c_int) {
 
 /// Every connection entry, plain ones included (after `fork`, all are shared).
 pub fn all_conns() -> Vec<Arc<TcpConn>> {
-    if foreign() {
-        return Vec::new();
-    }
-    TABLE
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .filter_map(|s| match &s.entry {
-            Entry::Conn(c) => Some(c.clone()),
-            _ => None,
-        })
-        .collect()
+    conn_entries(true).into_iter().map(|(_, c)| c).collect()
 }
 
 /// Every accelerated connection (not plain) with its descriptors, for `exec`.
 pub fn conns() -> Vec<(c_int, Arc<TcpConn>)> {
+    conn_entries(false)
+}
+
+fn conn_entries(plain_too: bool) -> Vec<(c_int, Arc<TcpConn>)> {
     if foreign() {
         return Vec::new();
     }
@@ -193,7 +186,7 @@ pub fn conns() -> Vec<(c_int, Arc<TcpConn>)> {
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .filter_map(|(fd, s)| match &s.entry {
-            Entry::Conn(c) if !c.is_plain() => Some((*fd, c.clone())),
+            Entry::Conn(c) if plain_too || !c.is_plain() => Some((*fd, c.clone())),
             _ => None,
         })
         .collect()
