@@ -1267,33 +1267,22 @@ impl TcpConn {
     /// bytes in the ring, or wakeup bytes still to be taken off TCP (taken now if they
     /// arrived). For `SIOCATMARK`, whose mark is in the kernel's stream.
     pub fn ahead_of_kernel(&self, fd: c_int) -> bool {
-        if self.has_unread() {
-            return true;
-        }
-        let _rx = lock(&self.rx);
-        let _side = self.side_lock(tcp::Lock::Rx);
-        let ahead = self.wakes_ahead();
-        ahead > 0 && self.take_wakes(fd, ahead) < ahead
+        self.has_unread() || !self.take_arrived_wakes(fd)
     }
 
-    /// Before the last close: takes the peer's wakeup bytes that arrived off the socket, so
-    /// that the kernel does not answer the close with a reset for unread bytes the program
-    /// never saw (only while the ring carries the data: TCP bytes are the program's).
-    pub fn take_wakes_before_close(&self, fd: c_int) {
+    /// Takes the peer's counted wakeup bytes that arrived off the socket (only while the
+    /// ring carries the data: TCP bytes are the program's); returns whether none is left to
+    /// come. Before the last close, so that the kernel does not answer it with a reset for
+    /// bytes the program never saw, and for [`TcpConn::ahead_of_kernel`].
+    pub fn take_arrived_wakes(&self, fd: c_int) -> bool {
         let mut rx = lock(&self.rx);
         let _side = self.side_lock(tcp::Lock::Rx);
-        match self.rx_mode(&mut rx) {
-            Ok(RxMode::Ring) => {
-                let ahead = self.wakes_ahead();
-                if ahead > 0 {
-                    self.take_wakes(fd, ahead);
-                }
-            }
-            Ok(RxMode::Skip(n)) => {
-                self.take_wakes(fd, n);
-            }
-            _ => {}
-        }
+        let ahead = match self.rx_mode(&mut rx) {
+            Ok(RxMode::Ring) => self.wakes_ahead(),
+            Ok(RxMode::Skip(n)) => n,
+            _ => return true,
+        };
+        ahead == 0 || self.take_wakes(fd, ahead) == ahead
     }
 
     /// For `TCP_INFO`: bytes of ours the peer has consumed from the ring, bytes we consumed
@@ -1308,7 +1297,7 @@ impl TcpConn {
                     // Another process of this side may have written since.
                     let _ = tx.w.state().adopt_published_tail(&c);
                     let _ = tx.w.state().refresh_head(&c);
-                    tx.w.state().tail().saturating_sub(tx.w.state().unconsumed())
+                    tx.w.state().consumed()
                 }
                 Err(_) => 0,
             }
@@ -1474,7 +1463,7 @@ impl TcpConn {
                     if tx.w.state().refresh_head(&c).is_err() {
                         return;
                     }
-                    tx.w.state().tail().wrapping_sub(tx.w.state().unconsumed())
+                    tx.w.state().consumed()
                 }
                 Err(_) => return,
             };
@@ -1813,7 +1802,7 @@ impl TcpConn {
         let head = match tx.w.ctrl(region) {
             Ok(c) => {
                 let _ = tx.w.state().refresh_head(&c);
-                tx.w.state().tail().wrapping_sub(tx.w.state().unconsumed())
+                tx.w.state().consumed()
             }
             Err(_) => 0,
         };

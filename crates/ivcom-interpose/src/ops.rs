@@ -283,24 +283,27 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
     if let Some(Entry::Conn(c)) = &e {
         if Arc::strong_count(c) == 1 {
             c.end_unclaimed(fd);
-        }
-        // Closing with unread data resets a TCP connection; our unread data is in the ring,
-        // not in the kernel, so ask for the reset (when this was the process's last copy, and
-        // no other process may hold the socket: `SO_LINGER` would then reset its close too).
-        if Arc::strong_count(c) == 1 && !c.is_plain() && !shared && !c.has_unread() {
-            c.take_wakes_before_close(fd);
-        } else if Arc::strong_count(c) == 1 && !c.is_plain() && !shared && c.has_unread() {
-            let lg = libc::linger { l_onoff: 1, l_linger: 0 };
-            // SAFETY: setting SO_LINGER from a local struct on the program's socket.
-            unsafe {
-                crate::real::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    std::ptr::addr_of!(lg).cast(),
-                    std::mem::size_of::<libc::linger>() as socklen_t,
-                )
-            };
+            if !c.is_plain() && !shared {
+                // This was the last copy of the socket.
+                if c.has_unread() {
+                    // Closing with unread data resets a TCP connection; our unread data is
+                    // in the ring, not in the kernel, so ask for the reset.
+                    let lg = libc::linger { l_onoff: 1, l_linger: 0 };
+                    // SAFETY: setting SO_LINGER from a local struct on the program's socket.
+                    unsafe {
+                        crate::real::setsockopt(
+                            fd,
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            std::ptr::addr_of!(lg).cast(),
+                            std::mem::size_of::<libc::linger>() as socklen_t,
+                        )
+                    };
+                } else {
+                    // Nor must wakeup bytes the program never saw make the kernel reset it.
+                    c.take_arrived_wakes(fd);
+                }
+            }
         }
     }
     e

@@ -192,6 +192,11 @@ impl ProducerState {
         self.tail
     }
 
+    /// The consumer's index, as last seen ([`ProducerState::refresh_head`]).
+    pub fn consumed(&self) -> u64 {
+        self.head_cache
+    }
+
     /// Bytes written and not yet consumed, as last seen.
     pub fn unconsumed(&self) -> u64 {
         self.tail.wrapping_sub(self.head_cache)
