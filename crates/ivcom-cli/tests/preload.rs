@@ -53,6 +53,11 @@ fn stream_calls_over_ipv6() {
 }
 
 #[test]
+fn buffering_as_large_as_tcp() {
+    same_over_shared_memory("t_buffer", &[]);
+}
+
+#[test]
 fn nonblocking_and_duplicates() {
     same_over_shared_memory("t_nonblock", &[]);
 }

@@ -480,7 +480,6 @@ fn node_http_client_and_server() {
 }
 
 #[test]
-#[ignore = "fails under ivcom run: the client gets ECONNRESET ('aborted') on the 1 MiB answer: one non-blocking write takes at most the ring (512 KiB by default) where loopback TCP takes the whole 1 MiB, so when server.close() right after res.end() destroys the idle connection libuv still holds the rest, which is lost (passes with --ring-kib 4096)"]
 fn node_http_server_closes_right_after_its_last_answer() {
     let scene = Scene::new("node-close");
     let [plain, ivcom] = Side::both(&scene, None);

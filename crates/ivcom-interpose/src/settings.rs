@@ -16,7 +16,8 @@ pub const ENV_ACCEL: &str = "IVCOM_ACCEL";
 pub const ENV_LOG: &str = "IVCOM_PRELOAD_LOG";
 /// `IVCOM_SPIN_US`: how long a waiting call polls shared memory before it sleeps (default 100).
 pub const ENV_SPIN: &str = "IVCOM_SPIN_US";
-/// `IVCOM_RING_KIB`: capacity of each direction's ring of a new connection (default 512).
+/// `IVCOM_RING_KIB`: capacity of each direction's ring of a new connection (default 4096: as
+/// much as loopback TCP's socket buffers take from a writer whose peer does not read).
 pub const ENV_RING: &str = "IVCOM_RING_KIB";
 /// `IVCOM_MAX_RING_KIB`: the largest ring (per direction) an accepting side takes from a
 /// connecting one (default 4096, and never less than its own `IVCOM_RING_KIB`); a larger
@@ -53,7 +54,7 @@ impl Settings {
             "0" | "off" | "no" | "false"
         );
         let spin = Duration::from_micros(parse_env::<u64>(ENV_SPIN).unwrap_or(100).min(1_000_000));
-        let kib = parse_env::<u64>(ENV_RING).unwrap_or(512).clamp(4, 64 * 1024);
+        let kib = parse_env::<u64>(ENV_RING).unwrap_or(4096).clamp(4, 64 * 1024);
         let ring = (kib * 1024).next_power_of_two();
         let max_kib = parse_env::<u64>(ENV_MAX_RING).unwrap_or(4096).clamp(4, 64 * 1024);
         let max_ring = (max_kib * 1024).next_power_of_two().max(ring);
