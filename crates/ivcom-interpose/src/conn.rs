@@ -319,6 +319,19 @@ unsafe fn buf<'a>(v: &iovec) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(v.iov_base.cast(), v.iov_len) }
 }
 
+/// When a handback ([`TcpConn::hand_back`]) must be complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handback {
+    /// At the program's next calls on the connection (nothing waits for it).
+    Lazy,
+    /// Before the call that asked for it goes to the kernel; this process goes on reading
+    /// the connection through the library (a socket option, an `ioctl`, `MSG_OOB`).
+    Now,
+    /// Before this process stops serving the connection: an exec of an image without the
+    /// library, the descriptor leaving for another process, I/O that bypasses the library.
+    Leaving,
+}
+
 impl TcpConn {
     fn new(map: MappedRegion, region_fd: OwnedFd, side: Side, params: &Params) -> Self {
         let acceptor = side == Side::Acceptor;
@@ -1406,11 +1419,33 @@ impl TcpConn {
         Ok(())
     }
 
+    /// Before the last close of this side: a peer that handed back (stopped reading our
+    /// ring) gets what it did not read over TCP now, as the kernel would still deliver
+    /// bytes a closed socket had taken; waits for room in the socket at most 2 s.
+    pub fn push_before_close(&self, fd: c_int) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut tx = lock(&self.tx);
+        let _side = self.side_lock(tcp::Lock::Tx);
+        while let Some(Err(e)) = self.tx_handback(&mut tx, fd) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if e != EAGAIN {
+                break;
+            }
+            if left.is_zero() {
+                crate::decision!("close: ring bytes the peer did not read could not all be sent over TCP");
+                break;
+            }
+            let mut p = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
+            // SAFETY: a local pollfd array of length 1.
+            unsafe { crate::real::poll(p.as_mut_ptr(), 1, left.as_millis().clamp(1, 100) as c_int) };
+        }
+    }
+
     /// Moves a handback along where the program does not write (reads, readiness): pushes
     /// what can be pushed.
     fn progress(&self, fd: c_int) {
         if self.unverified_claim.swap(false, Ordering::AcqRel) {
-            self.hand_back(fd, "the claim was read by another process of this end", false);
+            self.hand_back(fd, "the claim was read by another process of this end", Handback::Lazy);
         }
         if self.push_pending.load(Ordering::Relaxed)
             || (!self.tx_handed.load(Ordering::Relaxed)
@@ -1499,13 +1534,13 @@ impl TcpConn {
     /// kernel as they are, and so will the peer's once it follows. What we wrote into the ring
     /// the peer reads from the ring before our TCP data; what the peer wrote that we did not
     /// read it sends over TCP; the wakeup bytes each side sent are counted, so they are taken
-    /// off TCP exactly. `now`: this process is about to stop serving the connection (an exec
-    /// of an image without the library, or the descriptor leaves for another process): the
-    /// peer's wakeup bytes are taken off here before it returns (at most `WAIT` in all), so
-    /// that whatever reads the socket next finds only data. Returns false where that cannot
+    /// off TCP exactly. `how` says when the program needs it done ([`Handback`]): unless
+    /// lazily, the peer's wakeup bytes are taken off here before it returns (at most `WAIT`
+    /// in all), so that whatever reads the socket next finds only data. Returns false where that cannot
     /// be done (the listener's side has not read the connecting side's first TCP bytes yet
     /// and wakeup bytes already follow them); the connection is then left as it was.
-    pub fn hand_back(&self, fd: c_int, why: &str, now: bool) -> bool {
+    pub fn hand_back(&self, fd: c_int, why: &str, how: Handback) -> bool {
+        let now = how != Handback::Lazy;
         const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
         if self.is_plain() {
             return true;
@@ -1578,13 +1613,31 @@ impl TcpConn {
         }
         let _ = tcp::freeze_wakes(region, me);
         // Reading: stop at our head; the peer sends what we did not read over TCP, after
-        // its wakeup bytes, whose count is final from here.
-        if let Ok(c) = rx.r.ctrl(region) {
-            let _ = rx.r.state().adopt_published_head(&c);
-        }
-        let head = rx.r.state().head();
+        // its wakeup bytes, whose count is final from here. A peer whose FIN has arrived
+        // writes nothing more and may never follow (it closed): unless this process is
+        // leaving the connection, it reads that ring to the end itself first (the stop is
+        // the peer's final producer index), and its reads reach TCP after that.
+        self.note_hangup(fd);
+        let peer_done = self.eof.load(Ordering::Acquire);
+        let stop = match rx.r.ctrl(region) {
+            Ok(c) => {
+                let _ = rx.r.state().adopt_published_head(&c);
+                let head = rx.r.state().head();
+                match rx.r.state().available(&c, u64::MAX) {
+                    Ok(n) if peer_done && how != Handback::Leaving => head + n,
+                    Ok(n) if peer_done && n > 0 => {
+                        crate::decision!(
+                            "handback ({why}): {n} byte(s) the peer wrote into shared memory before it closed are still unread and cannot follow this process"
+                        );
+                        head
+                    }
+                    _ => head,
+                }
+            }
+            Err(_) => rx.r.state().head(),
+        };
         let _ = tcp::freeze_wakes(region, peer);
-        let _ = tcp::store_rx_stop(region, me, head);
+        let _ = tcp::store_rx_stop(region, me, stop);
         if final_wake {
             // SAFETY: sending one byte from a local.
             let r = unsafe {
@@ -1601,7 +1654,7 @@ impl TcpConn {
         }
         count(&COUNTERS.handbacks, 1);
         crate::decision!("connection handed back to TCP: {why}");
-        if now && unread_first == 0 {
+        if now && unread_first == 0 && rx.r.state().head() >= stop {
             loop {
                 let ahead = self.wakes_ahead();
                 if ahead == 0 {

@@ -1031,12 +1031,12 @@ pub fn around_shell<T>(what: &str, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Hands each connection back to TCP (`TcpConn::hand_back`, now), through one of its
+/// Hands each connection back to TCP (`TcpConn::hand_back`, leaving), through one of its
 /// descriptors in this process.
 fn hand_back_all(groups: &[(Arc<TcpConn>, Vec<RawFd>)], why: &str) {
     for (c, fds) in groups {
         if let Some(&fd) = fds.first() {
-            c.hand_back(fd, why, true);
+            c.hand_back(fd, why, crate::conn::Handback::Leaving);
         }
     }
 }
@@ -1168,7 +1168,11 @@ pub fn at_start() {
     // through the C library's internals, past the library: hand those back, once every
     // connection is taken over (the other end may be here too, and then follows at once).
     for (fd, conn) in stdio {
-        conn.hand_back(fd, "the connection is a standard stream of the new image (stdio)", true);
+        conn.hand_back(
+            fd,
+            "the connection is a standard stream of the new image (stdio)",
+            crate::conn::Handback::Leaving,
+        );
     }
     for m in ours {
         if !consumed.contains(&m) {

@@ -9,7 +9,7 @@ use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, iovec, msghdr, nfds_t, p
 use libc::{loff_t, off_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
 
 use crate::announce::{self, Listening};
-use crate::conn::{iov_len, TcpConn, R};
+use crate::conn::{iov_len, Handback, TcpConn, R};
 use crate::epoll::{self, EpollSet};
 use crate::net::{self, Endpoint, Tuple};
 use crate::real;
@@ -284,6 +284,7 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
         if Arc::strong_count(c) == 1 {
             c.end_unclaimed(fd);
             if !c.is_plain() && !shared {
+                c.push_before_close(fd);
                 // This was the last copy of the socket.
                 if c.has_unread() {
                     // Closing with unread data resets a TCP connection; our unread data is
@@ -371,7 +372,7 @@ fn tcp_opt_index(level: c_int, name: c_int) -> Option<usize> {
 /// The C contract of `setsockopt`.
 pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
     if let Some(what) = changes_what_reads_see(level, name, val, len).filter(|_| table::tracked(fd)) {
-        hand_back(fd, &format!("socket option {what}"));
+        hand_back(fd, &format!("socket option {what}"), Handback::Now);
     }
     if let (Some(i), true) = (tcp_opt_index(level, name), table::tracked(fd)) {
         if let Some(c) = table::conn(fd) {
@@ -545,11 +546,12 @@ fn advance(iov: &[iovec], mut skip: usize) -> Vec<iovec> {
 }
 
 /// Hands connection `fd` back to TCP (now) before a call the library does not follow
-/// (`why`); afterwards `table::conn(fd)` is `None` and the call goes to the kernel.
-fn hand_back(fd: c_int, why: &str) {
+/// (`why`); afterwards `table::conn(fd)` is `None` and the call goes to the kernel (unless
+/// the peer closed with bytes this process still reads from the ring: they are read first).
+fn hand_back(fd: c_int, why: &str, how: Handback) {
     if let Some(c) = if table::tracked(fd) { table::conn(fd) } else { None } {
         let e = errno();
-        c.hand_back(fd, why, true);
+        c.hand_back(fd, why, how);
         set_errno(e);
     }
 }
@@ -661,7 +663,7 @@ fn unsafe_zeroed_msghdr() -> msghdr {
 /// Writes `iov` to a connection as `sendmsg` would. `None`: not ours.
 fn send_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
     if flags & libc::MSG_OOB != 0 {
-        hand_back(fd, "urgent data (MSG_OOB)");
+        hand_back(fd, "urgent data (MSG_OOB)", Handback::Now);
     }
     let c = table::conn(fd)?;
     Some(match send_inner(&c, fd, iov, flags) {
@@ -899,7 +901,7 @@ pub unsafe fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     // reads and writes the socket itself.
     // SAFETY: the program's message header.
     for passed in unsafe { crate::fds::rights_in(msg) } {
-        hand_back(passed, "the descriptor is sent to another process (SCM_RIGHTS)");
+        hand_back(passed, "the descriptor is sent to another process (SCM_RIGHTS)", Handback::Leaving);
     }
     // SAFETY: passed on unchanged.
     unsafe { real::sendmsg(fd, msg, flags) }
@@ -1069,7 +1071,7 @@ pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     if table::tracked(fd) && ((cmd == libc::F_SETFL && arg as c_int & libc::O_ASYNC != 0) || cmd == F_SETSIG)
     {
         // Signal-driven I/O: the kernel signals what arrives on TCP, so everything must.
-        hand_back(fd, "signal-driven I/O (O_ASYNC)");
+        hand_back(fd, "signal-driven I/O (O_ASYNC)", Handback::Now);
     }
     // SAFETY: passed on unchanged.
     let r = unsafe { real::fcntl(fd, cmd, arg) };
@@ -1128,7 +1130,7 @@ pub unsafe fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
     {
         // A request whose answer depends on the kernel's view of the stream (SIOCOUTQ,
         // SIOCATMARK, ...): that view must be the whole truth first.
-        hand_back(fd, &format!("ioctl {req:#x}"));
+        hand_back(fd, &format!("ioctl {req:#x}"), Handback::Now);
     }
     // SAFETY: passed on unchanged.
     unsafe { real::ioctl(fd, req, arg) }
@@ -1398,7 +1400,7 @@ pub unsafe fn epoll_pwait2(
 /// # Safety
 /// The C contract of `fdopen`.
 pub unsafe fn fdopen(fd: c_int, mode: *const libc::c_char) -> *mut libc::FILE {
-    hand_back(fd, "stdio on the connection (fdopen)");
+    hand_back(fd, "stdio on the connection (fdopen)", Handback::Leaving);
     // SAFETY: passed on unchanged.
     unsafe { real::fdopen(fd, mode) }
 }
@@ -1411,7 +1413,7 @@ pub unsafe fn fdopen(fd: c_int, mode: *const libc::c_char) -> *mut libc::FILE {
 pub unsafe fn syscall(n: libc::c_long, a: [libc::c_long; 6]) -> libc::c_long {
     if n == libc::SYS_io_uring_setup {
         for (fd, c) in table::conns() {
-            c.hand_back(fd, "io_uring_setup (a ring's I/O goes past the library)", true);
+            c.hand_back(fd, "io_uring_setup (a ring's I/O goes past the library)", Handback::Leaving);
         }
     }
     // SAFETY: passed on unchanged.
@@ -1603,8 +1605,15 @@ pub fn at_start() {
     crate::exec::at_start();
 }
 
-/// At exit: withdraw announcements no other process holds; log the counters.
+/// At exit: what peers that handed back did not read of our rings goes over TCP (the
+/// kernel's close follows); withdraw announcements no other process holds; log the counters.
 pub fn at_exit() {
+    let mut seen = std::collections::HashSet::new();
+    for (fd, c) in table::conns() {
+        if seen.insert(Arc::as_ptr(&c)) && !c.shared() {
+            c.push_before_close(fd);
+        }
+    }
     for l in table::drain_listeners() {
         drop(l);
     }

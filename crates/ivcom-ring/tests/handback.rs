@@ -2,7 +2,7 @@
 //! words are `layout::tcp`): two sides of a switched connection exchange data through the
 //! rings, send counted wakeup bytes over their TCP streams, and at arbitrary points either
 //! side (or both, one after the other) hands the connection back, while the other keeps
-//! writing and reading in any interleaving. Whatever happens, each side must read exactly the
+//! writing and reading in any interleaving, or closes and does nothing more. Whatever happens, each side must read exactly the
 //! bytes the other wrote, in order: none lost, duplicated or reordered, no wakeup byte taken
 //! for data and no data byte taken for a wakeup.
 //!
@@ -33,6 +33,8 @@ struct Side {
     rx_plain: bool,
     tx_plain: bool,
     push: Option<u64>,
+    /// The program closed its socket (FIN sent): the side does nothing more.
+    closed: bool,
 }
 
 impl Side {
@@ -52,6 +54,7 @@ impl Side {
             rx_plain: false,
             tx_plain: false,
             push: None,
+            closed: false,
         }
     }
 
@@ -175,11 +178,19 @@ impl Side {
         taken + k == w
     }
 
-    /// Hands the connection back (the library's `hand_back`). A side whose peer already
+    /// The library's `hand_back`. A side whose peer already
     /// handed back with ring bytes this side has not read yet does not: that is the limit
     /// both ends leaving the library at once meet (docs/preload.md), so the model reads them
     /// first, as a side still under the library does.
-    fn hand_back(&mut self, shm: &ShmRegion, inp: &mut VecDeque<u8>, out: &mut VecDeque<u8>) {
+    /// Hands the connection back; `peer_closed`: the peer's FIN has arrived (it writes
+    /// nothing more, and it will not follow: this side reads the peer's ring to its end).
+    fn hand_back(
+        &mut self,
+        shm: &ShmRegion,
+        inp: &mut VecDeque<u8>,
+        out: &mut VecDeque<u8>,
+        peer_closed: bool,
+    ) {
         if tcp::rx_stop(shm, self.idx).unwrap().is_some() {
             return;
         }
@@ -199,7 +210,19 @@ impl Side {
         }
         tcp::freeze_wakes(shm, self.idx).unwrap();
         tcp::freeze_wakes(shm, self.peer()).unwrap();
-        tcp::store_rx_stop(shm, self.idx, self.r.state().head()).unwrap();
+        let stop = if peer_closed {
+            self.r.state().head() + self.r.available(shm).unwrap()
+        } else {
+            self.r.state().head()
+        };
+        tcp::store_rx_stop(shm, self.idx, stop).unwrap();
+    }
+
+    /// The program's last close: what a peer that stopped reading first left in our ring
+    /// goes over TCP first (the library pushes it before the kernel's close); then FIN.
+    fn close(&mut self, shm: &ShmRegion, out: &mut VecDeque<u8>) {
+        self.follow_tx(shm, out);
+        self.closed = true;
     }
 }
 
@@ -209,6 +232,7 @@ enum Op {
     Read(usize, usize),
     Wake(usize),
     HandBack(usize),
+    Close(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -217,6 +241,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..2usize, 1..3000usize).prop_map(|(s, n)| Op::Read(s, n)),
         1 => (0..2usize).prop_map(Op::Wake),
         1 => (0..2usize).prop_map(Op::HandBack),
+        1 => (0..2usize).prop_map(Op::Close),
     ]
 }
 
@@ -234,6 +259,12 @@ proptest! {
         // TCP streams: pipes[i] carries what side i sends.
         let mut pipes = [VecDeque::new(), VecDeque::new()];
         for o in ops {
+            let s = match o {
+                Op::Write(s, _) | Op::Read(s, _) | Op::Wake(s) | Op::HandBack(s) | Op::Close(s) => s,
+            };
+            if sides[s].closed {
+                continue;
+            }
             match o {
                 Op::Write(s, n) => sides[s].write(shm, n, &mut pipes[s]),
                 Op::Read(s, n) => {
@@ -245,20 +276,31 @@ proptest! {
                 Op::HandBack(s) => {
                     let [a, b] = &mut pipes;
                     let (inp, out) = if s == 0 { (b, a) } else { (a, b) };
-                    sides[s].hand_back(shm, inp, out);
+                    let peer_closed = sides[1 - s].closed;
+                    sides[s].hand_back(shm, inp, out, peer_closed);
                 }
+                Op::Close(s) => sides[s].close(shm, &mut pipes[s]),
             }
         }
         // Drain: both sides read until nothing moves any more.
         for _ in 0..64 {
             let [a, b] = &mut pipes;
             let [s0, s1] = &mut sides;
-            s0.read_some(shm, 1 << 16, b, a);
-            s1.read_some(shm, 1 << 16, a, b);
+            if !s0.closed {
+                s0.read_some(shm, 1 << 16, b, a);
+            }
+            if !s1.closed {
+                s1.read_some(shm, 1 << 16, a, b);
+            }
         }
         for s in 0..2 {
             let p = 1 - s;
-            prop_assert_eq!(&sides[s].read, &sides[p].wrote, "side {} read something else than side {} wrote", s, p);
+            if sides[s].closed {
+                // It stopped reading: what it read is where the peer's stream began.
+                prop_assert!(sides[p].wrote.starts_with(&sides[s].read), "side {} read something else than side {} wrote", s, p);
+            } else {
+                prop_assert_eq!(&sides[s].read, &sides[p].wrote, "side {} read something else than side {} wrote", s, p);
+            }
         }
     }
 }

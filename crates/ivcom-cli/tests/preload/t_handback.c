@@ -11,6 +11,7 @@
 #include "common.h"
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <linux/sockios.h>
 
 extern char **environ;
 
@@ -218,6 +219,70 @@ static void shell_on_own_connection(void) {
     close(s);
 }
 
+/* The peer writes 200 KB and closes; only then does this end meet something the library
+ * hands back for (SO_RCVLOWAT above 1, then an ioctl it does not know): every byte the peer
+ * wrote is still read, then EOF. And the other way round (below). */
+static void after_peer_closed(void) {
+    for (int round = 0; round < 2; round++) {
+        int c, s;
+        local_pair(&c, &s);
+        static unsigned char out[200000], in[200001];
+        fill(out, sizeof out, 11 + (uint32_t)round);
+        write_all(s, out, sizeof out);
+        close(s);
+        msleep(50);
+        if (round == 0) {
+            int two = 2;
+            CHECK(setsockopt(c, SOL_SOCKET, SO_RCVLOWAT, &two, sizeof two) == 0, "SO_RCVLOWAT");
+        } else {
+            int q = 0;
+            CHECK(ioctl(c, FIONREAD, &q) == 0, "FIONREAD");
+            struct timeval tv;
+            (void)ioctl(c, SIOCGSTAMP, &tv);
+        }
+        size_t got = 0;
+        ssize_t r;
+        while ((r = read(c, in + got, sizeof in - got)) > 0) got += (size_t)r;
+        say("peer closed, then %s: %zu bytes intact %d, then EOF %d", round == 0 ? "SO_RCVLOWAT" : "ioctls", got,
+            got == sizeof out && memcmp(in, out, got) == 0, r == 0);
+        close(c);
+    }
+    /* The other way round: this end hands back while the peer (another process) has not
+     * read its ring to the end, and the peer closes at once, without another call on the
+     * connection: what it did not read still arrives. */
+    int c, s, go[2];
+    local_pair(&c, &s);
+    CHECK(pipe(go) == 0, "pipe");
+    static unsigned char out[300000], in[300001];
+    fill(out, sizeof out, 21);
+    fflush(stdout);
+    pid_t p = fork();
+    CHECK(p >= 0, "fork");
+    if (p == 0) {
+        close(c);
+        write_all(s, out, sizeof out);
+        char b;
+        CHECK(read(go[0], &b, 1) == 1, "go");
+        close(s);
+        _exit(0);
+    }
+    close(s);
+    msleep(100);
+    struct timeval tv;
+    (void)ioctl(c, SIOCGSTAMP, &tv);
+    write_all(go[1], "g", 1);
+    size_t got = 0;
+    ssize_t r;
+    while ((r = read(c, in + got, sizeof in - got)) > 0) got += (size_t)r;
+    int st;
+    CHECK(waitpid(p, &st, 0) == p, "waitpid");
+    say("handed back, then the peer closed: %zu bytes intact %d, then EOF %d", got,
+        got == sizeof out && memcmp(in, out, got) == 0, r == 0);
+    close(c);
+    close(go[0]);
+    close(go[1]);
+}
+
 /* Socket activation: a manager listens, never accepts, and runs the service (this program
  * again, exec'd under the library) with the listener on fd 3; clients write and close; the
  * service reads each connection to its EOF. */
@@ -269,6 +334,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     pair(0, server, client);
     shell_on_own_connection();
+    after_peer_closed();
     activation();
     return 0;
 }
