@@ -15,14 +15,19 @@ use support::{
 /// Runs a C program plainly and under `ivcom run`; the outputs must match and the ivcom run
 /// must have carried its data through rings.
 fn same_over_shared_memory(name: &str, args: &[&str]) {
+    same_over_shared_memory_with(name, &[], args);
+}
+
+/// As [`same_over_shared_memory`], with `ivcom run` options `flags`.
+fn same_over_shared_memory_with(name: &str, flags: &[&str], args: &[&str]) {
     let prog = c_bin(name);
-    let scene = Scene::new(&format!("{name}{}", args.join("")));
+    let scene = Scene::new(&format!("{name}{}{}", flags.join("").replace('-', ""), args.join("")));
     let mut plain = Command::new(&prog);
     plain.args(args);
     let want = sorted_stdout(&output_within(plain, Duration::from_secs(120)), &format!("{name} (plain)"));
     let got = sorted_stdout(
-        &output_within(scene.ivcom(&[], &prog, args), Duration::from_secs(120)),
-        &format!("{name} under ivcom run (log {})", scene.log().display()),
+        &output_within(scene.ivcom(flags, &prog, args), Duration::from_secs(120)),
+        &format!("{name} under ivcom run {flags:?} (log {})", scene.log().display()),
     );
     assert_eq!(
         got,
@@ -50,6 +55,13 @@ fn stream_calls() {
 #[test]
 fn stream_calls_over_ipv6() {
     same_over_shared_memory("t_stream", &["6"]);
+}
+
+#[test]
+fn signals_before_the_kernel_sleep() {
+    same_over_shared_memory("t_sigspin", &[]);
+    // Every signal lands while the library still polls shared memory.
+    same_over_shared_memory_with("t_sigspin", &["--spin-us", "2000000"], &[]);
 }
 
 #[test]

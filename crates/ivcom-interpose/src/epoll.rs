@@ -467,6 +467,10 @@ pub unsafe fn wait(
         unsafe { crate::real::epoll_pwait(epfd, kev.as_mut_ptr(), kev.len() as c_int, ms, mask) }
     };
     let mut spun = false;
+    // A handler that runs before the kernel's sleep interrupts the call as it would have
+    // interrupted the kernel's (with a signal mask, only the kernel's sleep counts).
+    let sig0 = crate::signals::mark();
+    let interrupted = || mask.is_null() && crate::signals::since(sig0) != crate::signals::Since::Nothing;
     loop {
         let k = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null());
         if k < 0 {
@@ -490,7 +494,7 @@ pub unsafe fn wait(
                     // Now and then, whether anything else in the set is ready.
                     probed = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null()).max(0);
                     probed > 0
-                })
+                }) || interrupted()
             });
             if probed > 0 {
                 let mut n = set.translate(epfd, &kev[..probed as usize], out, 0);
@@ -499,7 +503,7 @@ pub unsafe fn wait(
                     return n as c_int;
                 }
             }
-            if hit {
+            if hit && !interrupted() {
                 continue;
             }
         }
@@ -508,6 +512,10 @@ pub unsafe fn wait(
         );
         if armed.ready() {
             continue;
+        }
+        if interrupted() {
+            set_errno(libc::EINTR);
+            return -1;
         }
         let k = kernel(&mut kev, armed.timeout(deadline), mask);
         let e = std::io::Error::last_os_error();

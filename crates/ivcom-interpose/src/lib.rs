@@ -11,6 +11,7 @@
 //! - [`exec`]: what of a connection crosses `exec` and `posix_spawn` (only to an image that
 //!   continues under the library).
 //! - [`fds`]: descriptors made or closed behind the table's back.
+//! - [`signals`]: the program's signal handlers, counted so that waits end as the kernel's.
 //! - [`ops`]: the intercepted calls, as the shim library exports them.
 
 pub mod announce;
@@ -22,6 +23,7 @@ pub mod net;
 pub mod ops;
 pub mod real;
 pub mod settings;
+pub mod signals;
 pub mod table;
 pub mod verify;
 pub mod wait;

@@ -51,6 +51,7 @@ macro_rules! real {
 }
 
 real! {
+    sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int;
     socket(domain: c_int, ty: c_int, proto: c_int) -> c_int;
     connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int;
     listen(fd: c_int, backlog: c_int) -> c_int;

@@ -11,6 +11,7 @@ use libc::{c_int, c_ulong, nfds_t, pollfd, sigset_t, timespec};
 use crate::conn::{Errno, TcpConn, R};
 use crate::epoll::EpollSet;
 use crate::settings::{self, count, COUNTERS};
+use crate::signals::Since;
 use crate::table;
 
 /// Longest sleep while another thread of the process waits on the same connection, or while
@@ -239,8 +240,16 @@ pub fn wait_fd(
     deadline: Option<Instant>,
 ) -> R<()> {
     let ready = || ready_in_memory(conn, read, !read) || (read && (conn.peer_closed() || conn.has_error()));
-    if spin(deadline, ready) {
-        return Ok(());
+    // A handler that runs while this thread spins or prepares to sleep interrupts the call
+    // as it would have interrupted the kernel's (or lets it go on, with SA_RESTART).
+    let sig0 = crate::signals::mark();
+    let handled = || match crate::signals::since(sig0) {
+        Since::Interrupt => Some(Err(libc::EINTR)),
+        Since::Restart => Some(Ok(())),
+        Since::Nothing => None,
+    };
+    if spin(deadline, || ready() || crate::signals::since(sig0) != Since::Nothing) {
+        return handled().unwrap_or(Ok(()));
     }
     if held.is_none() {
         let h = Held::of(*fd)?;
@@ -251,6 +260,9 @@ pub fn wait_fd(
     let armed = Armed::new([(conn, read, !read)]);
     if armed.ready() {
         return Ok(());
+    }
+    if let Some(r) = handled() {
+        return r;
     }
     let closed = conn.peer_closed();
     let tx_tcp = !read && conn.tx_on_tcp();
@@ -286,7 +298,13 @@ pub fn wait_fd(
         let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let replaced = held.as_ref().is_some_and(Held::replaced);
         if r < 0 && e == libc::EINTR {
-            if replaced || !restart_after_signal() {
+            let interrupt = match crate::signals::since(sig0) {
+                Since::Interrupt => true,
+                Since::Restart => false,
+                // A handler the library did not install (raw rt_sigaction).
+                Since::Nothing => !restart_after_signal(),
+            };
+            if replaced || interrupt {
                 armed.slept(r);
                 return Err(libc::EINTR);
             }
@@ -370,6 +388,10 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
     let mut held: Vec<Held> = Vec::new();
     let mut spun = false;
     let mut slept = false;
+    // A handler that runs before the kernel's sleep interrupts the call as it would have
+    // interrupted the kernel's (with a signal mask, only the kernel's sleep counts).
+    let sig0 = crate::signals::mark();
+    let interrupted = || mask.is_null() && crate::signals::since(sig0) != Since::Nothing;
     loop {
         for (i, c) in &ours {
             let want = app[*i].events;
@@ -410,8 +432,9 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                         let mut probe = k.clone();
                         kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0
                     })
+                    || interrupted()
             });
-            if hit {
+            if hit && !interrupted() {
                 continue;
             }
         }
@@ -458,6 +481,10 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         );
         if armed.ready() {
             continue;
+        }
+        if interrupted() {
+            set_errno(libc::EINTR);
+            return -1;
         }
         let r = kernel_poll(&mut k, armed.timeout(deadline), mask);
         let e = std::io::Error::last_os_error();

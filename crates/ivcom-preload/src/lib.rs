@@ -12,7 +12,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use ivcom_interpose::exec::{self, ListKind};
-use ivcom_interpose::{fds, ops, real};
+use ivcom_interpose::{fds, ops, real, signals};
 use libc::{c_char, mode_t, posix_spawn_file_actions_t as Fa, posix_spawnattr_t, FILE};
 use libc::{c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, iovec, msghdr, nfds_t, pollfd, sigset_t};
 use libc::{loff_t, off_t, pid_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
@@ -94,6 +94,17 @@ shims! {
         if (fdslen / std::mem::size_of::<pollfd>()) < n as usize { libc::abort() }
         ops::ppoll(fds, n, ts, mask)
     };
+}
+
+// Signal handlers, counted per thread so that the library's waits end as the kernel's
+// (`ivcom_interpose::signals`); glibc's `signal` family calls its internal `sigaction`.
+shims! {
+    sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int => signals::sigaction(sig, act, old);
+    signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t => signals::signal(sig, handler, false);
+    bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t => signals::signal(sig, handler, false);
+    sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t => signals::signal(sig, handler, true);
+    __sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t => signals::signal(sig, handler, true);
+    siginterrupt(sig: c_int, flag: c_int) -> c_int => signals::siginterrupt(sig, flag);
 }
 
 // Calls that make a new descriptor: an entry still recorded at its number is stale.
