@@ -174,6 +174,9 @@ pub struct TcpConn {
     shared: AtomicBool,
     /// What the program set for `TCP_NODELAY` and `TCP_CORK` (the kernel keeps NODELAY on).
     tcp_opts: [AtomicI32; 2],
+    /// `SO_RCVTIMEO` / `SO_SNDTIMEO` set to a negative time (a deadline already passed: the
+    /// kernel's calls then never block), which the kernel reads back as no timeout.
+    timeo_passed: [AtomicBool; 2],
     /// When a write last asked the kernel whether the peer closed (ns since `EPOCH`).
     last_close_check: AtomicU64,
     /// Orders "announce sleep" against "take wakeup bytes off TCP" among this process's
@@ -381,6 +384,7 @@ impl TcpConn {
             shared: AtomicBool::new(false),
             last_close_check: AtomicU64::new(0),
             tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
+            timeo_passed: [AtomicBool::new(false), AtomicBool::new(false)],
             wake_lock: Mutex::new(()),
             events: AtomicU64::new(0),
             rx_handed: AtomicBool::new(false),
@@ -708,6 +712,12 @@ impl TcpConn {
     /// The program's view of `TCP_NODELAY` (index 0) and `TCP_CORK` (1) on this connection.
     pub fn tcp_option(&self, which: usize) -> &AtomicI32 {
         &self.tcp_opts[which.min(1)]
+    }
+
+    /// Whether the program's receive (`send` false) or send timeout is negative (see
+    /// `timeo_passed`).
+    pub fn timeout_passed(&self, send: bool) -> &AtomicBool {
+        &self.timeo_passed[send as usize]
     }
 
     /// Keeps the registration connection open until the claim is seen.
@@ -1419,9 +1429,10 @@ impl TcpConn {
         Ok(())
     }
 
-    /// Before the last close of this side: a peer that handed back (stopped reading our
-    /// ring) gets what it did not read over TCP now, as the kernel would still deliver
-    /// bytes a closed socket had taken; waits for room in the socket at most 2 s.
+    /// Before the last close of this side, or its `shutdown` for writing: a peer that
+    /// handed back (stopped reading our ring) gets what it did not read over TCP now, ahead
+    /// of the FIN, as the kernel would still deliver bytes a closed socket had taken; waits
+    /// for room in the socket at most 2 s.
     pub fn push_before_close(&self, fd: c_int) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut tx = lock(&self.tx);
@@ -1683,7 +1694,9 @@ impl TcpConn {
         drop(rx);
         self.finish_handback(fd);
         // The other end in this very process (a program that talks to itself): it follows
-        // now, as it may not touch the connection before this end waits on it.
+        // now, as it may not touch the connection before this end waits on it (a parent
+        // that only waits for the child it forked to exec a shell on this end). Where this
+        // process is leaving, what that end must push goes out before it leaves.
         for (pfd, pc) in crate::table::conns() {
             if !std::ptr::eq(&*pc, self)
                 && pc.side != self.side
@@ -1691,6 +1704,9 @@ impl TcpConn {
                 && pc.region_ino == self.region_ino
             {
                 pc.progress(pfd);
+                if how == Handback::Leaving {
+                    pc.push_before_close(pfd);
+                }
             }
         }
         true

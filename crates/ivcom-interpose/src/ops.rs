@@ -374,6 +374,19 @@ pub unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_voi
     if let Some(what) = changes_what_reads_see(level, name, val, len).filter(|_| table::tracked(fd)) {
         hand_back(fd, &format!("socket option {what}"), Handback::Now);
     }
+    if let (libc::SOL_SOCKET, Some(send), Some(c)) =
+        (level, timeout_option(name), if table::tracked(fd) { table::conn(fd) } else { None })
+    {
+        // SAFETY: passed on unchanged.
+        let r = unsafe { real::setsockopt(fd, level, name, val, len) };
+        if r == 0 && !val.is_null() && len as usize >= std::mem::size_of::<i64>() {
+            // SAFETY: the first field of the program's timeval (a 64-bit `tv_sec` in both
+            // the old and the new layout on 64-bit Linux).
+            let sec = unsafe { val.cast::<i64>().read_unaligned() };
+            c.timeout_passed(send).store(sec < 0, std::sync::atomic::Ordering::Relaxed);
+        }
+        return r;
+    }
     if let (Some(i), true) = (tcp_opt_index(level, name), table::tracked(fd)) {
         if let Some(c) = table::conn(fd) {
             if val.is_null() || (len as usize) < std::mem::size_of::<c_int>() {
@@ -500,6 +513,12 @@ unsafe fn add_ring_bytes(c: &crate::conn::TcpConn, val: *mut c_void, len: usize)
 /// # Safety
 /// The C contract of `shutdown`.
 pub unsafe fn shutdown(fd: c_int, how: c_int) -> c_int {
+    if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+        if let Some(c) = if table::tracked(fd) { table::conn(fd) } else { None } {
+            // The FIN follows what a peer that handed back did not read of our ring.
+            c.push_before_close(fd);
+        }
+    }
     // SAFETY: passed on unchanged.
     let r = unsafe { real::shutdown(fd, how) };
     if r == 0 {
@@ -516,7 +535,24 @@ fn nonblocking(fd: c_int) -> bool {
     fl >= 0 && fl & libc::O_NONBLOCK != 0
 }
 
-fn sock_timeout(fd: c_int, opt: c_int) -> Option<Instant> {
+/// `Some(true)` for the send timeout options (`SO_SNDTIMEO`, old and new layout),
+/// `Some(false)` for the receive ones.
+fn timeout_option(name: c_int) -> Option<bool> {
+    const SO_RCVTIMEO_NEW: c_int = 66;
+    const SO_SNDTIMEO_NEW: c_int = 67;
+    match name {
+        libc::SO_RCVTIMEO | SO_RCVTIMEO_NEW => Some(false),
+        libc::SO_SNDTIMEO | SO_SNDTIMEO_NEW => Some(true),
+        _ => None,
+    }
+}
+
+/// The deadline of a blocking call on connection `c` from its socket's receive or send
+/// timeout (`opt`); `None`: none. A negative timeout has passed already.
+fn sock_timeout(c: &TcpConn, fd: c_int, opt: c_int) -> Option<Instant> {
+    if c.timeout_passed(opt == libc::SO_SNDTIMEO).load(std::sync::atomic::Ordering::Relaxed) {
+        return Some(Instant::now());
+    }
     let mut tv = timeval { tv_sec: 0, tv_usec: 0 };
     let mut len = std::mem::size_of::<timeval>() as socklen_t;
     // SAFETY: reading a timeval option into a local.
@@ -592,7 +628,7 @@ fn recv_conn(fd: c_int, iov: &[iovec], flags: c_int) -> Option<ssize_t> {
 /// part of it is there.
 fn peek_all(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
     let total = iov_len(iov);
-    let deadline = sock_timeout(fd, libc::SO_RCVTIMEO);
+    let deadline = sock_timeout(c, fd, libc::SO_RCVTIMEO);
     loop {
         let n = recv_inner(c, fd, iov, flags & !libc::MSG_WAITALL)?;
         if n >= total || n == 0 || c.peer_closed() || c.has_error() || c.is_plain() {
@@ -645,7 +681,7 @@ fn recv_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
                 if flags & libc::MSG_DONTWAIT != 0 || nonblocking(fd) {
                     return if got > 0 { Ok(got) } else { Err(libc::EAGAIN) };
                 }
-                let d = *deadline.get_or_insert_with(|| sock_timeout(fd, libc::SO_RCVTIMEO));
+                let d = *deadline.get_or_insert_with(|| sock_timeout(c, fd, libc::SO_RCVTIMEO));
                 if let Err(e) = wait::wait_fd(c, &mut fd, &mut held, true, d) {
                     return if got > 0 { Ok(got) } else { Err(e) };
                 }
@@ -696,7 +732,7 @@ fn send_inner(c: &TcpConn, fd: c_int, iov: &[iovec], flags: c_int) -> R<usize> {
                 if *nb.get_or_insert_with(|| flags & libc::MSG_DONTWAIT != 0 || nonblocking(fd)) {
                     return if sent > 0 { Ok(sent) } else { Err(libc::EAGAIN) };
                 }
-                let d = *deadline.get_or_insert_with(|| sock_timeout(fd, libc::SO_SNDTIMEO));
+                let d = *deadline.get_or_insert_with(|| sock_timeout(c, fd, libc::SO_SNDTIMEO));
                 if let Err(e) = wait::wait_fd(c, &mut fd, &mut held, false, d) {
                     return if sent > 0 { Ok(sent) } else { Err(e) };
                 }
@@ -1289,6 +1325,20 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
             }
             // SAFETY: the program's event.
             let app = unsafe { *ev };
+            // The kernel's rule for EPOLLEXCLUSIVE (epoll_ctl(2)), which our registration in
+            // the kernel (no EPOLLONESHOT or EPOLLRDHUP there) would not meet.
+            let exclusive_ok = (libc::EPOLLIN
+                | libc::EPOLLOUT
+                | libc::EPOLLERR
+                | libc::EPOLLHUP
+                | libc::EPOLLWAKEUP
+                | libc::EPOLLET
+                | libc::EPOLLEXCLUSIVE) as u32;
+            if app.events & libc::EPOLLEXCLUSIVE as u32 != 0
+                && (op == libc::EPOLL_CTL_MOD || app.events & !exclusive_ok != 0)
+            {
+                return fail(libc::EINVAL);
+            }
             set.install_bell(epfd);
             let mut k = epoll::kernel_event(fd, app.events);
             let old = set.put(fd, conn, &app);
@@ -1327,6 +1377,14 @@ fn epoll_dispatch(
     mask: *const sigset_t,
     kernel: impl Fn(Option<Duration>) -> c_int,
 ) -> c_int {
+    if ev.is_null()
+        && max > 0
+        && table::tracked(epfd)
+        && epoll_set(epfd, false).is_some_and(|s| !s.is_empty())
+    {
+        // The kernel's answer when it has an event to copy out; ours may be in memory only.
+        return fail(libc::EFAULT);
+    }
     let set = (max > 0 && !ev.is_null() && table::tracked(epfd)).then(|| epoll_set(epfd, false)).flatten();
     let Some(set) = set else { return kernel(timeout) };
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
@@ -1503,6 +1561,11 @@ pub unsafe fn splice(
         return w;
     }
     if let Some(c) = to {
+        // A connection that refuses writes (reset, shut down) fails the call as the
+        // kernel's splice does, before it takes anything out of the pipe.
+        if let Err(e) = send_inner(&c, out, &one(buf.as_ptr().cast(), 0), 0) {
+            return fail(e);
+        }
         // SAFETY: reading the program's pipe into our buffer.
         let got = unsafe { real::read(inp, buf.as_mut_ptr().cast(), buf.len()) };
         if got <= 0 {

@@ -242,9 +242,11 @@ pub fn wait_fd(
     let ready = || ready_in_memory(conn, read, !read) || (read && (conn.peer_closed() || conn.has_error()));
     // A handler that runs while this thread spins or prepares to sleep interrupts the call
     // as it would have interrupted the kernel's (or lets it go on, with SA_RESTART).
+    // The kernel never restarts a socket call that has a timeout (signal(7)).
     let sig0 = crate::signals::mark();
     let handled = || match crate::signals::since(sig0) {
         Since::Interrupt => Some(Err(libc::EINTR)),
+        Since::Restart if deadline.is_some() => Some(Err(libc::EINTR)),
         Since::Restart => Some(Ok(())),
         Since::Nothing => None,
     };
@@ -262,6 +264,10 @@ pub fn wait_fd(
         return Ok(());
     }
     if let Some(r) = handled() {
+        // A restarted call finds the descriptor closed (by the handler, say).
+        if r.is_ok() && held.as_ref().is_some_and(Held::replaced) {
+            return Err(libc::EBADF);
+        }
         return r;
     }
     let closed = conn.peer_closed();
@@ -275,7 +281,10 @@ pub fn wait_fd(
         let r = if r >= 0 || (e != libc::EAGAIN && e != libc::EINTR) {
             1
         } else if e == libc::EAGAIN {
-            0
+            // The socket's receive timeout passed in the kernel (also one it reads back as
+            // none: a negative timeout, which never blocks).
+            armed.slept(0);
+            return Err(libc::EAGAIN);
         } else {
             -1
         };
@@ -300,10 +309,15 @@ pub fn wait_fd(
         if r < 0 && e == libc::EINTR {
             let interrupt = match crate::signals::since(sig0) {
                 Since::Interrupt => true,
-                Since::Restart => false,
+                Since::Restart => deadline.is_some(),
                 // A handler the library did not install (raw rt_sigaction).
                 Since::Nothing => !restart_after_signal(),
             };
+            if replaced && !interrupt {
+                // Restarted, the kernel's call would find the descriptor closed.
+                armed.slept(r);
+                return Err(libc::EBADF);
+            }
             if replaced || interrupt {
                 armed.slept(r);
                 return Err(libc::EINTR);

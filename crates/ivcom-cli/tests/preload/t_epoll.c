@@ -1,6 +1,7 @@
 /* epoll on connections: level and edge triggering, EPOLLONESHOT and re-arming with MOD,
  * EPOLLOUT, EPOLLRDHUP and EPOLLHUP, epoll_pwait, a sleeper woken by later data, several
- * connections in one set, and removing or closing a registered descriptor. */
+ * connections in one set, and removing or closing a registered descriptor; the kernel's
+ * errors for a bad EPOLLEXCLUSIVE registration and a null event array. */
 #include "common.h"
 #include <sys/epoll.h>
 
@@ -133,8 +134,31 @@ static void server(int l) {
     close(ep);
 }
 
+static void errors(void) {
+    int c, s;
+    local_pair(&c, &s);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE | EPOLLONESHOT, .data.u64 = 1};
+    int r = epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+    say("errors: ADD with EPOLLEXCLUSIVE|EPOLLONESHOT: r=%d EINVAL %d", r, r < 0 && errno == EINVAL);
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    r = epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+    say("errors: ADD with EPOLLEXCLUSIVE: r=%d", r);
+    r = epoll_ctl(ep, EPOLL_CTL_MOD, c, &ev);
+    say("errors: MOD of an exclusive registration: r=%d EINVAL %d", r, r < 0 && errno == EINVAL);
+    write_all(s, "z", 1);
+    msleep(20);
+    struct epoll_event *volatile none = NULL;
+    r = epoll_wait(ep, none, 4, 0);
+    say("errors: epoll_wait into a null array with an event ready: r=%d EFAULT %d", r, r < 0 && errno == EFAULT);
+    close(ep);
+    close(c);
+    close(s);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
+    errors();
     pair(0, server, client);
     say("done");
     return 0;

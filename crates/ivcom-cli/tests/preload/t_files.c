@@ -1,5 +1,6 @@
 /* sendfile from a file into a connection, splice from a connection into a pipe and from a
- * pipe into a connection; the bytes arrive intact and in order. */
+ * pipe into a connection; the bytes arrive intact and in order. A splice from a pipe into a
+ * connection whose peer reset it fails with EPIPE and leaves the pipe's bytes in place. */
 #include "common.h"
 #include <sys/sendfile.h>
 
@@ -84,8 +85,28 @@ static void server(int l) {
     free(want);
 }
 
+static void splice_to_reset_peer(void) {
+    int c, s, pp[2];
+    local_pair(&c, &s);
+    CHECK(pipe(pp) == 0, "pipe");
+    close(s);
+    msleep(20);
+    write_all(c, "x", 1); /* the closed peer answers with a reset */
+    msleep(50);
+    write_all(pp[1], "abc", 3);
+    ssize_t r = splice(pp[0], NULL, c, NULL, 3, 0);
+    int e = errno;
+    int left = 0;
+    CHECK(ioctl(pp[0], FIONREAD, &left) == 0, "FIONREAD");
+    say("splice pipe->connection to a reset peer: r=%zd EPIPE %d, bytes left in the pipe %d", r, r < 0 && e == EPIPE, left);
+    close(pp[0]);
+    close(pp[1]);
+    close(c);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
+    splice_to_reset_peer();
     pair(0, server, client);
     say("done");
     return 0;

@@ -9,6 +9,7 @@
  *   t_handback handler    the exec'd handler: a line on stdin, answer on stdout, then a
  *                         1 MiB block whose checksum it sends back, then 1 MiB of its own */
 #include "common.h"
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <linux/sockios.h>
@@ -283,6 +284,53 @@ static void after_peer_closed(void) {
     close(go[1]);
 }
 
+/* inetd style: a child puts the connection on its stdin and stdout and execs a program
+ * without the library (a clean environment), while bytes sent before the exec wait unread
+ * in the ring and more follow at once from another thread of the peer, which then shuts
+ * down for writing: cat echoes every byte in order, then EOF. */
+static int cat_client;
+static unsigned char cat_out[300000];
+static void *cat_writer(void *arg) {
+    (void)arg;
+    write_all(cat_client, "after|", 6);
+    write_all(cat_client, cat_out, sizeof cat_out);
+    CHECK(shutdown(cat_client, SHUT_WR) == 0, "shutdown");
+    return NULL;
+}
+static void cat_with_bytes_in_flight(void) {
+    int c, s;
+    local_pair(&c, &s);
+    write_all(c, "before|", 7);
+    msleep(20);
+    fflush(stdout);
+    pid_t p = fork();
+    CHECK(p >= 0, "fork");
+    if (p == 0) {
+        CHECK(dup2(s, 0) == 0 && dup2(s, 1) == 1, "dup2");
+        close(s);
+        close(c);
+        char *argv[] = {"cat", NULL}, *envp[] = {"PATH=/usr/bin:/bin", NULL};
+        execve("/bin/cat", argv, envp);
+        _exit(127);
+    }
+    close(s);
+    fill(cat_out, sizeof cat_out, 31);
+    cat_client = c;
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, cat_writer, NULL) == 0, "pthread_create");
+    static unsigned char in[400000];
+    size_t got = 0;
+    ssize_t r;
+    while ((r = read(c, in + got, sizeof in - got)) > 0) got += (size_t)r;
+    pthread_join(t, NULL);
+    int st;
+    CHECK(waitpid(p, &st, 0) == p, "waitpid");
+    int ok = got == 13 + sizeof cat_out && memcmp(in, "before|after|", 13) == 0 && memcmp(in + 13, cat_out, sizeof cat_out) == 0;
+    say("cat (no library) on the connection: %zu bytes echoed in order %d, then EOF %d, cat exited %d", got, ok, r == 0,
+        WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    close(c);
+}
+
 /* Socket activation: a manager listens, never accepts, and runs the service (this program
  * again, exec'd under the library) with the listener on fd 3; clients write and close; the
  * service reads each connection to its EOF. */
@@ -335,6 +383,7 @@ int main(int argc, char **argv) {
     pair(0, server, client);
     shell_on_own_connection();
     after_peer_closed();
+    cat_with_bytes_in_flight();
     activation();
     return 0;
 }

@@ -3,7 +3,8 @@
  * phase): a handler without SA_RESTART ends read, poll and epoll_wait with EINTR, one with
  * SA_RESTART lets read go on; what sigaction, signal and siginterrupt read back is the
  * program's own handler and flags; SA_RESETHAND and SA_SIGINFO behave as without the
- * library. */
+ * library; a call with a socket timeout is never restarted; a negative timeout never
+ * blocks. */
 #include "common.h"
 #include <pthread.h>
 #include <sys/epoll.h>
@@ -119,6 +120,42 @@ int main(void) {
     raise(SIGUSR2);
     CHECK(sigaction(SIGUSR2, NULL, &back) == 0, "read back");
     say("SA_SIGINFO handler gets its info %d; reads back %d", info_ok, back.sa_sigaction == on_info);
+
+    /* The kernel never restarts a socket call that has a timeout: a blocked write with
+     * SO_SNDTIMEO ends with EINTR even after a handler with SA_RESTART. */
+    handle(SIGALRM, on_sig, SA_RESTART);
+    struct timeval tmo = {3, 0};
+    CHECK(setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tmo, sizeof tmo) == 0, "SO_SNDTIMEO");
+    int fl = fcntl(c, F_GETFL);
+    CHECK(fcntl(c, F_SETFL, fl | O_NONBLOCK) == 0, "nonblocking");
+    static char fill_buf[65536];
+    size_t filled = 0;
+    for (ssize_t w; (w = write(c, fill_buf, sizeof fill_buf)) > 0;) filled += (size_t)w;
+    CHECK(fcntl(c, F_SETFL, fl) == 0, "blocking");
+    hits = 0;
+    timer_ms(150);
+    double t0 = now_ms();
+    r = write(c, fill_buf, sizeof fill_buf);
+    if (r > 0) filled += (size_t)r;
+    say("blocked write with SO_SNDTIMEO, handler with SA_RESTART: r=%zd EINTR %d before the timeout %d, handler ran %d", r,
+        r < 0 && errno == EINTR, now_ms() - t0 < 2500, hits);
+    /* Drain what was queued, so the connection is usable again. */
+    size_t drained = 0;
+    static char sink[65536];
+    while (drained < filled) {
+        ssize_t k = read(s, sink, sizeof sink);
+        CHECK(k > 0, "drain");
+        drained += (size_t)k;
+    }
+    /* A negative receive timeout has passed already: a read never blocks. */
+    struct timeval neg = {-1, 0};
+    CHECK(setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &neg, sizeof neg) == 0, "SO_RCVTIMEO");
+    t0 = now_ms();
+    r = read(c, &b, 1);
+    say("read with a negative SO_RCVTIMEO: r=%zd EAGAIN %d at once %d", r, r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK),
+        now_ms() - t0 < 2000);
+    struct timeval none = {0, 0};
+    CHECK(setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none) == 0, "SO_RCVTIMEO off");
 
     write_all(s, "y", 1);
     r = read(c, &b, 1);
