@@ -177,6 +177,9 @@ pub struct TcpConn {
     /// `SO_RCVTIMEO` / `SO_SNDTIMEO` set to a negative time (a deadline already passed: the
     /// kernel's calls then never block), which the kernel reads back as no timeout.
     timeo_passed: [AtomicBool; 2],
+    /// A write of the program's met the kernel's `EPIPE` without our own shutdown: the
+    /// connection was reset (its error already reported), a hang-up for `poll`.
+    reset_seen: AtomicBool,
     /// When a write last asked the kernel whether the peer closed (ns since `EPOCH`).
     last_close_check: AtomicU64,
     /// Orders "announce sleep" against "take wakeup bytes off TCP" among this process's
@@ -200,7 +203,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Borrows a descriptor the program handed us for the duration of its call.
-fn borrow(fd: c_int) -> BorrowedFd<'static> {
+pub(crate) fn borrow(fd: c_int) -> BorrowedFd<'static> {
     // SAFETY: `fd` is a descriptor the program passed to the call we are serving; it stays
     // open while that call runs, which is as long as the borrow is used.
     unsafe { BorrowedFd::borrow_raw(fd) }
@@ -385,6 +388,7 @@ impl TcpConn {
             last_close_check: AtomicU64::new(0),
             tcp_opts: [AtomicI32::new(0), AtomicI32::new(0)],
             timeo_passed: [AtomicBool::new(false), AtomicBool::new(false)],
+            reset_seen: AtomicBool::new(false),
             wake_lock: Mutex::new(()),
             events: AtomicU64::new(0),
             rx_handed: AtomicBool::new(false),
@@ -824,6 +828,12 @@ impl TcpConn {
         (e != 0 && !self.error_reported.swap(true, Ordering::Relaxed)).then_some(e)
     }
 
+    /// Keeps an error the kernel reported on the socket to one of the library's own calls
+    /// (which took it off the socket: the kernel reports it once).
+    pub fn note_error(&self, e: Errno) {
+        self.set_error(e);
+    }
+
     fn set_error(&self, e: Errno) {
         let _ = self.error.compare_exchange(0, e, Ordering::Relaxed, Ordering::Relaxed);
     }
@@ -1192,7 +1202,13 @@ impl TcpConn {
             // its reset, and the byte is a harmless wakeup if it only half-closed.
             if let Some(r) = self.send_wake(fd, flags & libc::MSG_NOSIGNAL) {
                 if r < 0 && errno() != EAGAIN {
-                    return Err(errno());
+                    let e = errno();
+                    if e == libc::EPIPE && !self.shut_wr.load(Ordering::Relaxed) {
+                        // The kernel refused a write of the program's: the connection is
+                        // reset, which `poll` reports as a hang-up from now on.
+                        self.reset_seen.store(true, Ordering::Relaxed);
+                    }
+                    return Err(e);
                 }
             }
         }
@@ -1264,14 +1280,7 @@ impl TcpConn {
         if self.probed.swap(true, Ordering::Relaxed) {
             return self.has_error();
         }
-        let unread = {
-            let mut tx = lock(&self.tx);
-            let region = self.region();
-            match tx.w.ctrl(region) {
-                Ok(c) => tx.w.state().refresh_head(&c).is_ok() && tx.w.state().unconsumed() > 0,
-                Err(_) => false,
-            }
-        };
+        let unread = self.tx_unread() > 0;
         if !unread || self.send_wake(fd, libc::MSG_NOSIGNAL).is_none_or(|r| r < 0) {
             return self.has_error();
         }
@@ -1449,6 +1458,30 @@ impl TcpConn {
             let mut p = [libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }];
             // SAFETY: a local pollfd array of length 1.
             unsafe { crate::real::poll(p.as_mut_ptr(), 1, left.as_millis().clamp(1, 100) as c_int) };
+        }
+    }
+
+    /// Bytes we wrote into our ring that the peer has not read yet.
+    fn tx_unread(&self) -> u64 {
+        let mut tx = lock(&self.tx);
+        let region = self.region();
+        match tx.w.ctrl(region) {
+            Ok(c) if tx.w.state().refresh_head(&c).is_ok() => tx.w.state().unconsumed(),
+            _ => 0,
+        }
+    }
+
+    /// A close under `SO_LINGER` with a timeout (`linger` seconds): as the kernel's, it
+    /// returns once the peer has our data (here: read it from the ring), the peer is gone,
+    /// or the time is up. Looks every 5 ms.
+    pub fn linger(&self, fd: c_int, linger: std::time::Duration) {
+        let deadline = std::time::Instant::now() + linger;
+        while self.tx_unread() > 0 && std::time::Instant::now() < deadline {
+            self.note_hangup(fd);
+            if self.eof.load(Ordering::Acquire) || self.has_error() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
 
@@ -1820,7 +1853,9 @@ impl TcpConn {
             readable: want_in && self.readable(fd),
             writable: want_out && self.writable(|| crate::wait::kernel_writable(fd)),
             peer_closed: self.peer_closed(),
-            hangup: (self.peer_closed() && self.write_shut()) || self.has_error(),
+            hangup: (self.peer_closed() && self.write_shut())
+                || self.has_error()
+                || self.reset_seen.load(Ordering::Relaxed),
             error: self.has_error() && !self.error_reported.load(Ordering::Relaxed),
         }
     }

@@ -285,6 +285,11 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
             c.end_unclaimed(fd);
             if !c.is_plain() && !shared {
                 c.push_before_close(fd);
+                if let Ok(Some(t)) = rustix::net::sockopt::socket_linger(crate::conn::borrow(fd)) {
+                    if !t.is_zero() {
+                        c.linger(fd, t);
+                    }
+                }
                 // This was the last copy of the socket.
                 if c.has_unread() {
                     // Closing with unread data resets a TCP connection; our unread data is

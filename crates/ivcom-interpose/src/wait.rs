@@ -278,7 +278,11 @@ pub fn wait_fd(
         let r = unsafe { crate::real::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };
         let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         // A byte, EOF (0) or an error other than a timeout or a signal: something to look at.
-        let r = if r >= 0 || (e != libc::EAGAIN && e != libc::EINTR) {
+        let r = if r >= 0 {
+            1
+        } else if e != libc::EAGAIN && e != libc::EINTR {
+            // A reset the peek took off the socket: the program's next read reports it.
+            conn.note_error(e);
             1
         } else if e == libc::EAGAIN {
             // The socket's receive timeout passed in the kernel (also one it reads back as

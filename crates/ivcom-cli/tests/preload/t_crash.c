@@ -1,6 +1,7 @@
 /* A peer killed with SIGKILL: everything it wrote before dying arrives, then EOF; a writer
  * whose reader was killed gets EPIPE or ECONNRESET instead of blocking; a peer killed with
- * our data unread resets the connection (ECONNRESET, not EOF), as its kernel would. */
+ * our data unread resets the connection (ECONNRESET, not EOF), as its kernel would; so does
+ * one that closes with our data unread while we sleep in a read. */
 #include "common.h"
 
 #define SENT (2u << 20)
@@ -85,7 +86,100 @@ static int killed_with_our_data_unread(void) {
     return s;
 }
 
+/* HTTP-style abrupt close: the server reads part of what the client sent, answers, and
+ * closes with the rest unread (its kernel resets the connection) while the client is
+ * asleep in a blocking read: the client reads the whole answer, then ECONNRESET. */
+static void closed_with_requests_unread(void) {
+    int port;
+    int l = listen_any(0, &port);
+    fflush(stdout);
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        close(l);
+        int s = connect_to(0, port, 0);
+        write_all(s, "0123456789abcdefghijklmnopqrst", 30);
+        char in[1000];
+        read_exact(s, in, sizeof in);
+        char x;
+        ssize_t r = read(s, &x, 1);
+        say("abrupt close with requests unread: whole answer, then r=%zd ECONNRESET %d", r, r < 0 && errno == ECONNRESET);
+        close(s);
+        _exit(0);
+    }
+    msleep(100); /* the request is written before the connection is accepted */
+    int c = accept_one(l);
+    close(l);
+    char b[10];
+    read_exact(c, b, sizeof b);
+    msleep(200);
+    static char reply[1000];
+    memset(reply, 'r', sizeof reply);
+    write_all(c, reply, sizeof reply);
+    msleep(150);
+    close(c);
+    int st;
+    waitpid(pid, &st, 0);
+}
+
+/* close() under SO_LINGER with a timeout waits until the peer has the data (here it starts
+ * reading after 0.5 s); the peer reads all of it, then EOF. */
+static void lingering_close(void) {
+    int port;
+    int l = listen_any(0, &port);
+    fflush(stdout);
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        close(l);
+        int s = connect_to(0, port, 0);
+        msleep(500);
+        static char in[1 << 16];
+        size_t got = 0;
+        ssize_t r;
+        while ((r = read(s, in, sizeof in)) > 0) got += (size_t)r;
+        say("lingering close: the peer read %zu bytes, then EOF %d", got, r == 0);
+        close(s);
+        _exit(0);
+    }
+    int c = accept_one(l);
+    close(l);
+    static char out[1 << 20];
+    memset(out, 'l', sizeof out);
+    write_all(c, out, sizeof out);
+    struct linger lg = {1, 5};
+    CHECK(setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0, "SO_LINGER");
+    double t0 = now_ms();
+    close(c);
+    say("lingering close waited for the peer to read %d", now_ms() - t0 > 300);
+    int st;
+    waitpid(pid, &st, 0);
+}
+
+/* Writes to a peer that closed: the first provokes its reset, the next fails with EPIPE;
+ * poll then reports the hang-up. */
+static void hangup_after_reset(void) {
+    signal(SIGPIPE, SIG_IGN);
+    int c, s;
+    local_pair(&c, &s);
+    close(s);
+    msleep(30);
+    ssize_t r1 = write(c, "more", 4);
+    msleep(30);
+    ssize_t r2 = write(c, "more", 4);
+    int e2 = errno;
+    struct pollfd p = {c, POLLIN | POLLOUT | POLLRDHUP, 0};
+    poll(&p, 1, 0);
+    say("after the reset: first write %zd, second EPIPE %d, poll POLLHUP %d POLLRDHUP %d", r1, r2 < 0 && e2 == EPIPE,
+        (p.revents & POLLHUP) != 0, (p.revents & POLLRDHUP) != 0);
+    close(c);
+    signal(SIGPIPE, SIG_DFL);
+}
+
 int main(void) {
+    closed_with_requests_unread();
+    lingering_close();
+    hangup_after_reset();
     int port;
     int l = listen_any(0, &port);
     fflush(stdout);
