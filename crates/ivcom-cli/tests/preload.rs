@@ -65,6 +65,11 @@ fn signals_before_the_kernel_sleep() {
 }
 
 #[test]
+fn epoll_instance_shared_across_fork() {
+    same_over_shared_memory("t_epollfork", &[]);
+}
+
+#[test]
 fn buffering_as_large_as_tcp() {
     same_over_shared_memory("t_buffer", &[]);
 }

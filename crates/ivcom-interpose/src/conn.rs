@@ -1461,6 +1461,19 @@ impl TcpConn {
         }
     }
 
+    /// Whether this side (this process or another of it, after `fork`) handed the
+    /// connection back and has read its ring to where it stopped: from here its readiness
+    /// is the kernel's.
+    pub fn ring_given_up(&self) -> bool {
+        let region = self.region();
+        let Some(stop) = tcp::rx_stop(region, self.me()).ok().flatten() else { return false };
+        let mut rx = lock(&self.rx);
+        if let Ok(c) = rx.r.ctrl(region) {
+            let _ = rx.r.state().adopt_published_head(&c);
+        }
+        rx.r.state().head() >= stop
+    }
+
     /// Bytes we wrote into our ring that the peer has not read yet.
     fn tx_unread(&self) -> u64 {
         let mut tx = lock(&self.tx);

@@ -83,6 +83,10 @@ pub struct EpollSet {
     /// is: an `epoll_ctl` adding or changing one while a thread waits rings it, so that the
     /// waiter looks again and arms the connection (its peer sends wakeups only then).
     bell: OnceLock<OwnedFd>,
+    /// The instance came to this process through `fork`: the kernel's instance is shared
+    /// with the parent, whose registrations of our connections this process cannot see
+    /// change (see [`EpollSet::release_inherited`]).
+    inherited: std::sync::atomic::AtomicBool,
 }
 
 /// The data of the bell's registration (no descriptor number is `u32::MAX`).
@@ -161,6 +165,41 @@ impl EpollSet {
         if let Some(b) = self.bell.get() {
             let mut buf = [0u8; 8];
             let _ = rustix::io::read(b.as_fd(), &mut buf);
+        }
+    }
+
+    /// In a child after `fork`: the instance is shared with the parent.
+    pub fn mark_inherited(&self) {
+        if self.regs().values().any(|r| !r.conn.is_plain()) {
+            self.inherited.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A process that uses an instance it shares with another through `fork` (both may
+    /// change and wait on it; the kernel keeps one set of registrations, the library's
+    /// records are each process's own): the connections registered in it go back to TCP,
+    /// and their kernel registrations become the program's own, so that the kernel's
+    /// epoll semantics hold for both processes. The other process follows the handback at
+    /// its next call on each connection. Called on this process's first `epoll_ctl` or wait
+    /// on the instance after the `fork`.
+    pub fn release_inherited(&self, epfd: c_int) {
+        if !self.inherited.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let regs = std::mem::take(&mut *self.regs());
+        for (fd, reg) in regs {
+            if reg.conn.is_plain() || reg.conn.ring_given_up() {
+                // Already the kernel's (the registration there may be newer than ours).
+                continue;
+            }
+            reg.conn.hand_back(
+                reg.io_fd,
+                "an epoll instance shared with another process (fork) watches it",
+                crate::conn::Handback::Now,
+            );
+            let mut back = epoll_event { events: reg.events, u64: reg.data };
+            // SAFETY: modifying a registration of the program's epoll instance.
+            unsafe { crate::real::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut back) };
         }
     }
 
@@ -262,7 +301,7 @@ impl EpollSet {
         let regs: Vec<Seen> = self
             .regs()
             .iter()
-            .filter(|(_, r)| !r.disabled && !r.conn.is_plain())
+            .filter(|(_, r)| !r.disabled && !r.conn.is_plain() && !r.conn.ring_given_up())
             .map(|(fd, r)| (*fd, r.conn.clone(), r.events, r.last_in, r.last_out))
             .collect();
         for (fd, c, want, last_in, last_out) in regs {
@@ -305,7 +344,7 @@ impl EpollSet {
                 let fd = (data & 0xffff_ffff) as u32 as c_int;
                 let mut regs = self.regs();
                 let Some(reg) = regs.get_mut(&fd) else { continue };
-                if reg.conn.is_plain() {
+                if reg.conn.is_plain() || reg.conn.ring_given_up() {
                     // Went back to plain TCP: hand the registration back to the kernel.
                     let mut back = epoll_event { events: reg.events, u64: reg.data };
                     // SAFETY: modifying a registration of the program's epoll instance.
@@ -338,7 +377,7 @@ impl EpollSet {
         let start = self.next.load(Ordering::Relaxed);
         let mut last = None;
         let visit = |reg: &mut Reg| {
-            if reg.disabled || reg.conn.is_plain() {
+            if reg.disabled || reg.conn.is_plain() || reg.conn.ring_given_up() {
                 return None;
             }
             let c = &reg.conn;

@@ -1297,8 +1297,17 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
     // once or more per request, and an `fstat` each would add a system call to the busy
     // path. A number reused behind our back was already forgotten when a call returned it.
     let entry = if table::tracked(fd) { table::get(fd) } else { None };
+    if let Some(set) = epoll_set(epfd, false) {
+        set.release_inherited(epfd);
+        if let Some(Entry::Conn(c)) = &entry {
+            if c.is_plain() || c.ring_given_up() {
+                // The kernel's registration is the program's now: ours is stale.
+                set.forget(fd);
+            }
+        }
+    }
     let conn = match entry {
-        Some(Entry::Conn(c)) if !c.is_plain() => c,
+        Some(Entry::Conn(c)) if !c.is_plain() && !c.ring_given_up() => c,
         Some(Entry::Epoll(inner)) => {
             // SAFETY: passed on unchanged.
             let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
@@ -1391,6 +1400,9 @@ fn epoll_dispatch(
         return fail(libc::EFAULT);
     }
     let set = (max > 0 && !ev.is_null() && table::tracked(epfd)).then(|| epoll_set(epfd, false)).flatten();
+    if let Some(s) = &set {
+        s.release_inherited(epfd);
+    }
     let Some(set) = set else { return kernel(timeout) };
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     loop {
@@ -1659,6 +1671,9 @@ pub unsafe fn fork() -> libc::pid_t {
         if r == 0 {
             crate::conn::note_pid();
             settings::reset_counters();
+            for set in table::epoll_sets() {
+                set.mark_inherited();
+            }
             table::after_fork_in_child();
             crate::exec::after_fork_in_child();
         }
