@@ -105,6 +105,23 @@ __attribute__((unused)) static void read_exact(int fd, void *buf, size_t n) {
     }
 }
 
+/* Writes bytes `b` to non-blocking `fd` until the kernel (or the ring) takes no more
+ * (EAGAIN); returns how many it took. */
+__attribute__((unused)) static size_t write_until_full(int fd, char b) {
+    static char chunk[65536];
+    memset(chunk, b, sizeof chunk);
+    size_t total = 0;
+    for (;;) {
+        ssize_t w = write(fd, chunk, sizeof chunk);
+        if (w < 0) {
+            CHECK(errno == EAGAIN || errno == EWOULDBLOCK, "write until full");
+            return total;
+        }
+        total += (size_t)w;
+        CHECK(total < (1u << 30), "never full");
+    }
+}
+
 /* Deterministic pseudo-random bytes. */
 __attribute__((unused)) static void fill(unsigned char *b, size_t n, uint32_t seed) {
     uint32_t x = seed * 2654435761u + 1;

@@ -19,18 +19,7 @@ static void timeout(int sig) {
 static size_t fill_nonblocking(int s) {
     int fl = fcntl(s, F_GETFL);
     CHECK(fcntl(s, F_SETFL, fl | O_NONBLOCK) == 0, "nonblocking");
-    static unsigned char chunk[65536];
-    memset(chunk, 'n', sizeof chunk);
-    size_t total = 0;
-    for (;;) {
-        ssize_t w = write(s, chunk, sizeof chunk);
-        if (w < 0) {
-            CHECK(errno == EAGAIN || errno == EWOULDBLOCK, "write until full");
-            break;
-        }
-        total += (size_t)w;
-        CHECK(total < (1u << 30), "never full");
-    }
+    size_t total = write_until_full(s, 'n');
     CHECK(fcntl(s, F_SETFL, fl) == 0, "blocking again");
     return total;
 }

@@ -89,27 +89,20 @@ static int killed_with_our_data_unread(void) {
 /* HTTP-style abrupt close: the server reads part of what the client sent, answers, and
  * closes with the rest unread (its kernel resets the connection) while the client is
  * asleep in a blocking read: the client reads the whole answer, then ECONNRESET. */
-static void closed_with_requests_unread(void) {
-    int port;
-    int l = listen_any(0, &port);
-    fflush(stdout);
-    pid_t pid = fork();
-    CHECK(pid >= 0, "fork");
-    if (pid == 0) {
-        close(l);
-        int s = connect_to(0, port, 0);
-        write_all(s, "0123456789abcdefghijklmnopqrst", 30);
-        char in[1000];
-        read_exact(s, in, sizeof in);
-        char x;
-        ssize_t r = read(s, &x, 1);
-        say("abrupt close with requests unread: whole answer, then r=%zd ECONNRESET %d", r, r < 0 && errno == ECONNRESET);
-        close(s);
-        _exit(0);
-    }
+static void unread_client(int port) {
+    int s = connect_to(0, port, 0);
+    write_all(s, "0123456789abcdefghijklmnopqrst", 30);
+    char in[1000];
+    read_exact(s, in, sizeof in);
+    char x;
+    ssize_t r = read(s, &x, 1);
+    say("abrupt close with requests unread: whole answer, then r=%zd ECONNRESET %d", r, r < 0 && errno == ECONNRESET);
+    close(s);
+}
+
+static void unread_server(int l) {
     msleep(100); /* the request is written before the connection is accepted */
     int c = accept_one(l);
-    close(l);
     char b[10];
     read_exact(c, b, sizeof b);
     msleep(200);
@@ -118,32 +111,23 @@ static void closed_with_requests_unread(void) {
     write_all(c, reply, sizeof reply);
     msleep(150);
     close(c);
-    int st;
-    waitpid(pid, &st, 0);
 }
 
 /* close() under SO_LINGER with a timeout waits until the peer has the data (here it starts
  * reading after 0.5 s); the peer reads all of it, then EOF. */
-static void lingering_close(void) {
-    int port;
-    int l = listen_any(0, &port);
-    fflush(stdout);
-    pid_t pid = fork();
-    CHECK(pid >= 0, "fork");
-    if (pid == 0) {
-        close(l);
-        int s = connect_to(0, port, 0);
-        msleep(500);
-        static char in[1 << 16];
-        size_t got = 0;
-        ssize_t r;
-        while ((r = read(s, in, sizeof in)) > 0) got += (size_t)r;
-        say("lingering close: the peer read %zu bytes, then EOF %d", got, r == 0);
-        close(s);
-        _exit(0);
-    }
+static void linger_client(int port) {
+    int s = connect_to(0, port, 0);
+    msleep(500);
+    static char in[1 << 16];
+    size_t got = 0;
+    ssize_t r;
+    while ((r = read(s, in, sizeof in)) > 0) got += (size_t)r;
+    say("lingering close: the peer read %zu bytes, then EOF %d", got, r == 0);
+    close(s);
+}
+
+static void linger_server(int l) {
     int c = accept_one(l);
-    close(l);
     static char out[1 << 20];
     memset(out, 'l', sizeof out);
     write_all(c, out, sizeof out);
@@ -152,8 +136,6 @@ static void lingering_close(void) {
     double t0 = now_ms();
     close(c);
     say("lingering close waited for the peer to read %d", now_ms() - t0 > 300);
-    int st;
-    waitpid(pid, &st, 0);
 }
 
 /* Writes to a peer that closed: the first provokes its reset, the next fails with EPIPE;
@@ -177,8 +159,8 @@ static void hangup_after_reset(void) {
 }
 
 int main(void) {
-    closed_with_requests_unread();
-    lingering_close();
+    pair(0, unread_server, unread_client);
+    pair(0, linger_server, linger_client);
     hangup_after_reset();
     int port;
     int l = listen_any(0, &port);

@@ -23,18 +23,7 @@ static void client(int port) {
     CHECK(read(s, &c, 1) == -1, "read on empty");
     say("client: empty read gives EAGAIN %d", errno == EAGAIN || errno == EWOULDBLOCK);
     /* Fill until EAGAIN: the server does not read yet. */
-    static char chunk[65536];
-    memset(chunk, 'x', sizeof chunk);
-    size_t total = 0;
-    for (;;) {
-        ssize_t w = write(s, chunk, sizeof chunk);
-        if (w < 0) {
-            CHECK(errno == EAGAIN || errno == EWOULDBLOCK, "write until full");
-            break;
-        }
-        total += (size_t)w;
-        CHECK(total < (1u << 30), "never full");
-    }
+    size_t total = write_until_full(s, 'x');
     say("client: writes stop with EAGAIN when the peer does not read");
     write_all(s, "", 0);
     /* Tell the server how much came, over a second connection... simpler: as a trailer
