@@ -8,7 +8,7 @@
 //!
 //! `sigaction` (and `signal`, `bsd_signal`, `sysv_signal`, `siginterrupt`, which glibc
 //! implements with its internal `sigaction`) install the trampoline in place of a handler
-//! and keep the program's own in [`ACTIONS`]; what the program reads back is its own
+//! and keep the program's own handler aside; what the program reads back is its own
 //! handler. Handlers installed around the C library (raw `rt_sigaction`, static programs)
 //! are not counted: for them the library falls back to what the kernel's `poll` reports.
 
