@@ -983,6 +983,18 @@ impl TcpConn {
                     let n = n as usize;
                     match self.side {
                         Side::Connector => {
+                            if n == 0
+                                && !self.claim_seen.load(Ordering::Acquire)
+                                && tcp::claimed(self.region()).unwrap_or(false)
+                            {
+                                // The listener's side claimed, wrote into the ring and closed,
+                                // and the proof of its claim went to another process of ours:
+                                // the EOF comes after what it wrote (handed back at the next
+                                // call, which reads the ring to its end first).
+                                self.eof.store(true, Ordering::Release);
+                                self.unverified_claim.store(true, Ordering::Release);
+                                return Err(EAGAIN);
+                            }
                             let claim_word = n > 0 && tcp::claimed(self.region()).unwrap_or(false);
                             if self.claimed() || claim_word {
                                 // Sent after the claim: wakeups, not data (counted as taken).
@@ -1472,6 +1484,28 @@ impl TcpConn {
             let _ = rx.r.state().adopt_published_head(&c);
         }
         rx.r.state().head() >= stop
+    }
+
+    /// Before this side's FIN (the last close, `shutdown` for writing, exit): once the FIN
+    /// is out, no byte can follow it over TCP, and bytes still in our ring reach a peer that
+    /// later hands back while leaving the library (an exec of an image without it, such as
+    /// an inetd-style service) only over TCP. So wait, at most `FIN_WAIT`, until the peer
+    /// has read our ring, handed back (then what it did not read is pushed ahead of the
+    /// FIN), or closed. Costs nothing when the peer has read everything already.
+    pub fn settle_before_fin(&self, fd: c_int) {
+        const FIN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+        let deadline = std::time::Instant::now() + FIN_WAIT;
+        while self.tx_unread() > 0 && !self.tx_handed.load(Ordering::Acquire) {
+            if tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some() {
+                break;
+            }
+            self.note_hangup(fd);
+            if self.eof.load(Ordering::Acquire) || self.has_error() || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.push_before_close(fd);
     }
 
     /// Bytes we wrote into our ring that the peer has not read yet.

@@ -284,7 +284,11 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
         if Arc::strong_count(c) == 1 {
             c.end_unclaimed(fd);
             if !c.is_plain() && !shared {
-                c.push_before_close(fd);
+                if c.has_unread() {
+                    c.push_before_close(fd);
+                } else {
+                    c.settle_before_fin(fd);
+                }
                 if let Ok(Some(t)) = rustix::net::sockopt::socket_linger(crate::conn::borrow(fd)) {
                     if !t.is_zero() {
                         c.linger(fd, t);
@@ -520,8 +524,12 @@ unsafe fn add_ring_bytes(c: &crate::conn::TcpConn, val: *mut c_void, len: usize)
 pub unsafe fn shutdown(fd: c_int, how: c_int) -> c_int {
     if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
         if let Some(c) = if table::tracked(fd) { table::conn(fd) } else { None } {
-            // The FIN follows what a peer that handed back did not read of our ring.
-            c.push_before_close(fd);
+            // The FIN follows our ring's bytes (`TcpConn::settle_before_fin`).
+            if !c.shared() {
+                c.settle_before_fin(fd);
+            } else {
+                c.push_before_close(fd);
+            }
         }
     }
     // SAFETY: passed on unchanged.
@@ -1694,7 +1702,7 @@ pub fn at_exit() {
     let mut seen = std::collections::HashSet::new();
     for (fd, c) in table::conns() {
         if seen.insert(Arc::as_ptr(&c)) && !c.shared() {
-            c.push_before_close(fd);
+            c.settle_before_fin(fd);
         }
     }
     for l in table::drain_listeners() {

@@ -4,7 +4,39 @@
  * the server's end is served only when the program itself calls. */
 #include "common.h"
 
+/* The same with the server in another process, which answers and closes at once: the
+ * connecting parent, whose child sent the request and exited, reads the whole answer, then
+ * EOF (an HTTP/1.0 exchange). */
+static void answering_server(int l) {
+    int c = accept_one(l);
+    char b[10];
+    read_exact(c, b, sizeof b);
+    static char reply[3000];
+    memset(reply, 'a', sizeof reply);
+    write_all(c, reply, sizeof reply);
+    close(c);
+}
+
+static void forking_client(int port) {
+    int s = connect_to(0, port, 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        write_all(s, "GET /x 1.0", 10);
+        _exit(0);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    static char in[4000];
+    size_t got = 0;
+    ssize_t r;
+    while ((r = read(s, in + got, sizeof in - got)) > 0) got += (size_t)r;
+    say("client: the child's request answered: %zu bytes, then EOF %d", got, r == 0);
+    close(s);
+}
+
 int main(void) {
+    pair(0, answering_server, forking_client);
     int port;
     int l = listen_any(0, &port);
     int s = connect_to(0, port, 0);

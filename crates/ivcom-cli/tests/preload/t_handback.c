@@ -331,6 +331,42 @@ static void cat_with_bytes_in_flight(void) {
     close(c);
 }
 
+/* inetd style once more, with the peer done sending: it writes its request and shuts
+ * down for writing before the server runs a shell on the connection (the shell's stdin and
+ * stdout; the new image runs under the library but hands the connection back for stdio):
+ * the shell reads the whole request, and the peer reads the shell's answer, then EOF. */
+static void halfclosed_client(int port) {
+    int s = connect_to(0, port, 0);
+    write_all(s, "request three\nmore\n", 19);
+    CHECK(shutdown(s, SHUT_WR) == 0, "shutdown");
+    char in[128];
+    size_t got = 0;
+    ssize_t r;
+    while ((r = read(s, in + got, sizeof in - 1 - got)) > 0) got += (size_t)r;
+    in[got] = 0;
+    for (char *p = in; *p; p++)
+        if (*p == '\n') *p = '|';
+    say("half-closed peer: the shell answered '%s', then EOF %d", in, r == 0);
+    close(s);
+}
+
+static void shell_server(int l) {
+    int c = accept_one(l);
+    msleep(100); /* the request and the FIN are in before the shell starts */
+    fflush(stdout);
+    pid_t p = fork();
+    CHECK(p >= 0, "fork");
+    if (p == 0) {
+        CHECK(dup2(c, 0) == 0 && dup2(c, 1) == 1, "dup2");
+        close(c);
+        execl("/bin/sh", "sh", "-c", "read l; echo \"sh got: $l\"; cat", (char *)NULL);
+        _exit(127);
+    }
+    close(c);
+    int st;
+    CHECK(waitpid(p, &st, 0) == p, "waitpid");
+}
+
 /* Socket activation: a manager listens, never accepts, and runs the service (this program
  * again, exec'd under the library) with the listener on fd 3; clients write and close; the
  * service reads each connection to its EOF. */
@@ -384,6 +420,7 @@ int main(int argc, char **argv) {
     shell_on_own_connection();
     after_peer_closed();
     cat_with_bytes_in_flight();
+    pair(0, shell_server, halfclosed_client);
     activation();
     return 0;
 }
