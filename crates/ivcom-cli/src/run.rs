@@ -34,8 +34,9 @@ pub struct RunArgs {
     /// registrations stay on plain TCP; default 4096, never less than --ring-kib).
     #[arg(long, value_name = "KIB")]
     max_ring_kib: Option<u64>,
-    /// The program and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    /// The program and its arguments (put `--` before them; an unknown option before the
+    /// program is an error, not a program name).
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 

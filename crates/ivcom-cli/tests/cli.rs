@@ -108,6 +108,22 @@ fn bad_input_gets_a_clear_error() {
 }
 
 #[test]
+fn run_refuses_an_unknown_option_instead_of_running_it() {
+    for (args, expect) in
+        [(&["run", "--bogus", "--", "true"][..], "--bogus"), (&["run", "--of", "--", "true"], "--off")]
+    {
+        let o = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains("unexpected argument") && err.contains(expect), "{args:?}: stderr {err:?}");
+    }
+    // A program with options of its own, after `--`, still runs.
+    let o = Command::new(BIN).args(["run", "--off", "--", "sh", "-c", "echo $0-ok", "-x"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "-x-ok\n");
+}
+
+#[test]
 fn bench_json_has_the_documented_shape() {
     let mut child = Command::new(BIN)
         .args(["bench", "--json", "--rounds", "1", "--duration-ms", "200", "--only", "rtt+64B,stream+64KiB"])
