@@ -325,6 +325,9 @@ unsafe fn buf<'a>(v: &iovec) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(v.iov_base.cast(), v.iov_len) }
 }
 
+/// The longest a FIN waits for the peer to read our ring ([`TcpConn::settle_before_fin`]).
+pub const FIN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// When a handback ([`TcpConn::hand_back`]) must be complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handback {
@@ -1491,11 +1494,15 @@ impl TcpConn {
     /// later hands back while leaving the library (an exec of an image without it, such as
     /// an inetd-style service) only over TCP. So wait, at most `FIN_WAIT`, until the peer
     /// has read our ring, handed back (then what it did not read is pushed ahead of the
-    /// FIN), or closed. Costs nothing when the peer has read everything already.
-    pub fn settle_before_fin(&self, fd: c_int) {
-        const FIN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-        let deadline = std::time::Instant::now() + FIN_WAIT;
-        while self.tx_unread() > 0 && !self.tx_handed.load(Ordering::Acquire) {
+    /// FIN), or closed, or `deadline` (at most [`FIN_WAIT`] from now). Costs nothing when
+    /// the peer has read everything already; not done on a non-blocking socket (an event
+    /// loop's close must not block; such servers are not what execs a service on a
+    /// connection).
+    pub fn settle_before_fin(&self, fd: c_int, deadline: std::time::Instant) {
+        let deadline = deadline.min(std::time::Instant::now() + FIN_WAIT);
+        // SAFETY: F_GETFL takes no argument.
+        let nonblocking = unsafe { crate::real::fcntl(fd, libc::F_GETFL, 0) } & libc::O_NONBLOCK != 0;
+        while !nonblocking && self.tx_unread() > 0 && !self.tx_handed.load(Ordering::Acquire) {
             if tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some() {
                 break;
             }

@@ -287,7 +287,7 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
                 if c.has_unread() {
                     c.push_before_close(fd);
                 } else {
-                    c.settle_before_fin(fd);
+                    c.settle_before_fin(fd, Instant::now() + crate::conn::FIN_WAIT);
                 }
                 if let Ok(Some(t)) = rustix::net::sockopt::socket_linger(crate::conn::borrow(fd)) {
                     if !t.is_zero() {
@@ -526,7 +526,7 @@ pub unsafe fn shutdown(fd: c_int, how: c_int) -> c_int {
         if let Some(c) = if table::tracked(fd) { table::conn(fd) } else { None } {
             // The FIN follows our ring's bytes (`TcpConn::settle_before_fin`).
             if !c.shared() {
-                c.settle_before_fin(fd);
+                c.settle_before_fin(fd, Instant::now() + crate::conn::FIN_WAIT);
             } else {
                 c.push_before_close(fd);
             }
@@ -1699,10 +1699,12 @@ pub fn at_start() {
 /// At exit: what peers that handed back did not read of our rings goes over TCP (the
 /// kernel's close follows); withdraw announcements no other process holds; log the counters.
 pub fn at_exit() {
+    // One wait for all of them together, however many there are.
+    let deadline = Instant::now() + crate::conn::FIN_WAIT;
     let mut seen = std::collections::HashSet::new();
     for (fd, c) in table::conns() {
         if seen.insert(Arc::as_ptr(&c)) && !c.shared() {
-            c.settle_before_fin(fd);
+            c.settle_before_fin(fd, deadline);
         }
     }
     for l in table::drain_listeners() {
