@@ -1499,20 +1499,28 @@ impl TcpConn {
     /// loop's close must not block; such servers are not what execs a service on a
     /// connection).
     pub fn settle_before_fin(&self, fd: c_int, deadline: std::time::Instant) {
-        let deadline = deadline.min(std::time::Instant::now() + FIN_WAIT);
         // SAFETY: F_GETFL takes no argument.
         let nonblocking = unsafe { crate::real::fcntl(fd, libc::F_GETFL, 0) } & libc::O_NONBLOCK != 0;
-        while !nonblocking && self.tx_unread() > 0 && !self.tx_handed.load(Ordering::Acquire) {
-            if tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_some() {
-                break;
-            }
+        if !nonblocking {
+            self.wait_peer_read(fd, deadline.min(std::time::Instant::now() + FIN_WAIT));
+        }
+        self.push_before_close(fd);
+    }
+
+    /// Waits until `deadline` while the peer has not read what is in our ring; returns
+    /// early once it has, once it handed back (what it did not read is then ours to push
+    /// over TCP), or once it is gone. Looks every millisecond.
+    fn wait_peer_read(&self, fd: c_int, deadline: std::time::Instant) {
+        while self.tx_unread() > 0
+            && !self.tx_handed.load(Ordering::Acquire)
+            && tcp::rx_stop(self.region(), self.peer()).ok().flatten().is_none()
+        {
             self.note_hangup(fd);
             if self.eof.load(Ordering::Acquire) || self.has_error() || std::time::Instant::now() >= deadline {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        self.push_before_close(fd);
     }
 
     /// Bytes we wrote into our ring that the peer has not read yet.
@@ -1525,18 +1533,11 @@ impl TcpConn {
         }
     }
 
-    /// A close under `SO_LINGER` with a timeout (`linger` seconds): as the kernel's, it
-    /// returns once the peer has our data (here: read it from the ring), the peer is gone,
-    /// or the time is up. Looks every 5 ms.
+    /// A close under `SO_LINGER` with a timeout (`linger`): as the kernel's, it returns
+    /// once the peer has our data (here: read it from the ring, or taken over what it did
+    /// not read by a handback), the peer is gone, or the time is up.
     pub fn linger(&self, fd: c_int, linger: std::time::Duration) {
-        let deadline = std::time::Instant::now() + linger;
-        while self.tx_unread() > 0 && std::time::Instant::now() < deadline {
-            self.note_hangup(fd);
-            if self.eof.load(Ordering::Acquire) || self.has_error() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        self.wait_peer_read(fd, std::time::Instant::now() + linger);
     }
 
     /// Moves a handback along where the program does not write (reads, readiness): pushes

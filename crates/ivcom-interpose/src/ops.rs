@@ -284,20 +284,12 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
         if Arc::strong_count(c) == 1 {
             c.end_unclaimed(fd);
             if !c.is_plain() && !shared {
-                if c.has_unread() {
-                    c.push_before_close(fd);
-                } else {
-                    c.settle_before_fin(fd, Instant::now() + crate::conn::FIN_WAIT);
-                }
-                if let Ok(Some(t)) = rustix::net::sockopt::socket_linger(crate::conn::borrow(fd)) {
-                    if !t.is_zero() {
-                        c.linger(fd, t);
-                    }
-                }
                 // This was the last copy of the socket.
                 if c.has_unread() {
-                    // Closing with unread data resets a TCP connection; our unread data is
-                    // in the ring, not in the kernel, so ask for the reset.
+                    c.push_before_close(fd);
+                    // Closing with unread data resets a TCP connection (at once, lingering
+                    // or not); our unread data is in the ring, not in the kernel, so ask for
+                    // the reset.
                     let lg = libc::linger { l_onoff: 1, l_linger: 0 };
                     // SAFETY: setting SO_LINGER from a local struct on the program's socket.
                     unsafe {
@@ -310,6 +302,12 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
                         )
                     };
                 } else {
+                    c.settle_before_fin(fd, Instant::now() + crate::conn::FIN_WAIT);
+                    if let Ok(Some(t)) = rustix::net::sockopt::socket_linger(crate::conn::borrow(fd)) {
+                        if !t.is_zero() {
+                            c.linger(fd, t);
+                        }
+                    }
                     // Nor must wakeup bytes the program never saw make the kernel reset it.
                     c.take_arrived_wakes(fd);
                 }
