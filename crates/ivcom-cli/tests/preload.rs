@@ -687,6 +687,13 @@ fn what_only_the_kernel_knows() {
     scene.assert_clean();
 }
 
+/// epoll_ctl churn as event loops make it per request (no system call under `ivcom run`),
+/// with the kernel's answers, and plain descriptors reported beside an always-ready one.
+#[test]
+fn epoll_ctl_churn_and_fairness_to_plain_descriptors() {
+    same_over_shared_memory("t_epollctl", &[]);
+}
+
 #[test]
 fn epoll_registration_lifetime_turns_and_nested_fin() {
     same_over_shared_memory("t_epollmore", &[]);

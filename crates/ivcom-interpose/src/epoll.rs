@@ -51,6 +51,21 @@ pub struct Reg {
     /// The kernel reported urgent data (`EPOLLPRI`, asked by the program) since the last
     /// report: urgent data travels over TCP only.
     urgent: bool,
+    /// The events of our registration in the kernel ([`kernel_event`] of every event set the
+    /// program asked for since it was added: an event once asked for stays, so that an event
+    /// loop that turns `EPOLLOUT` on and off per request needs no system call to do so).
+    kernel: u32,
+    /// The program removed the registration (`EPOLL_CTL_DEL`) but the kernel keeps ours, so
+    /// that adding it again costs no system call: reported nowhere, and removed from the
+    /// kernel when the connection goes back to TCP or its number is closed.
+    parked: bool,
+}
+
+impl Reg {
+    /// Whether the registration takes part in waits: the program has it and it is enabled.
+    fn live(&self) -> bool {
+        !self.disabled && !self.parked
+    }
 }
 
 /// An epoll instance registered in this one (epoll inside epoll). The kernel keeps the
@@ -69,8 +84,11 @@ const MAX_DEPTH: usize = 5;
 
 /// Our registrations in one epoll instance: each epoll instance the program creates has
 /// one (empty until it watches one of our connections, or an instance that does).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EpollSet {
+    /// The instance's descriptor number when it was created (for removing registrations the
+    /// program no longer has; a `dup` of the instance is not followed).
+    epfd: c_int,
     regs: Mutex<BTreeMap<c_int, Reg>>,
     nested: Mutex<BTreeMap<c_int, Nested>>,
     /// Where the next [`EpollSet::collect`] starts: after the last connection it reported,
@@ -87,6 +105,29 @@ pub struct EpollSet {
     /// with the parent, whose registrations of our connections this process cannot see
     /// change (see [`EpollSet::release_inherited`]).
     inherited: std::sync::atomic::AtomicBool,
+    /// When the kernel's instance was last asked (`epoll_wait` with a zero timeout or a
+    /// sleep), in nanoseconds since [`epoch`], and how many waits returned since: see
+    /// [`EpollSet::kernel_due`].
+    consulted_ns: std::sync::atomic::AtomicU64,
+    calls_since: AtomicU32,
+}
+
+/// The most waits in a row that answer from shared memory alone, without asking the
+/// kernel's instance about the program's other descriptors (plain sockets, pipes, timers).
+pub const FAIR_CALLS: u32 = 32;
+/// The longest time between two looks at the kernel's instance while a wait answers from
+/// shared memory or polls it: the bound on the latency the library adds to a descriptor that
+/// is not one of its connections (docs/performance.md).
+pub const FAIR_TIME: Duration = Duration::from_micros(100);
+
+/// A process-wide origin for [`EpollSet::consulted_ns`].
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    epoch().elapsed().as_nanos() as u64
 }
 
 /// The data of the bell's registration (no descriptor number is `u32::MAX`).
@@ -102,6 +143,148 @@ impl Drop for Waiting<'_> {
 }
 
 impl EpollSet {
+    /// The (empty) record of instance `epfd`.
+    pub fn new(epfd: c_int) -> Self {
+        EpollSet {
+            epfd,
+            regs: Mutex::default(),
+            nested: Mutex::default(),
+            next: Default::default(),
+            waiters: AtomicU32::new(0),
+            bell: OnceLock::new(),
+            inherited: Default::default(),
+            consulted_ns: std::sync::atomic::AtomicU64::new(0),
+            calls_since: AtomicU32::new(FAIR_CALLS),
+        }
+    }
+
+    /// Whether a wait must ask the kernel's instance now: [`FAIR_CALLS`] waits answered
+    /// without it, or [`FAIR_TIME`] passed since it was last asked.
+    fn kernel_due(&self) -> bool {
+        self.calls_since.load(Ordering::Relaxed) >= FAIR_CALLS
+            || now_ns().saturating_sub(self.consulted_ns.load(Ordering::Relaxed)) >= FAIR_TIME.as_nanos() as u64
+    }
+
+    /// The kernel's instance was asked just now.
+    fn consulted(&self) {
+        self.consulted_ns.store(now_ns(), Ordering::Relaxed);
+        self.calls_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Removes our registration of `fd` from the kernel's instance (the program no longer
+    /// has it there).
+    fn kernel_del(&self, epfd: c_int, fd: c_int) {
+        let mut ev = epoll_event { events: 0, u64: 0 };
+        // SAFETY: removing our own registration from the program's instance.
+        unsafe { crate::real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
+    }
+
+    /// `epoll_ctl` on connection `fd` of ours (`ev`: the program's event, for `ADD` and
+    /// `MOD`). Changes that leave our registration in the kernel as it is cost no system
+    /// call: a `MOD` only records the program's events, a `DEL` parks the registration and a
+    /// later `ADD` takes it back. Returns `epoll_ctl`'s result (errno set on failure).
+    pub fn ctl(&self, epfd: c_int, op: c_int, fd: c_int, conn: Arc<TcpConn>, ev: Option<epoll_event>) -> c_int {
+        let fail = |e: c_int| {
+            set_errno(e);
+            -1
+        };
+        let mut regs = self.regs();
+        let cur = regs.get(&fd).map(|r| (Arc::ptr_eq(&r.conn, &conn), r.parked, r.kernel));
+        // A registration parked for another connection that had this number: ours is gone
+        // from the kernel with that connection's file (see `moved`).
+        let (known, parked, kernel) = match cur {
+            Some((true, parked, kernel)) => (true, parked, kernel),
+            Some((false, parked, _)) => {
+                if parked {
+                    regs.remove(&fd);
+                }
+                (false, false, 0)
+            }
+            None => (false, false, 0),
+        };
+        match op {
+            libc::EPOLL_CTL_DEL => {
+                if known && parked {
+                    return fail(libc::ENOENT);
+                }
+                if !known {
+                    drop(regs);
+                    // SAFETY: passed on unchanged (the kernel says whether it has one).
+                    let r = unsafe { crate::real::epoll_ctl(epfd, op, fd, std::ptr::null_mut()) };
+                    if r == 0 {
+                        self.forget(fd);
+                    }
+                    return r;
+                }
+                if let Some(r) = regs.get_mut(&fd) {
+                    if r.kernel & libc::EPOLLEXCLUSIVE as u32 != 0 {
+                        // Not kept: an exclusive registration cannot be changed later.
+                        let old = regs.remove(&fd);
+                        drop(regs);
+                        self.kernel_del(epfd, fd);
+                        drop(old);
+                        return 0;
+                    }
+                    r.parked = true;
+                }
+                0
+            }
+            libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD => {
+                let Some(app) = ev else { return fail(libc::EFAULT) };
+                if op == libc::EPOLL_CTL_ADD && known && !parked {
+                    return fail(libc::EEXIST);
+                }
+                if op == libc::EPOLL_CTL_MOD && known && parked {
+                    return fail(libc::ENOENT);
+                }
+                let exclusive = (app.events | kernel) & libc::EPOLLEXCLUSIVE as u32 != 0;
+                let mut k = kernel_event(fd, app.events);
+                let kop = if known && !exclusive {
+                    k.events |= kernel;
+                    (k.events != kernel).then_some(libc::EPOLL_CTL_MOD)
+                } else if known {
+                    // An exclusive registration is never changed in place.
+                    regs.remove(&fd);
+                    self.kernel_del(epfd, fd);
+                    Some(libc::EPOLL_CTL_ADD)
+                } else {
+                    Some(op)
+                };
+                let reg = Reg {
+                    conn,
+                    io_fd: fd,
+                    events: app.events,
+                    data: app.u64,
+                    disabled: false,
+                    last_in: None,
+                    last_out: None,
+                    urgent: false,
+                    kernel: k.events,
+                    parked: false,
+                };
+                // Recorded before the kernel's registration, whose first event may reach a
+                // waiting thread at once (an edge-triggered one would be lost without it).
+                let old = regs.insert(fd, reg);
+                drop(regs);
+                if let Some(kop) = kop {
+                    self.install_bell(epfd);
+                    // SAFETY: our event for the program's instance.
+                    let r = unsafe { crate::real::epoll_ctl(epfd, kop, fd, &mut k) };
+                    if r != 0 {
+                        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
+                        self.restore(fd, old);
+                        return fail(e);
+                    }
+                }
+                drop(old);
+                // A thread already waiting on the instance has not armed this connection.
+                self.ring();
+                0
+            }
+            _ => fail(libc::EINVAL),
+        }
+    }
+
     fn regs(&self) -> std::sync::MutexGuard<'_, BTreeMap<c_int, Reg>> {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -197,34 +380,18 @@ impl EpollSet {
                 "an epoll instance shared with another process (fork) watches it",
                 crate::conn::Handback::Now,
             );
+            if reg.parked {
+                self.kernel_del(epfd, fd);
+                continue;
+            }
             let mut back = epoll_event { events: reg.events, u64: reg.data };
             // SAFETY: modifying a registration of the program's epoll instance.
             unsafe { crate::real::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut back) };
         }
     }
 
-    /// Records (or updates) the program's registration of connection `fd`.
-    /// Returns the registration it replaced, for [`EpollSet::restore`]: the caller records
-    /// before it registers in the kernel, whose first event may reach a waiting thread at
-    /// once (an edge-triggered one would be lost if it found no record).
-    pub fn put(&self, fd: c_int, conn: Arc<TcpConn>, ev: &epoll_event) -> Option<Reg> {
-        self.regs().insert(
-            fd,
-            Reg {
-                conn,
-                io_fd: fd,
-                events: ev.events,
-                data: ev.u64,
-                disabled: false,
-                last_in: None,
-                last_out: None,
-                urgent: false,
-            },
-        )
-    }
-
-    /// Puts back what [`EpollSet::put`] replaced (the kernel refused the registration).
-    pub fn restore(&self, fd: c_int, old: Option<Reg>) {
+    /// Puts back what [`EpollSet::ctl`] replaced (the kernel refused the registration).
+    fn restore(&self, fd: c_int, old: Option<Reg>) {
         let gone = match old {
             Some(r) => self.regs().insert(fd, r),
             None => self.regs().remove(&fd),
@@ -248,10 +415,30 @@ impl EpollSet {
         drop((r, n));
     }
 
-    /// Descriptor `fd` of connection `conn` was closed while `to` stays open: registrations
-    /// that asked the kernel through `fd` ask through `to`.
+    /// Connection `fd` went back to TCP and the program's `epoll_ctl` on it goes to the
+    /// kernel: forgets our registration, and takes it out of the kernel if the program had
+    /// removed it (parked), so that the kernel's answer is the program's.
+    pub fn forget_handed_back(&self, fd: c_int) {
+        let r = self.regs().remove(&fd);
+        if r.as_ref().is_some_and(|r| r.parked) {
+            self.kernel_del(self.epfd, fd);
+        }
+        drop(r);
+    }
+
+    /// Descriptor `fd` of connection `conn` is being closed while `to` stays open:
+    /// registrations that asked the kernel through `fd` ask through `to`; one the program had
+    /// removed (parked) is taken out of the kernel now, while `fd` still names the socket.
     pub fn moved(&self, fd: c_int, conn: &Arc<TcpConn>, to: c_int) {
-        for r in self.regs().values_mut().filter(|r| r.io_fd == fd && Arc::ptr_eq(&r.conn, conn)) {
+        let mut regs = self.regs();
+        if regs.get(&fd).is_some_and(|r| r.parked && Arc::ptr_eq(&r.conn, conn)) {
+            let r = regs.remove(&fd);
+            drop(regs);
+            self.kernel_del(self.epfd, fd);
+            drop(r);
+            regs = self.regs();
+        }
+        for r in regs.values_mut().filter(|r| r.io_fd == fd && Arc::ptr_eq(&r.conn, conn)) {
             r.io_fd = to;
         }
     }
@@ -301,7 +488,7 @@ impl EpollSet {
         let regs: Vec<Seen> = self
             .regs()
             .iter()
-            .filter(|(_, r)| !r.disabled && !r.conn.is_plain() && !r.conn.ring_given_up())
+            .filter(|(_, r)| r.live() && !r.conn.is_plain() && !r.conn.ring_given_up())
             .map(|(fd, r)| (*fd, r.conn.clone(), r.events, r.last_in, r.last_out))
             .collect();
         for (fd, c, want, last_in, last_out) in regs {
@@ -344,6 +531,13 @@ impl EpollSet {
                 let fd = (data & 0xffff_ffff) as u32 as c_int;
                 let mut regs = self.regs();
                 let Some(reg) = regs.get_mut(&fd) else { continue };
+                if reg.parked && (reg.conn.is_plain() || reg.conn.ring_given_up()) {
+                    // Went back to plain TCP while the program had removed it.
+                    regs.remove(&fd);
+                    drop(regs);
+                    self.kernel_del(epfd, fd);
+                    continue;
+                }
                 if reg.conn.is_plain() || reg.conn.ring_given_up() {
                     // Went back to plain TCP: hand the registration back to the kernel.
                     let mut back = epoll_event { events: reg.events, u64: reg.data };
@@ -377,7 +571,7 @@ impl EpollSet {
         let start = self.next.load(Ordering::Relaxed);
         let mut last = None;
         let visit = |reg: &mut Reg| {
-            if reg.disabled || reg.conn.is_plain() || reg.conn.ring_given_up() {
+            if !reg.live() || reg.conn.is_plain() || reg.conn.ring_given_up() {
                 return None;
             }
             let c = &reg.conn;
@@ -457,7 +651,7 @@ impl EpollSet {
     }
 
     fn snapshot(&self) -> Vec<(Arc<TcpConn>, u32)> {
-        self.regs().values().filter(|r| !r.disabled).map(|r| (r.conn.clone(), r.events)).collect()
+        self.regs().values().filter(|r| r.live()).map(|r| (r.conn.clone(), r.events)).collect()
     }
 }
 
@@ -510,13 +704,30 @@ pub unsafe fn wait(
     // interrupted the kernel's (with a signal mask, only the kernel's sleep counts).
     let sig0 = crate::signals::mark();
     let interrupted = || mask.is_null() && crate::signals::since(sig0) != crate::signals::Since::Nothing;
+    set.calls_since.fetch_add(1, Ordering::Relaxed);
     loop {
-        let k = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null());
-        if k < 0 {
-            return k;
+        // Readiness in shared memory needs no system call; the kernel's instance (the
+        // program's other descriptors, and FIN, RST and wakeups on ours) is asked only as
+        // often as fairness to the other descriptors needs (`kernel_due`), and before a
+        // call that must not wait says that nothing is ready.
+        let mut n = 0;
+        let mut asked = false;
+        loop {
+            if asked || set.kernel_due() {
+                let k = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null());
+                if k < 0 {
+                    return k;
+                }
+                set.consulted();
+                n = set.translate(epfd, &kev[..k as usize], out, 0);
+                asked = true;
+            }
+            n = set.collect(out, n);
+            if n > 0 || asked || timeout != Some(Duration::ZERO) {
+                break;
+            }
+            asked = true;
         }
-        let mut n = set.translate(epfd, &kev[..k as usize], out, 0);
-        n = set.collect(out, n);
         if n > 0 || timeout == Some(Duration::ZERO) || deadline.is_some_and(|d| Instant::now() >= d) {
             return n as c_int;
         }
@@ -529,9 +740,10 @@ pub unsafe fn wait(
                 i = i.wrapping_add(1);
                 snap.iter().any(|(c, w)| {
                     ready_in_memory(c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)
-                }) || (i.is_multiple_of(32) && {
+                }) || (i.is_multiple_of(32) && set.kernel_due() && {
                     // Now and then, whether anything else in the set is ready.
                     probed = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null()).max(0);
+                    set.consulted();
                     probed > 0
                 }) || interrupted()
             });
@@ -558,6 +770,7 @@ pub unsafe fn wait(
         }
         let k = kernel(&mut kev, armed.timeout(deadline), mask);
         let e = std::io::Error::last_os_error();
+        set.consulted();
         armed.slept(k);
         drop(armed);
         if k < 0 {

@@ -1274,7 +1274,7 @@ fn epoll_set(epfd: c_int, create: bool) -> Option<Arc<EpollSet>> {
         Some(Entry::Epoll(s)) => Some(s),
         Some(_) => None,
         None if create => {
-            let s = Arc::new(EpollSet::default());
+            let s = Arc::new(EpollSet::new(epfd));
             table::set(epfd, Entry::Epoll(s.clone())).then_some(s)
         }
         None => None,
@@ -1287,7 +1287,7 @@ pub fn epoll_created(r: c_int) -> c_int {
     let r = crate::fds::fresh(r);
     if r >= 0 {
         let e = errno();
-        table::set(r, Entry::Epoll(Arc::new(EpollSet::default())));
+        table::set(r, Entry::Epoll(Arc::new(EpollSet::new(r))));
         set_errno(e);
     }
     r
@@ -1308,7 +1308,7 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
         if let Some(Entry::Conn(c)) = &entry {
             if c.is_plain() || c.ring_given_up() {
                 // The kernel's registration is the program's now: ours is stale.
-                set.forget(fd);
+                set.forget_handed_back(fd);
             }
         }
     }
@@ -1338,7 +1338,7 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
         // SAFETY: passed on unchanged.
         return unsafe { real::epoll_ctl(epfd, op, fd, ev) };
     };
-    match op {
+    let app = match op {
         libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD => {
             if ev.is_null() {
                 return fail(libc::EFAULT);
@@ -1359,30 +1359,11 @@ pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut epoll_event)
             {
                 return fail(libc::EINVAL);
             }
-            set.install_bell(epfd);
-            let mut k = epoll::kernel_event(fd, app.events);
-            let old = set.put(fd, conn, &app);
-            // SAFETY: our event for the program's instance.
-            let r = unsafe { real::epoll_ctl(epfd, op, fd, &mut k) };
-            if r == 0 {
-                // A thread already waiting on the instance has not armed this connection.
-                set.ring();
-            } else {
-                let e = errno();
-                set.restore(fd, old);
-                set_errno(e);
-            }
-            r
+            Some(app)
         }
-        _ => {
-            // SAFETY: passed on unchanged.
-            let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
-            if r == 0 {
-                set.forget(fd);
-            }
-            r
-        }
-    }
+        _ => None,
+    };
+    set.ctl(epfd, op, fd, conn, app)
 }
 
 /// An `epoll_wait`-family call on `epfd` with `timeout` (`None`: forever). `kernel` makes
