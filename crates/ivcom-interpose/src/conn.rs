@@ -1901,6 +1901,27 @@ impl TcpConn {
         }
     }
 
+    /// The bytes in the ring to read (`read`) or free in it to write, as the next threshold
+    /// to wait for: one more than now (a change), or 1 when the ring is not in use.
+    pub fn next_at(&self, read: bool) -> u64 {
+        if read {
+            match self.ring_bytes() {
+                Some(Ok(n)) => n.saturating_add(1),
+                _ => 1,
+            }
+        } else {
+            if self.tx_on_tcp() {
+                return 1;
+            }
+            let mut tx = lock(&self.tx);
+            let region = self.region();
+            match tx.w.ctrl(region) {
+                Ok(c) => tx.w.state().free(&c, 1).map_or(1, |f| f.saturating_add(1)),
+                Err(_) => 1,
+            }
+        }
+    }
+
     /// Readiness as the program would see it from TCP, for the directions it asks about.
     pub fn readiness(&self, fd: c_int, want_in: bool, want_out: bool) -> Readiness {
         self.progress(fd);
@@ -1968,10 +1989,11 @@ impl TcpConn {
         self.events.load(Ordering::Relaxed).wrapping_add(head << 20)
     }
 
-    /// Announces that this process will sleep waiting to read (or to write) and re-checks.
-    /// Returns `false` if it should not sleep after all. Pair every `true` with
-    /// [`TcpConn::disarm`].
-    pub fn arm(&self, read: bool) -> bool {
+    /// Announces that this process will sleep waiting to read (or to write) until at least
+    /// `at` bytes (1 or more) are in the ring (or free in it), and re-checks. Returns `false`
+    /// if it should not sleep after all. Pair every `true` with [`TcpConn::disarm`].
+    pub fn arm(&self, read: bool, at: u64) -> bool {
+        let at = at.max(1);
         let ok = if read {
             let mut rx = lock(&self.rx);
             let _w = lock(&self.wake_lock);
@@ -1986,7 +2008,7 @@ impl TcpConn {
                         rx.r.state().renew_sleep(&c, true);
                     }
                     // Announce even while data still comes over TCP: the peer may switch.
-                    if rx.r.state().prepare_sleep(&c, 1).unwrap_or(false) {
+                    if rx.r.state().prepare_sleep(&c, at).unwrap_or(false) {
                         rx.sleepers = 1;
                         if _side.is_some() {
                             let _ = tcp::rx_sleepers_enter(region, self.me());
@@ -2002,7 +2024,7 @@ impl TcpConn {
                     }
                 }
                 Ok(c) => {
-                    if rx.r.state().available(&c, 1).map(|n| n == 0).unwrap_or(false) {
+                    if rx.r.state().available(&c, at).map(|n| n < at).unwrap_or(false) {
                         rx.sleepers += 1;
                         true
                     } else {
@@ -2021,8 +2043,8 @@ impl TcpConn {
             } else {
                 let region = self.region();
                 let sleep = match tx.w.ctrl(region) {
-                    Ok(c) if tx.sleepers == 0 => tx.w.state().prepare_sleep(&c, 1).unwrap_or(false),
-                    Ok(c) => tx.w.state().free(&c, 1).map(|n| n == 0).unwrap_or(false),
+                    Ok(c) if tx.sleepers == 0 => tx.w.state().prepare_sleep(&c, at).unwrap_or(false),
+                    Ok(c) => tx.w.state().free(&c, at).map(|n| n < at).unwrap_or(false),
                     Err(_) => false,
                 };
                 if sleep {

@@ -130,6 +130,10 @@ fn now_ns() -> u64 {
     epoch().elapsed().as_nanos() as u64
 }
 
+/// A connection a wait watches, with the bytes to wait for in its ring to read and free in
+/// it to write (0: not asked; see [`crate::wait::ready_in_memory`]).
+pub type Watch = (Arc<TcpConn>, u64, u64);
+
 /// The data of the bell's registration (no descriptor number is `u32::MAX`).
 const BELL: u64 = TAG | 0xffff_ffff;
 
@@ -162,7 +166,8 @@ impl EpollSet {
     /// without it, or [`FAIR_TIME`] passed since it was last asked.
     fn kernel_due(&self) -> bool {
         self.calls_since.load(Ordering::Relaxed) >= FAIR_CALLS
-            || now_ns().saturating_sub(self.consulted_ns.load(Ordering::Relaxed)) >= FAIR_TIME.as_nanos() as u64
+            || now_ns().saturating_sub(self.consulted_ns.load(Ordering::Relaxed))
+                >= FAIR_TIME.as_nanos() as u64
     }
 
     /// The kernel's instance was asked just now.
@@ -183,7 +188,14 @@ impl EpollSet {
     /// `MOD`). Changes that leave our registration in the kernel as it is cost no system
     /// call: a `MOD` only records the program's events, a `DEL` parks the registration and a
     /// later `ADD` takes it back. Returns `epoll_ctl`'s result (errno set on failure).
-    pub fn ctl(&self, epfd: c_int, op: c_int, fd: c_int, conn: Arc<TcpConn>, ev: Option<epoll_event>) -> c_int {
+    pub fn ctl(
+        &self,
+        epfd: c_int,
+        op: c_int,
+        fd: c_int,
+        conn: Arc<TcpConn>,
+        ev: Option<epoll_event>,
+    ) -> c_int {
         let fail = |e: c_int| {
             set_errno(e);
             -1
@@ -503,9 +515,9 @@ impl EpollSet {
         depth < MAX_DEPTH && self.nested_sets().iter().any(|s| s.any_ready_at(depth + 1))
     }
 
-    /// Every connection registered here or in an instance registered here, with the
-    /// events the program asked for.
-    pub fn snapshot_deep(&self) -> Vec<(Arc<TcpConn>, u32)> {
+    /// Every connection registered here or in an instance registered here, with what a wait
+    /// waits for on it ([`Watch`]).
+    pub fn snapshot_deep(&self) -> Vec<Watch> {
         let mut out = self.snapshot();
         let mut todo = self.nested_sets();
         let mut depth = 0;
@@ -650,8 +662,36 @@ impl EpollSet {
         n
     }
 
-    fn snapshot(&self) -> Vec<(Arc<TcpConn>, u32)> {
-        self.regs().values().filter(|r| r.live()).map(|r| (r.conn.clone(), r.events)).collect()
+    fn snapshot(&self) -> Vec<Watch> {
+        let at =
+            |asked: bool, et: bool, last: Option<u64>, sig: &dyn Fn() -> u64, read: bool, c: &TcpConn| {
+                if !asked {
+                    0
+                } else if et && last.is_some() && last == Some(sig()) {
+                    // The edge was reported: only a change is news.
+                    c.next_at(read)
+                } else {
+                    1
+                }
+            };
+        self.regs()
+            .values()
+            .filter(|r| r.live())
+            .map(|r| {
+                let (c, et) = (&r.conn, r.events & libc::EPOLLET as u32 != 0);
+                let i =
+                    at(r.events & libc::EPOLLIN as u32 != 0, et, r.last_in, &|| c.in_signature(), true, c);
+                let o = at(
+                    r.events & libc::EPOLLOUT as u32 != 0,
+                    et,
+                    r.last_out,
+                    &|| c.out_signature(),
+                    false,
+                    c,
+                );
+                (c.clone(), i, o)
+            })
+            .collect()
     }
 }
 
@@ -738,14 +778,14 @@ pub unsafe fn wait(
             let mut probed = 0;
             let hit = spin(deadline, || {
                 i = i.wrapping_add(1);
-                snap.iter().any(|(c, w)| {
-                    ready_in_memory(c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)
-                }) || (i.is_multiple_of(32) && set.kernel_due() && {
-                    // Now and then, whether anything else in the set is ready.
-                    probed = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null()).max(0);
-                    set.consulted();
-                    probed > 0
-                }) || interrupted()
+                snap.iter().any(|(c, r, w)| ready_in_memory(c, *r, *w))
+                    || (i.is_multiple_of(32) && set.kernel_due() && {
+                        // Now and then, whether anything else in the set is ready.
+                        probed = kernel(&mut kev, Some(Duration::ZERO), std::ptr::null()).max(0);
+                        set.consulted();
+                        probed > 0
+                    })
+                    || interrupted()
             });
             if probed > 0 {
                 let mut n = set.translate(epfd, &kev[..probed as usize], out, 0);
@@ -758,9 +798,7 @@ pub unsafe fn wait(
                 continue;
             }
         }
-        let armed = Armed::new(
-            snap.iter().map(|(c, w)| (&**c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)),
-        );
+        let armed = Armed::new(snap.iter().map(|(c, r, w)| (&**c, *r, *w)));
         if armed.ready() {
             continue;
         }

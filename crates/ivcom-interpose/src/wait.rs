@@ -71,10 +71,15 @@ pub fn spin(deadline: Option<Instant>, mut check: impl FnMut() -> bool) -> bool 
     }
 }
 
-/// Whether shared memory alone shows `c` ready: data in the ring for a reader, ring space for
-/// a writer whose data goes into the ring. Cheap: the polling loops call it.
-pub fn ready_in_memory(c: &TcpConn, read: bool, write: bool) -> bool {
-    (read && c.ring_has_data()) || (write && !c.tx_on_tcp() && c.writable(|| false))
+/// Whether shared memory alone shows `c` ready: at least `read_at` bytes in the ring for a
+/// reader, `write_at` bytes of ring space for a writer whose data goes into the ring (0: not
+/// asked; 1: any; more: a change since an edge was reported, see [`TcpConn::next_at`]).
+/// Cheap: the polling loops call it.
+pub fn ready_in_memory(c: &TcpConn, read_at: u64, write_at: u64) -> bool {
+    (read_at == 1 && c.ring_has_data())
+        || (read_at > 1 && c.next_at(true) > read_at)
+        || (write_at == 1 && !c.tx_on_tcp() && c.writable(|| false))
+        || (write_at > 1 && c.next_at(false) > write_at)
 }
 
 /// Sleep announcements on a set of connections ([`TcpConn::arm`]), withdrawn when dropped.
@@ -87,15 +92,28 @@ pub struct Armed<'a> {
 }
 
 impl<'a> Armed<'a> {
-    /// Announces sleep on each connection for reading and for writing, as asked.
-    pub fn new(wants: impl IntoIterator<Item = (&'a TcpConn, bool, bool)>) -> Self {
+    /// Announces sleep on each connection for reading and for writing, as asked: `(c,
+    /// read_at, write_at)` as for [`ready_in_memory`]. A threshold above 1 (an edge already
+    /// reported) that cannot be reached any more (the peer closed) sleeps without an
+    /// announcement, as the kernel's edge-triggered wait would.
+    pub fn new(wants: impl IntoIterator<Item = (&'a TcpConn, u64, u64)>) -> Self {
         let mut a = Armed { list: Vec::new(), ready: false, short: false, shared: false };
         for (c, r, w) in wants {
-            for (read, on) in [(true, r), (false, w)] {
-                if !on {
+            for (read, at) in [(true, r), (false, w)] {
+                if at == 0 {
                     continue;
                 }
-                if c.arm(read) {
+                if at > 1 && !ready_in_memory(c, if read { at } else { 0 }, if read { 0 } else { at }) {
+                    if !c.arm(read, at) {
+                        // Nothing more will come (closed): no announcement, no hurry.
+                        a.ready |= ready_in_memory(c, if read { at } else { 0 }, if read { 0 } else { at });
+                        continue;
+                    }
+                    a.list.push((c, read));
+                    a.shared |= c.shared();
+                    continue;
+                }
+                if c.arm(read, 1) {
                     a.list.push((c, read));
                     a.short |= c.crowded() || (!read && c.peer_closed()) || c.in_handback();
                     // A connection several processes hold: they share one announcement, and a
@@ -239,7 +257,10 @@ pub fn wait_fd(
     read: bool,
     deadline: Option<Instant>,
 ) -> R<()> {
-    let ready = || ready_in_memory(conn, read, !read) || (read && (conn.peer_closed() || conn.has_error()));
+    let ready = || {
+        ready_in_memory(conn, read as u64, (!read) as u64)
+            || (read && (conn.peer_closed() || conn.has_error()))
+    };
     // A handler that runs while this thread spins or prepares to sleep interrupts the call
     // as it would have interrupted the kernel's (or lets it go on, with SA_RESTART).
     // The kernel never restarts a socket call that has a timeout (signal(7)).
@@ -259,7 +280,7 @@ pub fn wait_fd(
         *held = Some(h);
     }
     let fd = *fd;
-    let armed = Armed::new([(conn, read, !read)]);
+    let armed = Armed::new([(conn, read as u64, (!read) as u64)]);
     if armed.ready() {
         return Ok(());
     }
@@ -444,7 +465,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                 i = i.wrapping_add(1);
                 ours.iter().any(|(j, c)| {
                     let w = app[*j].events;
-                    ready_in_memory(c, w & libc::POLLIN != 0, w & libc::POLLOUT != 0)
+                    ready_in_memory(c, (w & libc::POLLIN != 0) as u64, (w & libc::POLLOUT != 0) as u64)
                 }) || eps.iter().any(|(j, e)| app[*j].events & libc::POLLIN != 0 && e.any_ready())
                     || (others && i.is_multiple_of(32) && {
                         let mut probe = k.clone();
@@ -476,7 +497,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                 return unsafe { poll(fds, n, if timeout.is_none() { None } else { left }, mask) };
             }
         }
-        let inner: Vec<(Arc<TcpConn>, u32)> = eps
+        let inner: Vec<crate::epoll::Watch> = eps
             .iter()
             .filter(|(i, _)| app[*i].events & libc::POLLIN != 0)
             .flat_map(|(_, e)| e.snapshot_deep())
@@ -487,15 +508,11 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                     let w = app[*i].events;
                     (
                         &**c,
-                        w & (libc::POLLIN | libc::POLLRDNORM) != 0,
-                        w & (libc::POLLOUT | libc::POLLWRNORM) != 0,
+                        (w & (libc::POLLIN | libc::POLLRDNORM) != 0) as u64,
+                        (w & (libc::POLLOUT | libc::POLLWRNORM) != 0) as u64,
                     )
                 })
-                .chain(
-                    inner
-                        .iter()
-                        .map(|(c, w)| (&**c, w & libc::EPOLLIN as u32 != 0, w & libc::EPOLLOUT as u32 != 0)),
-                ),
+                .chain(inner.iter().map(|(c, r, w)| (&**c, *r, *w))),
         );
         if armed.ready() {
             continue;
