@@ -694,6 +694,13 @@ fn epoll_ctl_churn_and_fairness_to_plain_descriptors() {
     same_over_shared_memory("t_epollctl", &[]);
 }
 
+/// The polling budget adapts: waits longer than the budget stop costing CPU, and answers
+/// still arrive when they come at once again.
+#[test]
+fn waiting_adapts_to_slow_answers_and_still_wakes() {
+    same_over_shared_memory("t_adaptive", &[]);
+}
+
 #[test]
 fn epoll_registration_lifetime_turns_and_nested_fin() {
     same_over_shared_memory("t_epollmore", &[]);

@@ -1901,6 +1901,26 @@ impl TcpConn {
         }
     }
 
+    /// Whether the peer sleeps waiting to read with nothing of ours left to read: it is busy
+    /// elsewhere or idle, so an answer from it is not near (a hint for the polling budget;
+    /// read from peer-writable memory, never trusted for more).
+    pub fn peer_asleep(&self) -> bool {
+        let mut tx = lock(&self.tx);
+        if !tx.switched || tx.plain_tcp {
+            return false;
+        }
+        let region = self.region();
+        match tx.w.ctrl(region) {
+            Ok(c) => {
+                use ivcom_ring::ring::Ctrl;
+                c.load_consumer_sleep() & 1 == 1
+                    && tx.w.state().refresh_head(&c).is_ok()
+                    && tx.w.state().unconsumed() == 0
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The bytes in the ring to read (`read`) or free in it to write, as the next threshold
     /// to wait for: one more than now (a change), or 1 when the ring is not in use.
     pub fn next_at(&self, read: bool) -> u64 {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use libc::{c_int, epoll_event, sigset_t};
 
 use crate::conn::TcpConn;
-use crate::wait::{ready_in_memory, set_errno, spin, Armed};
+use crate::wait::{ready_in_memory, set_errno, Armed};
 
 const TAG: u64 = 0x1f0c_a11e_0000_0000;
 const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
@@ -776,7 +776,8 @@ pub unsafe fn wait(
             spun = true;
             let mut i = 0u32;
             let mut probed = 0;
-            let hit = spin(deadline, || {
+            let near = snap.iter().any(|(c, _, w)| *w > 0 || !c.peer_asleep());
+            let hit = crate::wait::spin_near(deadline, near, || {
                 i = i.wrapping_add(1);
                 snap.iter().any(|(c, r, w)| ready_in_memory(c, *r, *w))
                     || (i.is_multiple_of(32) && set.kernel_due() && {

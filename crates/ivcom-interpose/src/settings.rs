@@ -30,8 +30,11 @@ pub const ENV_MAX_RING: &str = "IVCOM_MAX_RING_KIB";
 pub struct Settings {
     /// Acceleration on.
     pub enabled: bool,
-    /// Polling budget before sleeping.
+    /// Polling budget before sleeping: the most an adaptive budget grows to, or, when
+    /// `spin_fixed`, the budget itself.
     pub spin: Duration,
+    /// The budget was set (`IVCOM_SPIN_US`, `ivcom run --spin-us`): it does not adapt.
+    pub spin_fixed: bool,
     /// Ring capacity per direction (a power of two).
     pub ring: u64,
     /// Largest region an accepting side maps (header and two rings of at most
@@ -53,7 +56,9 @@ impl Settings {
             std::env::var(ENV_ACCEL).unwrap_or_default().to_ascii_lowercase().as_str(),
             "0" | "off" | "no" | "false"
         );
-        let spin = Duration::from_micros(parse_env::<u64>(ENV_SPIN).unwrap_or(100).min(1_000_000));
+        let spin_set = parse_env::<u64>(ENV_SPIN);
+        let spin = Duration::from_micros(spin_set.unwrap_or(100).min(1_000_000));
+        let spin_fixed = spin_set.is_some();
         let kib = parse_env::<u64>(ENV_RING).unwrap_or(4096).clamp(4, 64 * 1024);
         let ring = (kib * 1024).next_power_of_two();
         let max_kib = parse_env::<u64>(ENV_MAX_RING).unwrap_or(4096).clamp(4, 64 * 1024);
@@ -66,7 +71,7 @@ impl Settings {
             _ => None,
         }
         .map(crate::fds::lift);
-        Settings { enabled, spin, ring, max_region, dir, log }
+        Settings { enabled, spin, spin_fixed, ring, max_region, dir, log }
     }
 }
 

@@ -3,6 +3,7 @@
 //! budget, then announces sleep and blocks in the kernel on the TCP sockets (where a peer's
 //! wakeup byte, FIN or RST arrives) together with whatever else the program waits for.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,13 +48,122 @@ pub fn kernel_writable(fd: c_int) -> bool {
     kernel_poll(&mut p, Some(Duration::ZERO), std::ptr::null()) > 0 && p[0].revents & libc::POLLOUT != 0
 }
 
-/// Polls `check` for up to the spin budget (and no later than `deadline`).
-pub fn spin(deadline: Option<Instant>, mut check: impl FnMut() -> bool) -> bool {
-    let budget = settings::get().spin;
+/// The shortest adaptive polling budget: about the cost of a system call, so that a wait
+/// whose answer is that near never sleeps.
+pub const MIN_SPIN: Duration = Duration::from_micros(2);
+
+/// Recent wait times (from the start of polling to readiness, by polling or after a sleep),
+/// as an exponentially weighted moving average in nanoseconds over this process's waits
+/// (weight 1/8; `u64::MAX`: no wait yet). Each sample is capped at 4 budgets, so that one
+/// long idle period does not stop polling for long.
+static WAIT_NS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+thread_local! {
+    /// When this thread's current wait began to poll.
+    static WAIT_START: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The polling budget now: the configured budget while the recent wait time is within it
+/// (polling wins there), [`MIN_SPIN`] when waits are longer (polling would cost more than
+/// it saves) or when `near` says no answer is near (the peer sleeps with nothing of
+/// ours to read; the machine has no idle CPU). A budget set by `--spin-us` is used as is.
+pub fn budget(near: bool) -> Duration {
+    let s = settings::get();
+    if s.spin_fixed || s.spin.is_zero() {
+        return s.spin;
+    }
+    if !near || !cpu_idle() {
+        return MIN_SPIN.min(s.spin);
+    }
+    let w = WAIT_NS.load(Ordering::Relaxed);
+    if w == u64::MAX || Duration::from_nanos(w) <= s.spin {
+        s.spin
+    } else {
+        MIN_SPIN.min(s.spin)
+    }
+}
+
+/// Records one wait that began to poll at this thread's [`WAIT_START`] and ended now.
+fn record_wait() {
+    let Some(t0) = WAIT_START.with(|s| s.take()) else { return };
+    let cap = settings::get().spin.saturating_mul(4).as_nanos() as u64;
+    let sample = (t0.elapsed().as_nanos() as u64).min(cap);
+    let old = WAIT_NS.load(Ordering::Relaxed);
+    let new = if old == u64::MAX { sample } else { old - old / 8 + sample / 8 };
+    // A lost update between threads only drops a sample.
+    WAIT_NS.store(new, Ordering::Relaxed);
+}
+
+/// Whether a CPU is idle for the peer to run on: the kernel's count of runnable tasks
+/// (`/proc/loadavg`'s fourth field, read at most every 10 ms) is below the number of CPUs
+/// this process may use plus one (the caller itself). Polling while every CPU is busy
+/// takes time from the peer it waits for.
+fn cpu_idle() -> bool {
+    static CHECKED_MS: AtomicU64 = AtomicU64::new(0);
+    static IDLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    let now = crate::wait::mono_ms();
+    let last = CHECKED_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10
+        && CHECKED_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        if let Some(idle) = read_idle() {
+            IDLE.store(idle, Ordering::Relaxed);
+        }
+    }
+    IDLE.load(Ordering::Relaxed)
+}
+
+fn read_idle() -> Option<bool> {
+    static CPUS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+    let mut buf = [0u8; 128];
+    let fd = rustix::fs::open(
+        "/proc/loadavg",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    let fd = crate::fds::lift(fd);
+    let n = rustix::io::read(&fd, &mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let running: u64 = text.split_whitespace().nth(3)?.split('/').next()?.parse().ok()?;
+    Some(running <= cpus)
+}
+
+/// Milliseconds on a monotonic clock (for rate limits).
+pub fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Polls `check` for up to the polling budget ([`budget`]; `near`: whether an answer may be
+/// near, see there), and no later than `deadline`. The wait is recorded for the budget when
+/// polling wins, or when the sleep that follows ends ([`Armed::slept`]).
+pub fn spin_near(deadline: Option<Instant>, near: bool, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    WAIT_START.with(|s| s.set(Some(start)));
+    let budget = budget(near);
     if budget.is_zero() {
         return false;
     }
-    let start = Instant::now();
+    let hit = spin_for(start, budget, deadline, &mut check);
+    if hit {
+        record_wait();
+    }
+    hit
+}
+
+/// [`spin_near`] for a wait whose answer may be near.
+pub fn spin(deadline: Option<Instant>, check: impl FnMut() -> bool) -> bool {
+    spin_near(deadline, true, check)
+}
+
+fn spin_for(
+    start: Instant,
+    budget: Duration,
+    deadline: Option<Instant>,
+    check: &mut impl FnMut() -> bool,
+) -> bool {
     let mut end = start + budget;
     if let Some(d) = deadline {
         end = end.min(d);
@@ -155,6 +265,7 @@ impl<'a> Armed<'a> {
 
     /// Counts a sleep that woke with `events` kernel events.
     pub fn slept(&self, events: c_int) {
+        record_wait();
         count(&COUNTERS.sleeps, 1);
         if events == 0 && self.capped() {
             count(&COUNTERS.capped, 1);
@@ -271,7 +382,9 @@ pub fn wait_fd(
         Since::Restart => Some(Ok(())),
         Since::Nothing => None,
     };
-    if spin(deadline, || ready() || crate::signals::since(sig0) != Since::Nothing) {
+    // A reader whose peer sleeps with nothing of ours to answer has no answer near.
+    let near = !read || !conn.peer_asleep();
+    if spin_near(deadline, near, || ready() || crate::signals::since(sig0) != Since::Nothing) {
         return handled().unwrap_or(Ok(()));
     }
     if held.is_none() {
