@@ -52,15 +52,15 @@ pub fn kernel_writable(fd: c_int) -> bool {
 /// whose answer is that near never sleeps.
 pub const MIN_SPIN: Duration = Duration::from_micros(2);
 
-/// Recent wait times (from the start of polling to readiness, by polling or after a sleep),
-/// as an exponentially weighted moving average in nanoseconds over this process's waits
-/// (weight 1/8; `u64::MAX`: no wait yet). Each sample is capped at 4 budgets, so that one
-/// long idle period does not stop polling for long.
-static WAIT_NS: AtomicU64 = AtomicU64::new(u64::MAX);
-
 thread_local! {
     /// When this thread's current wait began to poll.
     static WAIT_START: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// This thread's recent wait times (from the start of polling to readiness, by polling
+    /// or after a sleep), as an exponentially weighted moving average in nanoseconds (weight
+    /// 1/8; `u64::MAX`: no wait yet). Per thread: a thread's waits follow its own traffic
+    /// (a client's for answers, a server's for requests). Each sample is capped at 4
+    /// budgets, so that one long idle period does not stop polling for long.
+    static WAIT_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
 }
 
 /// The polling budget now: the configured budget while the recent wait time is within it
@@ -75,7 +75,7 @@ pub fn budget(near: bool) -> Duration {
     if !near || !cpu_idle() {
         return MIN_SPIN.min(s.spin);
     }
-    let w = WAIT_NS.load(Ordering::Relaxed);
+    let w = WAIT_NS.with(|w| w.get());
     if w == u64::MAX || Duration::from_nanos(w) <= s.spin {
         s.spin
     } else {
@@ -88,10 +88,10 @@ fn record_wait() {
     let Some(t0) = WAIT_START.with(|s| s.take()) else { return };
     let cap = settings::get().spin.saturating_mul(4).as_nanos() as u64;
     let sample = (t0.elapsed().as_nanos() as u64).min(cap);
-    let old = WAIT_NS.load(Ordering::Relaxed);
-    let new = if old == u64::MAX { sample } else { old - old / 8 + sample / 8 };
-    // A lost update between threads only drops a sample.
-    WAIT_NS.store(new, Ordering::Relaxed);
+    WAIT_NS.with(|w| {
+        let old = w.get();
+        w.set(if old == u64::MAX { sample } else { old - old / 8 + sample / 8 });
+    });
 }
 
 /// Whether a CPU is idle for the peer to run on: the kernel's count of runnable tasks
@@ -544,6 +544,12 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
     // interrupted the kernel's (with a signal mask, only the kernel's sleep counts).
     let sig0 = crate::signals::mark();
     let interrupted = || mask.is_null() && crate::signals::since(sig0) != Since::Nothing;
+    // The kernel is asked about the whole set only as often as fairness to the program's
+    // other descriptors needs (as for epoll: `crate::epoll::FAIR_CALLS`, `FAIR_TIME`, counted
+    // per thread), before a zero-timeout call reports nothing, and after a probe saw
+    // something there.
+    POLL_CALLS.with(|c| c.set(c.get().saturating_add(1)));
+    let mut force = false;
     loop {
         for (i, c) in &ours {
             let want = app[*i].events;
@@ -559,11 +565,23 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
             k[*i].events = e;
             k[*i].revents = 0;
         }
-        let r = kernel_poll(&mut k, Some(Duration::ZERO), std::ptr::null());
-        if r < 0 {
-            return r;
+        // Urgent data (`MSG_OOB`) is the kernel's alone: a call that asks for it asks there.
+        let urgent = ours.iter().any(|(i, _)| app[*i].events & libc::POLLPRI != 0);
+        let ask = std::mem::take(&mut force) || urgent || poll_kernel_due();
+        if ask {
+            let r = kernel_poll(&mut k, Some(Duration::ZERO), std::ptr::null());
+            if r < 0 {
+                return r;
+            }
+            poll_consulted();
+        } else {
+            k.iter_mut().for_each(|p| p.revents = 0);
         }
         let ready = merge(app, &k, &ours, &eps);
+        if ready == 0 && !ask && timeout == Some(Duration::ZERO) {
+            force = true;
+            continue;
+        }
         if ready > 0
             || timeout == Some(Duration::ZERO)
             || (slept && deadline.is_some_and(|d| Instant::now() >= d))
@@ -580,9 +598,11 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                     let w = app[*j].events;
                     ready_in_memory(c, (w & libc::POLLIN != 0) as u64, (w & libc::POLLOUT != 0) as u64)
                 }) || eps.iter().any(|(j, e)| app[*j].events & libc::POLLIN != 0 && e.any_ready())
-                    || (others && i.is_multiple_of(32) && {
+                    || (others && i.is_multiple_of(32) && poll_kernel_due() && {
                         let mut probe = k.clone();
-                        kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0
+                        poll_consulted();
+                        force = kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0;
+                        force
                     })
                     || interrupted()
             });
@@ -649,6 +669,24 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         }
         slept = true;
     }
+}
+
+thread_local! {
+    /// This thread's `poll`/`select` calls over accelerated connections since the kernel was
+    /// last asked about the whole set, and when that was.
+    static POLL_CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
+    static POLL_ASKED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether this thread's `poll` must ask the kernel now (see [`crate::epoll::FAIR_CALLS`]).
+fn poll_kernel_due() -> bool {
+    POLL_CALLS.with(|c| c.get()) > crate::epoll::FAIR_CALLS
+        || POLL_ASKED.with(|t| t.get().is_none_or(|t| t.elapsed() >= crate::epoll::FAIR_TIME))
+}
+
+fn poll_consulted() {
+    POLL_CALLS.with(|c| c.set(0));
+    POLL_ASKED.with(|t| t.set(Some(Instant::now())));
 }
 
 /// Writes results into the program's array; returns how many entries are ready.

@@ -6,6 +6,7 @@
  * within the documented bound of FAIR_CALLS waits. */
 #include "common.h"
 #include <sys/epoll.h>
+#include <sys/select.h>
 
 /* The library's bound (crates/ivcom-interpose/src/epoll.rs FAIR_CALLS) plus the wait that
  * asks the kernel. */
@@ -186,12 +187,49 @@ static void fair(int max) {
     close(ep);
 }
 
+/* The same bound for poll and select, which ask the kernel per thread. */
+static void fair_poll(int use_select) {
+    int c, s, p[2];
+    local_pair(&c, &s);
+    CHECK(pipe(p) == 0, "pipe");
+    write_all(c, "ready", 5);
+    int calls = 0, seen = 0;
+    for (int i = 0; i < 300 && !seen; i++) {
+        if (i == 100) write_all(p[1], "p", 1);
+        int got_pipe = 0, n;
+        if (use_select) {
+            fd_set r;
+            FD_ZERO(&r);
+            FD_SET(s, &r);
+            FD_SET(p[0], &r);
+            struct timeval tv = {2, 0};
+            n = select((s > p[0] ? s : p[0]) + 1, &r, NULL, NULL, &tv);
+            got_pipe = n > 0 && FD_ISSET(p[0], &r);
+        } else {
+            struct pollfd f[2] = {{.fd = s, .events = POLLIN}, {.fd = p[0], .events = POLLIN}};
+            n = poll(f, 2, 2000);
+            got_pipe = n > 0 && (f[1].revents & POLLIN);
+        }
+        CHECK(n >= 1, "wait");
+        if (i >= 100) calls++;
+        seen = got_pipe;
+    }
+    say("fair (%s): the pipe reported within %d waits: %s", use_select ? "select" : "poll", FAIR_BOUND,
+        seen && calls <= FAIR_BOUND ? "yes" : "no");
+    close(p[0]);
+    close(p[1]);
+    close(c);
+    close(s);
+}
+
 int main(void) {
     churn();
     reused_number();
     handed_back();
     fair(4);
     fair(1);
+    fair_poll(0);
+    fair_poll(1);
     say("done");
     return 0;
 }
