@@ -52,14 +52,16 @@ with() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo $((20000 + RANDOM % 20000)); }
 
-# redis MODE CLIENTS TEST: requests per second of redis-benchmark.
+# redis MODE CLIENTS TEST [ARGS...]: requests per second of redis-benchmark (ARGS: more
+# redis-benchmark options, such as -P 16 or -k 0 and a request count).
 redis() {
     local mode=$1 clients=$2 test=$3 port
+    shift 3
     port=$(free_port)
     with "$mode" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
-    with "$mode" redis-benchmark -p "$port" -n "$REQUESTS" -c "$clients" -P 1 -t "$test" --csv 2>/dev/null |
+    with "$mode" redis-benchmark -p "$port" -n "$REQUESTS" -c "$clients" -P 1 -t "$test" "$@" --csv 2>/dev/null |
         awk -F'","' -v t="${test^^}" 'index($1, t) {print $2}'
     redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
     wait "$SERVER_PID" 2>/dev/null || true
@@ -83,7 +85,10 @@ iperf() {
 median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 declare -A R
+# -k 0: a new connection per request (connection setup and teardown; CONNECTIONS of them).
+CONNECTIONS=${CONNECTIONS:-4000}
 cases=("redis GET -c 1 -P 1|redis MODE 1 get" "redis SET -c 1 -P 1|redis MODE 1 set" "redis GET -c 50|redis MODE 50 get"
+       "redis GET -c 50 -P 16|redis MODE 50 get -P 16" "redis GET -k 0 (new conn)|redis MODE 1 get -k 0 -n $CONNECTIONS"
        "iperf3 client->server|iperf MODE" "iperf3 server->client (-R)|iperf MODE -R")
 for round in $(seq "$ROUNDS"); do
     echo "round $round/$ROUNDS" >&2
@@ -103,7 +108,7 @@ for c in "${cases[@]}"; do
     i=$(tr ' ' '\n' <<<"${R[$name|ivcom]}" | grep -v '^$' | median)
     unit=req/s; target=""
     case $name in iperf3*) unit=Mbit/s ;; esac
-    case $name in "redis GET -c 1 -P 1") target=">= 10x" ;; iperf3*) target=">= 2.5x" ;; esac
+    case $name in "redis GET -c 1 -P 1") target=">= 10x" ;; *"-k 0"*) target=">= 1.0x" ;; iperf3*) target=">= 2.5x" ;; esac
     ratio=$(awk -v a="$i" -v b="$p" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else print "n/a"}')
     printf '%-28s %14s %14s %8s  %s\n' "$name" "$p $unit" "$i $unit" "$ratio" "$target"
 done

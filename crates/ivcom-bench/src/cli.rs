@@ -37,6 +37,11 @@ pub struct BenchArgs {
     /// Do not pin the two peer processes to separate CPUs.
     #[arg(long)]
     pub no_pin: bool,
+
+    /// Run N busy loops (threads that never sleep, not pinned) for the whole run, so that the
+    /// figures show a machine without idle CPUs; compare with a run without it.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub load: u32,
 }
 
 /// Which side of a cell a peer process plays.

@@ -310,6 +310,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the bench executable")?;
     let rt = RuntimeDir::create()?;
+    let load = Load::start(args.load);
     let ctx = Ctx { exe, dir: rt.0.clone(), settings, cpus: pick_cpus(args.no_pin) };
     let total = u64::from(settings.rounds) * cells.len() as u64;
     let pb = progress_bar(total, args.json);
@@ -333,18 +334,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    drop(load);
     drop(rt);
 
     let results: Vec<_> = acc.iter().map(Accum::finish).collect();
     let failed = acc.iter().filter(|a| a.ok == 0).count();
     if args.json {
-        println!("{}", report::to_json(&results)?);
+        println!("{}", report::to_json(&results, args.load)?);
     } else {
         let pin = match ctx.cpus {
             (Some(a), Some(b)) => format!("server on CPU {a}, client on CPU {b}"),
             _ => "unpinned".to_owned(),
         };
-        let note = format!("{} rounds x {} ms per cell, {pin}", settings.rounds, settings.slice.as_millis());
+        let mut note =
+            format!("{} rounds x {} ms per cell, {pin}", settings.rounds, settings.slice.as_millis());
+        if args.load > 0 {
+            note += &format!(", {} busy loop(s) running (--load)", args.load);
+        }
         print!("{}", report::table(&results, &note));
         println!(
             "\n{} cells, {} slices in {:.1} s; figures from one interleaved run, compare ratios.",
@@ -363,6 +369,39 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Err(anyhow!("every cell failed"));
     }
     Ok(())
+}
+
+/// Busy loops that run until dropped (`--load`).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(n: u32) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                    }
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -33,12 +33,14 @@ pub struct CellResult {
 /// The `--json` document.
 #[derive(Serialize)]
 pub struct JsonReport<'a> {
+    /// Busy loops that ran beside the cells (`--load`).
+    pub load: u32,
     pub results: &'a [CellResult],
 }
 
 /// Serializes the results as the one JSON object printed by `--json`.
-pub fn to_json(results: &[CellResult]) -> Result<String> {
-    Ok(serde_json::to_string_pretty(&JsonReport { results })?)
+pub fn to_json(results: &[CellResult], load: u32) -> Result<String> {
+    Ok(serde_json::to_string_pretty(&JsonReport { load, results })?)
 }
 
 /// Running totals of one cell over the rounds.
@@ -352,7 +354,7 @@ mod tests {
         let short = PeerReport { bytes: 3_000_000, ..reader.clone() };
         assert!(stream.add(&writer, &short).is_err());
         let results = vec![rtt.finish(), stream.finish()];
-        let v: serde_json::Value = serde_json::from_str(&to_json(&results).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&to_json(&results, 0).unwrap()).unwrap();
         let arr = v["results"].as_array().unwrap();
         assert_eq!(v.as_object().unwrap().len(), 1);
         assert_eq!(arr.len(), 2);

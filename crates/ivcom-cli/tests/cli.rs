@@ -150,3 +150,37 @@ fn bench_json_has_the_documented_shape() {
     assert!(find("spin-floor", "raw", "rtt").is_some());
     assert!(find("copy-floor", "raw", "stream").is_some());
 }
+
+#[test]
+fn bench_runs_beside_busy_loops_with_load() {
+    let o = Command::new(BIN)
+        .args([
+            "bench",
+            "--json",
+            "--load",
+            "2",
+            "--rounds",
+            "1",
+            "--duration-ms",
+            "100",
+            "--only",
+            "ivcom+rtt+64B,uds+rtt+64B",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "bench --load failed");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["load"], 2);
+    let results = v["results"].as_array().expect("results array");
+    for (t, m) in [("ivcom", "adaptive"), ("ivcom", "sleep"), ("uds", "stream")] {
+        let r = results
+            .iter()
+            .find(|r| r["transport"] == t && r["mode"] == m && r["test"] == "rtt")
+            .unwrap_or_else(|| panic!("no {t}/{m} rtt under load"));
+        assert!(r["p50_ns"].as_f64().unwrap() > 0.0);
+    }
+    let bad = Command::new(BIN).args(["bench", "--load", "x"]).stderr(Stdio::piped()).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--load"));
+}
