@@ -21,6 +21,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ivcom::rundir::RuntimeDir;
 use libc::c_int;
@@ -221,9 +222,25 @@ pub struct Listening {
     dir: &'static RuntimeDir,
     stem: String,
     stash: Mutex<Vec<Pending>>,
-    /// Registration connections accepted before their packet arrived.
-    unread: Mutex<Vec<OwnedFd>>,
+    /// Registration connections accepted before their packet arrived, with when each was
+    /// first seen.
+    unread: Mutex<Vec<(OwnedFd, Instant)>>,
 }
+
+/// The longest an `accept` waits for the registration of a connecting side whose
+/// registration connection is open but whose packet has not arrived: it connects its TCP
+/// socket first (the kernel picks the source port, as without the library) and sends the
+/// 4-tuple right after, so the packet normally follows within microseconds; the wait covers
+/// a connecting side that was preempted in between. A connection whose registration comes
+/// later stays plain TCP.
+pub const REGISTRATION_WAIT: Duration = Duration::from_millis(50);
+
+/// A registration connection whose packet has not arrived after this long is not waited for
+/// (a connecting side that died, or one that will never send).
+const UNREAD_FRESH: Duration = Duration::from_millis(200);
+
+/// A registration connection that sent nothing for this long is dropped.
+const UNREAD_MAX_AGE: Duration = Duration::from_secs(10);
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -304,7 +321,8 @@ impl Listening {
     /// registration connection accepted before its packet arrived is kept and read later.
     fn collect(&self, stash: &mut Vec<Pending>, our_netns: u64) {
         let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
-        let mut waiting: Vec<OwnedFd> = std::mem::take(&mut *unread);
+        let mut waiting: Vec<(OwnedFd, Instant)> = std::mem::take(&mut *unread);
+        let now = Instant::now();
         for _ in 0..MAX_PENDING {
             let Ok(conn) = rustix::net::accept_with(&self.sock, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
             else {
@@ -313,17 +331,17 @@ impl Listening {
             // Only our own user registers (the socket file is 0600 in our own directory;
             // this also holds if either was changed behind our back).
             match rustix::net::sockopt::socket_peercred(&conn) {
-                Ok(c) if c.uid.as_raw() == euid() => waiting.push(crate::fds::lift(conn)),
+                Ok(c) if c.uid.as_raw() == euid() => waiting.push((crate::fds::lift(conn), now)),
                 _ => continue,
             }
         }
-        for conn in waiting {
+        for (conn, since) in waiting {
             let mut buf = [0u8; REG_LEN + 1];
             let (n, fds) = match ivcom::sys::recv_packet(conn.as_fd(), &mut buf) {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if unread.len() < MAX_PENDING {
-                        unread.push(conn);
+                    if unread.len() < MAX_PENDING && since.elapsed() < UNREAD_MAX_AGE {
+                        unread.push((conn, since));
                     }
                     continue;
                 }
@@ -381,13 +399,32 @@ impl Listening {
     pub fn take(&self, tuple: &Tuple, accepted: c_int) -> Option<Registration> {
         let our_netns = crate::verify::netns_cookie(accepted)?;
         let mut stash = self.stash.lock().unwrap_or_else(|e| e.into_inner());
-        self.collect(&mut stash, our_netns);
-        // A registration checked in `collect` proved a connected socket with this very
-        // 4-tuple in our namespace (or one we vouch for), which the kernel gives to one
-        // connection only: ours.
-        let at = stash.iter().position(|p| p.tuple == *tuple && p.socket.is_none())?;
-        let p = stash.swap_remove(at);
-        Some(Registration { region: p.region, conn: p.conn })
+        let deadline = Instant::now() + REGISTRATION_WAIT;
+        loop {
+            self.collect(&mut stash, our_netns);
+            // A registration checked in `collect` proved a connected socket with this very
+            // 4-tuple in our namespace (or one we vouch for), which the kernel gives to one
+            // connection only: ours.
+            if let Some(at) = stash.iter().position(|p| p.tuple == *tuple && p.socket.is_none()) {
+                let p = stash.swap_remove(at);
+                return Some(Registration { region: p.region, conn: p.conn });
+            }
+            // Registrations still on their way: wait (bounded) for their packets.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh: Vec<&(OwnedFd, Instant)> =
+                unread.iter().filter(|(_, since)| since.elapsed() < UNREAD_FRESH).collect();
+            if fresh.is_empty() || left.is_zero() {
+                return None;
+            }
+            use rustix::event::{PollFd, PollFlags};
+            let mut fds: Vec<PollFd<'_>> =
+                fresh.iter().map(|(c, _)| PollFd::new(c, PollFlags::IN | PollFlags::RDHUP)).collect();
+            let t = rustix::event::Timespec { tv_sec: 0, tv_nsec: left.as_nanos().min(999_999_999) as i64 };
+            if rustix::event::poll(&mut fds, Some(&t)).unwrap_or(0) == 0 {
+                return None;
+            }
+        }
     }
 }
 impl Drop for Listening {
@@ -494,17 +531,13 @@ pub fn find(dir: &RuntimeDir, dst: &Endpoint, my_netns: u64) -> Option<Found> {
     wildcard
 }
 
-/// Registers a connection with a listener: connects to its registration socket `sock` in
-/// `dir`, checks that a process of our own user serves it, and sends the tuple, the channel's
-/// memfd and the connecting TCP socket `tcp`. The returned socket stays open while the
-/// registration is meant to be live; the claim arrives on it ([`recv_claim`]).
-pub fn register(
-    dir: &RuntimeDir,
-    found: &Found,
-    tuple: &Tuple,
-    region: BorrowedFd<'_>,
-    tcp: c_int,
-) -> io::Result<OwnedFd> {
+/// Opens a registration with a listener, before the TCP `connect` to `dst`: connects to its
+/// registration socket in `dir` and checks that a process of our own user serves it, one
+/// that holds the announced listening socket. The listener's `accept` waits (at most
+/// [`REGISTRATION_WAIT`]) for the packet [`send_registration`] sends on it once the TCP
+/// socket is connected. The socket stays open while the registration is meant to be live;
+/// the claim arrives on it ([`recv_claim`]).
+pub fn open_registration(dir: &RuntimeDir, found: &Found, dst: &Endpoint) -> io::Result<OwnedFd> {
     let sock = found.sock.as_str();
     let s = rustix::net::socket_with(
         AddressFamily::UNIX,
@@ -522,13 +555,19 @@ pub fn register(
     }
     // Anyone of our user can write an announcement: only the process that holds the
     // listening socket gets the channel and our socket.
-    crate::verify::announcer(s.as_fd(), &found.announcement, &tuple.dst)
+    crate::verify::announcer(s.as_fd(), &found.announcement, dst)
         .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, format!("{sock}: {why}")))?;
+    Ok(s)
+}
+
+/// Sends the registration on `reg` ([`open_registration`]): the 4-tuple, the channel's memfd
+/// and the connecting TCP socket `tcp` (connected, or connecting: the listener checks it once
+/// it is connected).
+pub fn send_registration(reg: BorrowedFd<'_>, tuple: &Tuple, region: BorrowedFd<'_>, tcp: c_int) -> io::Result<()> {
     // SAFETY: `tcp` is the program's socket for the `connect` call we serve; it is open for
     // the duration of this call.
     let tcp = unsafe { BorrowedFd::borrow_raw(tcp) };
-    ivcom::sys::send_packet(s.as_fd(), &encode(tuple), &[region, tcp])?;
-    Ok(s)
+    ivcom::sys::send_packet(reg, &encode(tuple), &[region, tcp])
 }
 
 /// What arrived on a registration connection.

@@ -415,6 +415,12 @@ impl TcpConn {
         Ok(Self::new(map, fd, Side::Connector, &params))
     }
 
+    /// Records the connection's 4-tuple in the region (a connecting side knows its source
+    /// port once `connect` has picked it).
+    pub fn set_tuple(&self, tuple: &crate::net::Tuple) -> io::Result<()> {
+        tcp::store_tuple(self.region(), &tuple.to_bytes()).map_err(io::Error::other)
+    }
+
     /// The region's memfd.
     pub fn region_fd(&self) -> BorrowedFd<'_> {
         self.region_fd.as_fd()

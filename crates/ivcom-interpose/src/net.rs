@@ -243,18 +243,3 @@ pub fn local_addrs() -> Vec<Ipv6Addr> {
     out
 }
 
-/// The source address the kernel would use to reach `dst` (a UDP socket "connected" to it
-/// sends nothing but picks the route).
-pub fn source_for(dst: SocketAddr, family: c_int) -> Option<IpAddr> {
-    use rustix::net::{AddressFamily, SocketType};
-    let af = if family == libc::AF_INET6 { AddressFamily::INET6 } else { AddressFamily::INET };
-    let s = rustix::net::socket(af, SocketType::DGRAM, None).ok()?;
-    let (st, len) = to_c(dst, family)?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: `st` holds a socket address of `len` bytes.
-    let r = unsafe { crate::real::connect(s.as_raw_fd(), std::ptr::addr_of!(st).cast(), len) };
-    if r != 0 {
-        return None;
-    }
-    local(s.as_raw_fd()).map(|a| a.ip())
-}

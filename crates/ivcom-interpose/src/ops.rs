@@ -63,28 +63,52 @@ pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int
     // SAFETY: passed on unchanged.
     let r = unsafe { real::connect(fd, addr, len) };
     let e = errno();
-    if let Some((conn, dst)) = prepared {
-        if r == 0 || e == libc::EINPROGRESS || e == libc::EINTR {
-            conn.tcp_option(0).store(
-                net::sockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            TcpConn::set_nodelay(fd);
-            table::set(fd, Entry::Conn(Arc::new(conn)));
-            crate::decision!("connect fd {fd} to {dst}: channel registered, waiting for the claim");
-        } else {
-            crate::decision!(
-                "connect fd {fd} to {dst} failed ({}); registration withdrawn",
-                std::io::Error::from_raw_os_error(e)
-            );
-        }
+    // The kernel picked the source port as it would without the library (no search of our
+    // own, no bind before the connect): now the 4-tuple is known and the registration the
+    // listener's `accept` waits for goes out.
+    let started = r == 0 || e == libc::EINPROGRESS || e == libc::EINTR;
+    if let Some((_, dst, ..)) = prepared.as_ref().filter(|_| !started) {
+        crate::decision!(
+            "connect fd {fd} to {dst} failed ({}); registration withdrawn",
+            std::io::Error::from_raw_os_error(e)
+        );
+    }
+    if let Some((conn, dst)) = prepared.filter(|_| started).and_then(|p| register(fd, p)) {
+        conn.tcp_option(0).store(
+            net::sockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        TcpConn::set_nodelay(fd);
+        table::set(fd, Entry::Conn(Arc::new(conn)));
+        crate::decision!("connect fd {fd} to {dst}: channel registered, waiting for the claim");
     }
     set_errno(e);
     r
 }
 
-fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> {
-    let domain = net::tcp_domain(fd)?;
+/// What [`prepare`] readies before the TCP `connect`: the channel, the destination, the
+/// registration connection, and the announcement's registration socket (for the log).
+type Prepared = (TcpConn, Endpoint, std::os::fd::OwnedFd, String);
+
+/// After the TCP `connect` on `fd` started: records the 4-tuple and sends the registration.
+fn register(fd: c_int, (conn, dst, reg, sock): Prepared) -> Option<(TcpConn, Endpoint)> {
+    use std::os::fd::AsFd;
+    let Some(local) = net::local(fd).filter(|l| l.port() != 0) else {
+        crate::decision!("connect fd {fd} to {dst}: no source port after connect; plain TCP");
+        return None;
+    };
+    let tuple = Tuple { src: Endpoint::of(local), dst };
+    if let Err(e) = conn.set_tuple(&tuple).and_then(|()| announce::send_registration(reg.as_fd(), &tuple, conn.region_fd(), fd)) {
+        crate::decision!("connect fd {fd}: registration with {sock} failed ({e}); plain TCP");
+        count(&COUNTERS.fallbacks, 1);
+        return None;
+    }
+    conn.hold_registration(reg);
+    Some((conn, dst))
+}
+
+fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<Prepared> {
+    net::tcp_domain(fd)?;
     let s = settings::get();
     let dst_ep = Endpoint::of(dst);
     let dir = match &s.dir {
@@ -106,35 +130,8 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
         );
         return None;
     }
-    let mut local = net::local(fd)?;
-    if local.port() == 0 {
-        // Bind now, so the tuple is known before the handshake: to the address the program
-        // bound (with `IP_BIND_ADDRESS_NO_PORT`, which defers the port; cleared for this
-        // bind), else to the one the kernel would pick for `dst`.
-        let src = if local.ip().is_unspecified() { net::source_for(dst, domain)? } else { local.ip() };
-        let (st, l) = net::to_c(std::net::SocketAddr::new(src, 0), domain)?;
-        let zero: c_int = 0;
-        // SAFETY: clearing an int option of the program's socket from a local.
-        unsafe {
-            real::setsockopt(
-                fd,
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                std::ptr::addr_of!(zero).cast(),
-                std::mem::size_of::<c_int>() as socklen_t,
-            )
-        };
-        // SAFETY: binding the program's socket to a local address (bind is not intercepted).
-        if unsafe { libc::bind(fd, std::ptr::addr_of!(st).cast(), l) } != 0 {
-            crate::decision!(
-                "connect fd {fd}: cannot bind a source address ({}); plain TCP",
-                std::io::Error::last_os_error()
-            );
-            return None;
-        }
-        local = net::local(fd)?;
-    }
-    let tuple = Tuple { src: Endpoint::of(local), dst: dst_ep };
+    // A placeholder 4-tuple until `connect` picks the source port (`register`).
+    let tuple = Tuple { src: Endpoint::of(net::local(fd)?), dst: dst_ep };
     let conn = match TcpConn::connector(s.ring, &tuple) {
         Ok(x) => x,
         Err(e) => {
@@ -142,15 +139,14 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<(TcpConn, Endpoint)> 
             return None;
         }
     };
-    match announce::register(dir, &found, &tuple, conn.region_fd(), fd) {
-        Ok(reg) => conn.hold_registration(reg),
+    match announce::open_registration(dir, &found, &dst_ep) {
+        Ok(reg) => Some((conn, dst_ep, reg, found.sock)),
         Err(e) => {
             crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", found.sock);
             count(&COUNTERS.fallbacks, 1);
-            return None;
+            None
         }
     }
-    Some((conn, dst_ep))
 }
 
 /// `listen`: announces TCP listeners.
