@@ -356,7 +356,8 @@ mod tests {
         let results = vec![rtt.finish(), stream.finish()];
         let v: serde_json::Value = serde_json::from_str(&to_json(&results, 0).unwrap()).unwrap();
         let arr = v["results"].as_array().unwrap();
-        assert_eq!(v.as_object().unwrap().len(), 1);
+        assert_eq!(v.as_object().unwrap().len(), 2);
+        assert_eq!(v["load"], 0);
         assert_eq!(arr.len(), 2);
         let keys = [
             "transport",

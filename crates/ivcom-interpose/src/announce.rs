@@ -496,7 +496,7 @@ pub fn sweep(dir: &RuntimeDir) -> usize {
 }
 
 /// A live announced listener that a connection reaches.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Found {
     /// Name of its registration socket in the directory.
     pub sock: String,
@@ -504,8 +504,54 @@ pub struct Found {
     pub announcement: Announcement,
 }
 
-/// Finds a live announced listener that a connection to `dst` reaches.
+/// Recent answers of [`find`]: destination and namespace, the directory's modification time
+/// they were read under, when, and the answer.
+type FindCache = Vec<((Endpoint, u64), (i64, i64), Instant, Option<Found>)>;
+static FIND_CACHE: Mutex<FindCache> = Mutex::new(Vec::new());
+
+/// How long a [`find`] answer is reused while the directory did not change.
+pub const FIND_TTL: Duration = Duration::from_secs(1);
+
+/// Forgets what [`find`] answered for `dst` (its registration failed: the listener may have
+/// died without withdrawing its announcement, which a fresh scan removes).
+pub fn forget_found(dst: &Endpoint, my_netns: u64) {
+    FIND_CACHE.lock().unwrap_or_else(|e| e.into_inner()).retain(|(k, ..)| *k != (*dst, my_netns));
+}
+
+/// Finds a live announced listener that a connection to `dst` reaches. An answer is reused
+/// for [`FIND_TTL`] while the directory's modification time stays what it was (announcing
+/// and withdrawing change it; one `fstat` instead of a scan per connection), unless that time
+/// was too recent to tell changes apart (the file system's clock is coarse).
 pub fn find(dir: &RuntimeDir, dst: &Endpoint, my_netns: u64) -> Option<Found> {
+    let key = (*dst, my_netns);
+    let mtime = rustix::fs::fstat(dir.fd()).ok().map(|st| (st.st_mtime, st.st_mtime_nsec as i64));
+    if let Some(m) = mtime {
+        let cache = FIND_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((.., found)) =
+            cache.iter().find(|(k, at, when, _)| *k == key && *at == m && when.elapsed() < FIND_TTL)
+        {
+            return found.clone();
+        }
+    }
+    let found = scan(dir, dst, my_netns);
+    if let Some(m) = mtime {
+        // Only an answer read well after the last change: a change within the same tick of
+        // the file system's clock would leave the time as it is.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let changed = Duration::new(m.0.max(0) as u64, m.1.clamp(0, 999_999_999) as u32);
+        if now.saturating_sub(changed) > Duration::from_millis(50) {
+            let mut cache = FIND_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+            cache.retain(|(k, ..)| *k != key);
+            if cache.len() >= 64 {
+                cache.remove(0);
+            }
+            cache.push((key, m, Instant::now(), found.clone()));
+        }
+    }
+    found
+}
+
+fn scan(dir: &RuntimeDir, dst: &Endpoint, my_netns: u64) -> Option<Found> {
     let prefix = format!("{}-", dst.port);
     let mut addrs: Option<Vec<std::net::Ipv6Addr>> = None;
     let mut my_addrs = || addrs.get_or_insert_with(crate::net::local_addrs).clone();
@@ -563,7 +609,12 @@ pub fn open_registration(dir: &RuntimeDir, found: &Found, dst: &Endpoint) -> io:
 /// Sends the registration on `reg` ([`open_registration`]): the 4-tuple, the channel's memfd
 /// and the connecting TCP socket `tcp` (connected, or connecting: the listener checks it once
 /// it is connected).
-pub fn send_registration(reg: BorrowedFd<'_>, tuple: &Tuple, region: BorrowedFd<'_>, tcp: c_int) -> io::Result<()> {
+pub fn send_registration(
+    reg: BorrowedFd<'_>,
+    tuple: &Tuple,
+    region: BorrowedFd<'_>,
+    tcp: c_int,
+) -> io::Result<()> {
     // SAFETY: `tcp` is the program's socket for the `connect` call we serve; it is open for
     // the duration of this call.
     let tcp = unsafe { BorrowedFd::borrow_raw(tcp) };
@@ -575,7 +626,7 @@ pub fn send_registration(reg: BorrowedFd<'_>, tuple: &Tuple, region: BorrowedFd<
 pub enum Claim {
     /// Nothing yet.
     NotYet,
-    /// The claim (from the process that holds the listening socket: [`register`] checked it).
+    /// The claim (from the process that holds the listening socket: [`open_registration`] checked it).
     Claimed,
     /// The connection ended or carried something else: no claim will come.
     Never(String),

@@ -118,19 +118,10 @@ pub fn closing_own(fd: c_int) {
 /// program's range (at most 4096 numbers; the program, which gets the lowest free numbers,
 /// reaches those last), and recorded. Close-on-exec either way.
 pub fn lift(fd: OwnedFd) -> OwnedFd {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    let fd = match lim.current {
-        Some(soft) if (fd.as_raw_fd() as u64) < soft => {
-            let room_above = lim.maximum.is_none_or(|hard| soft < hard);
-            if room_above {
-                above_limit(fd.as_fd(), &lim).unwrap_or(fd)
-            } else if (fd.as_raw_fd() as u64) < top_window(soft) {
-                rustix::io::fcntl_dupfd_cloexec(&fd, top_window(soft) as c_int).unwrap_or(fd)
-            } else {
-                fd
-            }
-        }
-        _ => fd,
+    let fd = match lift_under(fd, &nofile(false)) {
+        Ok(fd) => fd,
+        // The limit changed since it was read: read it again.
+        Err(fd) => lift_under(fd, &nofile(true)).unwrap_or_else(|fd| fd),
     };
     let raw = fd.as_raw_fd();
     let mut o = own();
@@ -140,9 +131,33 @@ pub fn lift(fd: OwnedFd) -> OwnedFd {
     fd
 }
 
+/// [`lift`]'s move under the limit `lim`; `Err` gives the descriptor back when the move
+/// failed.
+fn lift_under(fd: OwnedFd, lim: &rustix::process::Rlimit) -> Result<OwnedFd, OwnedFd> {
+    Ok(match lim.current {
+        Some(soft) if (fd.as_raw_fd() as u64) < soft => {
+            let room_above = lim.maximum.is_none_or(|hard| soft < hard);
+            if room_above {
+                match above_limit(fd.as_fd(), lim) {
+                    Some(d) => d,
+                    None => return Err(fd),
+                }
+            } else if (fd.as_raw_fd() as u64) < top_window(soft) {
+                match rustix::io::fcntl_dupfd_cloexec(&fd, top_window(soft) as c_int) {
+                    Ok(d) => d,
+                    Err(_) => return Err(fd),
+                }
+            } else {
+                fd
+            }
+        }
+        _ => fd,
+    })
+}
+
 /// A close-on-exec duplicate of `fd` numbered at or above the soft `RLIMIT_NOFILE`.
 pub fn dup_own(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let lim = nofile(true);
     let d = match above_limit(fd, &lim) {
         Some(d) => d,
         None => {
@@ -151,6 +166,24 @@ pub fn dup_own(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
         }
     };
     Ok(lift(d))
+}
+
+/// `RLIMIT_NOFILE`, read at most every 100 ms: every connection lifts several descriptors,
+/// and a program changes its limit rarely (one lowered meanwhile makes a `dup` above the old
+/// limit fail, which falls back as a failed `dup` always did: the descriptor stays where it
+/// is, or goes to the lowest free number).
+fn nofile(fresh: bool) -> rustix::process::Rlimit {
+    static CACHE: Mutex<Option<(u64, rustix::process::Rlimit)>> = Mutex::new(None);
+    let now = crate::wait::mono_ms();
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    match &*c {
+        Some((at, lim)) if !fresh && now.saturating_sub(*at) < 100 => *lim,
+        _ => {
+            let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+            *c = Some((now, lim));
+            lim
+        }
+    }
 }
 
 /// The first number of the top of the descriptor range under soft limit `soft`, where the
@@ -164,16 +197,21 @@ fn top_window(soft: u64) -> u64 {
 /// `RLIMIT_NOFILE`), raising the soft limit for the moment of the `dup`; `None` where the
 /// hard limit leaves no room above.
 fn above_limit(fd: BorrowedFd<'_>, lim: &rustix::process::Rlimit) -> Option<OwnedFd> {
-    use rustix::process::{setrlimit, Resource, Rlimit};
+    use rustix::process::{prlimit, Resource, Rlimit};
     let soft = lim.current?;
     let hard = lim.maximum.unwrap_or(u64::MAX);
     if soft >= hard || soft > c_int::MAX as u64 {
         return None;
     }
     let raised = Rlimit { current: Some(hard.min(soft + (1 << 16))), maximum: lim.maximum };
-    setrlimit(Resource::Nofile, raised).ok()?;
+    // The limit as it was is put back (`lim` may be a cached reading).
+    let was = prlimit(None, Resource::Nofile, raised).ok()?;
     let d = rustix::io::fcntl_dupfd_cloexec(fd, soft as c_int).ok();
-    let _ = setrlimit(Resource::Nofile, *lim);
+    let _ = prlimit(None, Resource::Nofile, was);
+    if was.current != lim.current {
+        // The program changed it meanwhile: not under the limit it set.
+        return None;
+    }
     d
 }
 

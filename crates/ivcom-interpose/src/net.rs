@@ -242,4 +242,3 @@ pub fn local_addrs() -> Vec<Ipv6Addr> {
     out.dedup();
     out
 }
-

@@ -98,7 +98,10 @@ fn register(fd: c_int, (conn, dst, reg, sock): Prepared) -> Option<(TcpConn, End
         return None;
     };
     let tuple = Tuple { src: Endpoint::of(local), dst };
-    if let Err(e) = conn.set_tuple(&tuple).and_then(|()| announce::send_registration(reg.as_fd(), &tuple, conn.region_fd(), fd)) {
+    if let Err(e) = conn
+        .set_tuple(&tuple)
+        .and_then(|()| announce::send_registration(reg.as_fd(), &tuple, conn.region_fd(), fd))
+    {
         crate::decision!("connect fd {fd}: registration with {sock} failed ({e}); plain TCP");
         count(&COUNTERS.fallbacks, 1);
         return None;
@@ -142,6 +145,7 @@ fn prepare(fd: c_int, dst: std::net::SocketAddr) -> Option<Prepared> {
     match announce::open_registration(dir, &found, &dst_ep) {
         Ok(reg) => Some((conn, dst_ep, reg, found.sock)),
         Err(e) => {
+            announce::forget_found(&dst_ep, my_netns);
             crate::decision!("connect fd {fd}: registration with {} failed ({e}); plain TCP", found.sock);
             count(&COUNTERS.fallbacks, 1);
             None
