@@ -251,6 +251,10 @@ impl EpollSet {
                 if op == libc::EPOLL_CTL_MOD && known && parked {
                     return fail(libc::ENOENT);
                 }
+                if op == libc::EPOLL_CTL_MOD && known && kernel & libc::EPOLLEXCLUSIVE as u32 != 0 {
+                    // epoll_ctl(2): an exclusive registration cannot be modified.
+                    return fail(libc::EINVAL);
+                }
                 let exclusive = (app.events | kernel) & libc::EPOLLEXCLUSIVE as u32 != 0;
                 let mut k = kernel_event(fd, app.events);
                 let kop = if known && !exclusive {

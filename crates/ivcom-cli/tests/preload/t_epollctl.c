@@ -28,7 +28,7 @@ static double cpu_ms(void) {
 
 static const char *err(int r) {
     if (r == 0) return "ok";
-    return errno == ENOENT ? "ENOENT" : errno == EEXIST ? "EEXIST" : strerror(errno);
+    return errno == ENOENT ? "ENOENT" : errno == EEXIST ? "EEXIST" : errno == EINVAL ? "EINVAL" : strerror(errno);
 }
 
 /* A client's request loop as redis-benchmark drives it: add for writing, write, remove,
@@ -94,6 +94,14 @@ static void churn(void) {
     say("churn: edge-triggered re-add: %d then %d, the second slept: %s", first, second,
         cpu_ms() - cpu0 < 100 ? "yes" : "no");
     say("churn: read %zd", read(c, b, sizeof b));
+    /* An exclusive registration cannot be modified; removed, it can be added again. */
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, c, NULL) == 0, "del");
+    e.events = EPOLLIN | EPOLLEXCLUSIVE;
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c, &e) == 0, "add exclusive");
+    e.events = EPOLLIN;
+    say("churn: modify an exclusive registration: %s", err(epoll_ctl(ep, EPOLL_CTL_MOD, c, &e)));
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, c, NULL) == 0, "del exclusive");
+    say("churn: exclusive removed, add plain: %s", err(epoll_ctl(ep, EPOLL_CTL_ADD, c, &e)));
     close(c);
     close(s);
     close(ep);
