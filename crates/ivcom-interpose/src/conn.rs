@@ -1898,6 +1898,36 @@ impl TcpConn {
         }
     }
 
+    /// Says in shared memory, just before this side's FIN goes out over TCP (`shutdown` for
+    /// writing, the last `close`), that it is coming: the ring's producer-closed flag, which a
+    /// peer waiting in `epoll`/`poll` takes as a reason to ask the kernel at once (the FIN,
+    /// and `EPOLLRDHUP`, are the kernel's news) instead of at its next fairness turn.
+    pub fn announce_fin(&self) {
+        let tx = lock(&self.tx);
+        if !tx.switched || tx.plain_tcp {
+            return;
+        }
+        if let Ok(c) = tx.w.ctrl(self.region()) {
+            use ivcom_ring::ring::Ctrl;
+            c.store_producer_closed(1);
+        }
+    }
+
+    /// The peer announced its FIN ([`TcpConn::announce_fin`]) and it has not been seen yet.
+    pub fn peer_fin_pending(&self) -> bool {
+        if self.eof.load(Ordering::Acquire) || self.is_plain() {
+            return false;
+        }
+        let rx = lock(&self.rx);
+        match rx.r.ctrl(self.region()) {
+            Ok(c) => {
+                use ivcom_ring::ring::Ctrl;
+                c.load_producer_closed() != 0
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Bytes waiting in the ring; `None` while data still comes over TCP.
     fn ring_bytes(&self) -> Option<Result<u64, ivcom_ring::RingError>> {
         let mut rx = lock(&self.rx);

@@ -163,13 +163,17 @@ impl EpollSet {
     }
 
     /// Whether a wait must ask the kernel's instance now: [`FAIR_CALLS`] waits answered
-    /// without it, [`FAIR_TIME`] passed since it was last asked, or a registration asks for
-    /// urgent data (`EPOLLPRI`: it travels over TCP only, so only the kernel knows of it).
+    /// without it, [`FAIR_TIME`] passed since it was last asked, a registration asks for
+    /// urgent data (`EPOLLPRI`: it travels over TCP only, so only the kernel knows of it), or
+    /// a peer announced its FIN ([`TcpConn::peer_fin_pending`]).
     fn kernel_due(&self) -> bool {
         self.calls_since.load(Ordering::Relaxed) >= FAIR_CALLS
             || now_ns().saturating_sub(self.consulted_ns.load(Ordering::Relaxed))
                 >= FAIR_TIME.as_nanos() as u64
-            || self.regs().values().any(|r| r.live() && r.events & libc::EPOLLPRI as u32 != 0)
+            || self
+                .regs()
+                .values()
+                .any(|r| r.live() && (r.events & libc::EPOLLPRI as u32 != 0 || r.conn.peer_fin_pending()))
     }
 
     /// The kernel's instance was asked just now.

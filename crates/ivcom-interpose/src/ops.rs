@@ -310,6 +310,7 @@ pub fn forget_closing(fd: c_int) -> Option<Entry> {
                     }
                     // Nor must wakeup bytes the program never saw make the kernel reset it.
                     c.take_arrived_wakes(fd);
+                    c.announce_fin();
                 }
             }
         }
@@ -535,6 +536,9 @@ pub unsafe fn shutdown(fd: c_int, how: c_int) -> c_int {
     if r == 0 {
         if let Some(c) = table::conn(fd) {
             c.shutdown(how);
+            if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+                c.announce_fin();
+            }
         }
     }
     r

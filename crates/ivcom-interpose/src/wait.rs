@@ -566,7 +566,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
             k[*i].revents = 0;
         }
         // Urgent data (`MSG_OOB`) is the kernel's alone: a call that asks for it asks there.
-        let urgent = ours.iter().any(|(i, _)| app[*i].events & libc::POLLPRI != 0);
+        let urgent = ours.iter().any(|(i, c)| app[*i].events & libc::POLLPRI != 0 || c.peer_fin_pending());
         let ask = std::mem::take(&mut force) || urgent || poll_kernel_due();
         if ask {
             let r = kernel_poll(&mut k, Some(Duration::ZERO), std::ptr::null());
