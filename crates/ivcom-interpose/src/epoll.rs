@@ -106,10 +106,8 @@ pub struct EpollSet {
     /// change (see [`EpollSet::release_inherited`]).
     inherited: std::sync::atomic::AtomicBool,
     /// When the kernel's instance was last asked (`epoll_wait` with a zero timeout or a
-    /// sleep), in nanoseconds since [`epoch`], and how many waits returned since: see
-    /// [`EpollSet::kernel_due`].
-    consulted_ns: std::sync::atomic::AtomicU64,
-    calls_since: AtomicU32,
+    /// sleep), and how many waits since: see [`EpollSet::kernel_due`].
+    fair: Fairness,
 }
 
 /// The most waits in a row that answer from shared memory alone, without asking the
@@ -120,14 +118,46 @@ pub const FAIR_CALLS: u32 = 32;
 /// is not one of its connections (docs/performance.md).
 pub const FAIR_TIME: Duration = Duration::from_micros(100);
 
-/// A process-wide origin for [`EpollSet::consulted_ns`].
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+/// When a wait over accelerated connections must ask the kernel about everything else it
+/// watches: after [`FAIR_CALLS`] waits or [`FAIR_TIME`] without asking. One per epoll
+/// instance, and one per thread for `poll`/`select`.
+#[derive(Debug)]
+pub struct Fairness {
+    /// When the kernel was last asked, in nanoseconds of [`crate::wait::mono_ns`].
+    asked_ns: std::sync::atomic::AtomicU64,
+    /// Waits since.
+    calls: AtomicU32,
 }
 
-fn now_ns() -> u64 {
-    epoch().elapsed().as_nanos() as u64
+impl Default for Fairness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fairness {
+    /// Due at the first wait.
+    pub const fn new() -> Self {
+        Fairness { asked_ns: std::sync::atomic::AtomicU64::new(0), calls: AtomicU32::new(FAIR_CALLS) }
+    }
+
+    /// Counts a wait (once per call, at its start).
+    pub fn call(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the kernel must be asked now.
+    pub fn due(&self) -> bool {
+        self.calls.load(Ordering::Relaxed) >= FAIR_CALLS
+            || crate::wait::mono_ns().saturating_sub(self.asked_ns.load(Ordering::Relaxed))
+                >= FAIR_TIME.as_nanos() as u64
+    }
+
+    /// The kernel was asked just now.
+    pub fn asked(&self) {
+        self.asked_ns.store(crate::wait::mono_ns(), Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
+    }
 }
 
 /// A connection a wait watches, with the bytes to wait for in its ring to read and free in
@@ -157,8 +187,7 @@ impl EpollSet {
             waiters: AtomicU32::new(0),
             bell: OnceLock::new(),
             inherited: Default::default(),
-            consulted_ns: std::sync::atomic::AtomicU64::new(0),
-            calls_since: AtomicU32::new(FAIR_CALLS),
+            fair: Fairness::new(),
         }
     }
 
@@ -167,9 +196,7 @@ impl EpollSet {
     /// urgent data (`EPOLLPRI`: it travels over TCP only, so only the kernel knows of it), or
     /// a peer announced its FIN ([`TcpConn::peer_fin_pending`]).
     fn kernel_due(&self) -> bool {
-        self.calls_since.load(Ordering::Relaxed) >= FAIR_CALLS
-            || now_ns().saturating_sub(self.consulted_ns.load(Ordering::Relaxed))
-                >= FAIR_TIME.as_nanos() as u64
+        self.fair.due()
             || self
                 .regs()
                 .values()
@@ -178,8 +205,7 @@ impl EpollSet {
 
     /// The kernel's instance was asked just now.
     fn consulted(&self) {
-        self.consulted_ns.store(now_ns(), Ordering::Relaxed);
-        self.calls_since.store(0, Ordering::Relaxed);
+        self.fair.asked();
     }
 
     /// Removes our registration of `fd` from the kernel's instance (the program no longer
@@ -754,7 +780,7 @@ pub unsafe fn wait(
     // interrupted the kernel's (with a signal mask, only the kernel's sleep counts).
     let sig0 = crate::signals::mark();
     let interrupted = || mask.is_null() && crate::signals::since(sig0) != crate::signals::Since::Nothing;
-    set.calls_since.fetch_add(1, Ordering::Relaxed);
+    set.fair.call();
     loop {
         // Readiness in shared memory needs no system call; the kernel's instance (the
         // program's other descriptors, and FIN, RST and wakeups on ours) is asked only as

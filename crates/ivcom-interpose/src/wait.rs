@@ -130,10 +130,16 @@ fn read_idle() -> Option<bool> {
     Some(running <= cpus)
 }
 
-/// Milliseconds on a monotonic clock (for rate limits).
-pub fn mono_ms() -> u64 {
+/// Nanoseconds on a monotonic clock since the process's first use of it (for rate limits
+/// and fairness, kept in atomics).
+pub fn mono_ns() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Milliseconds of [`mono_ns`].
+pub fn mono_ms() -> u64 {
+    mono_ns() / 1_000_000
 }
 
 /// Polls `check` for up to the polling budget ([`budget`]; `near`: whether an answer may be
@@ -213,17 +219,12 @@ impl<'a> Armed<'a> {
                 if at == 0 {
                     continue;
                 }
-                if at > 1 && !ready_in_memory(c, if read { at } else { 0 }, if read { 0 } else { at }) {
-                    if !c.arm(read, at) {
-                        // Nothing more will come (closed): no announcement, no hurry.
-                        a.ready |= ready_in_memory(c, if read { at } else { 0 }, if read { 0 } else { at });
-                        continue;
-                    }
-                    a.list.push((c, read));
-                    a.shared |= c.shared();
+                let (r_at, w_at) = if read { (at, 0) } else { (0, at) };
+                if at > 1 && ready_in_memory(c, r_at, w_at) {
+                    a.ready = true;
                     continue;
                 }
-                if c.arm(read, 1) {
+                if c.arm(read, at) {
                     a.list.push((c, read));
                     a.short |= c.crowded() || (!read && c.peer_closed()) || c.in_handback();
                     // A connection several processes hold: they share one announcement, and a
@@ -231,9 +232,11 @@ impl<'a> Armed<'a> {
                     // sleeps there are capped (readers announce afresh for each other too:
                     // `TcpConn::disarm`).
                     a.shared |= c.shared();
-                } else {
+                } else if at == 1 || ready_in_memory(c, r_at, w_at) {
                     a.ready = true;
                 }
+                // Else a threshold that nothing more will reach (closed): no announcement,
+                // and nothing to hurry for.
             }
         }
         a
@@ -548,7 +551,7 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
     // other descriptors needs (as for epoll: `crate::epoll::FAIR_CALLS`, `FAIR_TIME`, counted
     // per thread), before a zero-timeout call reports nothing, and after a probe saw
     // something there.
-    POLL_CALLS.with(|c| c.set(c.get().saturating_add(1)));
+    POLL_FAIR.with(|f| f.call());
     let mut force = false;
     loop {
         for (i, c) in &ours {
@@ -567,13 +570,13 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
         }
         // Urgent data (`MSG_OOB`) is the kernel's alone: a call that asks for it asks there.
         let urgent = ours.iter().any(|(i, c)| app[*i].events & libc::POLLPRI != 0 || c.peer_fin_pending());
-        let ask = std::mem::take(&mut force) || urgent || poll_kernel_due();
+        let ask = std::mem::take(&mut force) || urgent || POLL_FAIR.with(|f| f.due());
         if ask {
             let r = kernel_poll(&mut k, Some(Duration::ZERO), std::ptr::null());
             if r < 0 {
                 return r;
             }
-            poll_consulted();
+            POLL_FAIR.with(|f| f.asked());
         } else {
             k.iter_mut().for_each(|p| p.revents = 0);
         }
@@ -598,9 +601,9 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
                     let w = app[*j].events;
                     ready_in_memory(c, (w & libc::POLLIN != 0) as u64, (w & libc::POLLOUT != 0) as u64)
                 }) || eps.iter().any(|(j, e)| app[*j].events & libc::POLLIN != 0 && e.any_ready())
-                    || (others && i.is_multiple_of(32) && poll_kernel_due() && {
+                    || (others && i.is_multiple_of(32) && POLL_FAIR.with(|f| f.due()) && {
                         let mut probe = k.clone();
-                        poll_consulted();
+                        POLL_FAIR.with(|f| f.asked());
                         force = kernel_poll(&mut probe, Some(Duration::ZERO), std::ptr::null()) > 0;
                         force
                     })
@@ -672,21 +675,9 @@ pub unsafe fn poll(fds: *mut pollfd, n: nfds_t, timeout: Option<Duration>, mask:
 }
 
 thread_local! {
-    /// This thread's `poll`/`select` calls over accelerated connections since the kernel was
-    /// last asked about the whole set, and when that was.
-    static POLL_CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
-    static POLL_ASKED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
-}
-
-/// Whether this thread's `poll` must ask the kernel now (see [`crate::epoll::FAIR_CALLS`]).
-fn poll_kernel_due() -> bool {
-    POLL_CALLS.with(|c| c.get()) > crate::epoll::FAIR_CALLS
-        || POLL_ASKED.with(|t| t.get().is_none_or(|t| t.elapsed() >= crate::epoll::FAIR_TIME))
-}
-
-fn poll_consulted() {
-    POLL_CALLS.with(|c| c.set(0));
-    POLL_ASKED.with(|t| t.set(Some(Instant::now())));
+    /// When this thread's `poll`/`select` over accelerated connections must ask the kernel
+    /// about the whole set.
+    static POLL_FAIR: crate::epoll::Fairness = const { crate::epoll::Fairness::new() };
 }
 
 /// Writes results into the program's array; returns how many entries are ready.

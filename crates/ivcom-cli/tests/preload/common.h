@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -38,6 +39,21 @@ __attribute__((unused)) static void say(const char *fmt, ...) {
     va_end(ap);
     putchar('\n');
     fflush(stdout);
+}
+
+/* CPU time of the calling thread, in milliseconds. */
+__attribute__((unused)) static double thread_cpu_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* epoll_wait for at most `ms`, going on after a signal (EINTR). */
+__attribute__((unused)) static int wait_ms(int ep, struct epoll_event *ev, int max, int ms) {
+    int r;
+    do r = epoll_wait(ep, ev, max, ms);
+    while (r < 0 && errno == EINTR);
+    return r;
 }
 
 /* The loopback address of the family (::1 when v6, else 127.0.0.1) and `port`. */

@@ -23,26 +23,20 @@ static void *server(void *arg) {
     return NULL;
 }
 
-static double cpu_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
-}
-
 int main(void) {
     int c;
     local_pair(&c, &srv);
     pthread_t t;
     CHECK(pthread_create(&t, NULL, server, NULL) == 0, "thread");
     int bad = 0;
-    double cpu0 = cpu_ms();
+    double cpu0 = thread_cpu_ms();
     for (int i = 0; i < SLOW; i++) {
         char b = (char)i, r;
         write_all(c, &b, 1);
         read_exact(c, &r, 1);
         bad += r != (char)(b + 1);
     }
-    double slow_cpu = cpu_ms() - cpu0;
+    double slow_cpu = thread_cpu_ms() - cpu0;
     say("slow answers: %d exchanged, %d wrong, waiting cost little CPU: %s", SLOW, bad,
         slow_cpu < 3.0 ? "yes" : "no");
     bad = 0;

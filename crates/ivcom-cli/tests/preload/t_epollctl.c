@@ -12,20 +12,6 @@
  * asks the kernel. */
 #define FAIR_BOUND 33
 
-static int wait_ms(int ep, struct epoll_event *ev, int max, int ms) {
-    int r;
-    do r = epoll_wait(ep, ev, max, ms);
-    while (r < 0 && errno == EINTR);
-    return r;
-}
-
-/* CPU time of this thread, in milliseconds. */
-static double cpu_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
-}
-
 static const char *err(int r) {
     if (r == 0) return "ok";
     return errno == ENOENT ? "ENOENT" : errno == EEXIST ? "EEXIST" : errno == EINVAL ? "EINVAL" : strerror(errno);
@@ -89,10 +75,10 @@ static void churn(void) {
     int first = wait_ms(ep, ev, 4, 2000);
     /* The edge was reported and the data is left unread: a wait sleeps (no CPU) until its
      * timeout, as the kernel's does. */
-    double cpu0 = cpu_ms();
+    double cpu0 = thread_cpu_ms();
     int second = wait_ms(ep, ev, 4, 300);
     say("churn: edge-triggered re-add: %d then %d, the second slept: %s", first, second,
-        cpu_ms() - cpu0 < 100 ? "yes" : "no");
+        thread_cpu_ms() - cpu0 < 100 ? "yes" : "no");
     say("churn: read %zd", read(c, b, sizeof b));
     /* An exclusive registration cannot be modified; removed, it can be added again. */
     CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, c, NULL) == 0, "del");

@@ -10,13 +10,6 @@
 
 #define FAIR 6
 
-static int wait_ms(int ep, struct epoll_event *ev, int max, int ms) {
-    int r;
-    do r = epoll_wait(ep, ev, max, ms);
-    while (r < 0 && errno == EINTR);
-    return r;
-}
-
 static void lifetime(void) {
     int c, s;
     local_pair(&c, &s);
